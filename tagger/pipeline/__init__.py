@@ -1,0 +1,1 @@
+"""Serving pipeline: discover -> decode -> batch -> session -> postprocess -> write. Never imports torch."""

@@ -1,0 +1,1 @@
+"""Training side: the only part of tagger that imports torch, torchvision and timm."""

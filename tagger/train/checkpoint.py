@@ -1,0 +1,90 @@
+"""Self-describing checkpoints: everything needed to rebuild the model, export it and know where it came from."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from tagger import __version__
+from tagger.contract import PreprocessSpec, TaskSpec
+from tagger.errors import TaggerError
+from tagger.train.model import MultiTaskNet
+
+CHECKPOINT_FORMAT = "tagger.checkpoint/1"
+REQUIRED_KEYS = ("format", "model", "backbone", "preprocess", "tasks")
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A rebuilt model in eval mode plus the checkpoint's metadata."""
+
+    model: MultiTaskNet
+    preprocess: PreprocessSpec
+    tasks: tuple[TaskSpec, ...]
+    raw: Mapping[str, Any]  # the whole checkpoint dict: metrics, epoch, args, class_weights, data, version
+
+    @property
+    def metrics(self) -> Mapping[str, Any]:
+        return self.raw.get("metrics", {})
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: MultiTaskNet,
+    preprocess: PreprocessSpec,
+    tasks: tuple[TaskSpec, ...],
+    **extra: Any,
+) -> None:
+    """Write atomically (temp file, then rename) so an interrupted save never leaves a broken checkpoint."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "backbone": model.backbone_name,
+        "preprocess": preprocess.to_dict(),
+        "tasks": {t.name: list(t.labels) for t in tasks},
+        "tagger_version": __version__,
+        **extra,
+    }
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> dict[str, Any]:
+    """Load and validate the raw checkpoint dict; bad input becomes a TaggerError."""
+    path = Path(path)
+    if not path.is_file():
+        raise TaggerError(f"checkpoint {path} is not a file")
+    try:
+        raw = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many unrelated types for a non-checkpoint file
+        raise TaggerError(f"{path} is not a tagger checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise TaggerError(f"{path} is not a tagger checkpoint (found {type(raw).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in raw]
+    if missing:
+        raise TaggerError(f"{path} is missing checkpoint keys: {', '.join(missing)}")
+    if raw["format"] != CHECKPOINT_FORMAT:
+        raise TaggerError(f"{path} has checkpoint format {raw['format']!r}; this tagger reads {CHECKPOINT_FORMAT!r}")
+    return raw
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> LoadedCheckpoint:
+    """Rebuild the model from the checkpoint alone (no pretrained weights are fetched)."""
+    raw = read_checkpoint(path, map_location)
+    tasks = tuple(TaskSpec(name, tuple(labels)) for name, labels in raw["tasks"].items())
+    model = MultiTaskNet(raw["backbone"], tasks, weights="none")
+    model.load_state_dict(raw["model"])
+    model.eval()
+    return LoadedCheckpoint(model, PreprocessSpec.from_dict(raw["preprocess"]), tasks, raw)
