@@ -1,0 +1,212 @@
+"""Read and validate a tagger ONNX model's contract (labels, preprocessing, provenance); torch-free and onnx-free."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Mapping
+
+from tagger.contract import (
+    FORMAT_VERSION,
+    INPUT_NAME,
+    META_FORMAT,
+    META_MODEL,
+    META_PREPROCESS,
+    META_TASKS,
+    META_VERSION,
+    PreprocessSpec,
+    TaskSpec,
+    tasks_from_json,
+)
+from tagger.errors import TaggerError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+_REQUIRED_KEYS = (META_FORMAT, META_VERSION, META_TASKS, META_PREPROCESS, META_MODEL)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Everything a tagger ONNX file says about itself, validated against its actual inputs and outputs."""
+
+    path: Path
+    sha256: str  # of the .onnx file itself
+    format: int
+    version: str  # tagger version that exported the file
+    tasks: tuple[TaskSpec, ...]  # in output order
+    preprocess: PreprocessSpec
+    model: Mapping[str, Any]  # backbone, checkpoint_sha256, metrics, data, epoch, precision, opset, exporter
+
+    @property
+    def precision(self) -> str:
+        return str(self.model.get("precision", "fp32"))
+
+    @property
+    def backbone(self) -> str:
+        return str(self.model.get("backbone", "?"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready form (what `tagger info --json` prints)."""
+        return {
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "format": self.format,
+            "version": self.version,
+            "tasks": {t.name: list(t.labels) for t in self.tasks},
+            "preprocess": self.preprocess.to_dict(),
+            "model": dict(self.model),
+        }
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    # onnxruntime's load errors (InvalidProtobuf, InvalidGraph, Fail, ...) derive straight from Exception.
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel", "NotImplemented")
+    return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError,)
+
+
+def read_model_metadata(path: str | os.PathLike[str]) -> ModelInfo:
+    """Open `path` with ONNX Runtime on CPU (no graph optimisation, just parsing) and validate its tagger contract.
+
+    Raises TaggerError for a missing or non-ONNX file, a missing tagger.* key, a format other than FORMAT_VERSION,
+    or inputs/outputs that disagree with the metadata.
+    """
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise TaggerError(f"model {path} is not a file")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # parse failures are reported by our TaggerError, not ORT's stderr log
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except _ort_errors() as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TaggerError(f"{path} is not a loadable ONNX model: {reason}") from None
+    return model_info_from_session(session, path)
+
+
+def model_info_from_session(session: "ort.InferenceSession", path: str | os.PathLike[str]) -> ModelInfo:
+    """Validate the tagger contract of an already open session (lets the runtime avoid loading the model twice)."""
+    path = Path(path)
+    meta = session.get_modelmeta().custom_metadata_map
+    missing = [k for k in _REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise TaggerError(
+            f"{path} is not a tagger model: metadata {', '.join(missing)} missing (export it with `tagger export`)"
+        )
+    fmt = _json(path, meta, META_FORMAT)
+    if type(fmt) is not int or fmt != FORMAT_VERSION:
+        raise TaggerError(
+            f"{path} has tagger model format {fmt!r}; this tagger reads format {FORMAT_VERSION} "
+            "(re-export the checkpoint with this version's `tagger export`)"
+        )
+    try:
+        tasks = tasks_from_json(meta[META_TASKS])
+        preprocess = PreprocessSpec.from_dict(_json(path, meta, META_PREPROCESS))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise TaggerError(f"{path} has malformed tagger metadata: {type(e).__name__}: {e}") from None
+    model = _json(path, meta, META_MODEL)
+    if not isinstance(model, dict):
+        raise TaggerError(f"{path} has malformed tagger metadata: {META_MODEL} is not a JSON object")
+    if not tasks or any(not t.labels for t in tasks):
+        raise TaggerError(f"{path} has malformed tagger metadata: every task needs at least one label")
+    _check_signature(session, path, tasks, preprocess)
+    return ModelInfo(
+        path=path,
+        sha256=sha256_file(path),
+        format=fmt,
+        version=str(_json(path, meta, META_VERSION)),
+        tasks=tasks,
+        preprocess=preprocess,
+        model=MappingProxyType(model),
+    )
+
+
+def _json(path: Path, meta: Mapping[str, str], key: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise TaggerError(f"{path} has malformed tagger metadata: {key} is not JSON ({e.msg})") from None
+
+
+def _check_signature(
+    session: "ort.InferenceSession", path: Path, tasks: tuple[TaskSpec, ...], preprocess: PreprocessSpec
+) -> None:
+    """The graph must take uint8 [N, size, size, 3] `images` and give float [N, C_task] `<task>_probs`."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise TaggerError(f"{path} must have one input named {INPUT_NAME!r}, has {[i.name for i in inputs]}")
+    shape = list(inputs[0].shape)
+    size = preprocess.size
+    if inputs[0].type != "tensor(uint8)" or len(shape) != 4 or shape[1:] != [size, size, 3]:
+        raise TaggerError(
+            f"{path} input {INPUT_NAME!r} is {inputs[0].type} {shape}; the contract wants tensor(uint8) "
+            f"[N, {size}, {size}, 3]"
+        )
+    outputs = {o.name: o for o in session.get_outputs()}
+    for task in tasks:
+        out = outputs.get(task.output)
+        if out is None:
+            raise TaggerError(f"{path} has no output {task.output!r} for task {task.name!r}")
+        dims = list(out.shape)
+        if out.type != "tensor(float)" or len(dims) != 2 or dims[1] != len(task.labels):
+            raise TaggerError(
+                f"{path} output {task.output!r} is {out.type} {dims}; the contract wants tensor(float) "
+                f"[N, {len(task.labels)}] for its {len(task.labels)} labels"
+            )
+
+
+def describe(info: ModelInfo, max_labels: int = 12) -> str:
+    """Human-readable summary for `tagger info`; lists at most `max_labels` labels per task (0: all)."""
+    m = info.model
+    p = info.preprocess
+    size_mb = info.path.stat().st_size / 1e6
+    lines = [
+        f"model       {info.path} ({size_mb:.1f} MB)",
+        f"sha256      {info.sha256}",
+        f"format      {info.format} (exported by tagger {info.version})",
+        f"backbone    {info.backbone}, {info.precision}, opset {m.get('opset', '?')}",
+        f"input       {INPUT_NAME}: uint8 [N, {p.size}, {p.size}, 3] RGB",
+        f"preprocess  fit inside {p.size}x{p.size} ({p.interpolation}), pad with {list(p.pad_color)}, "
+        f"mean {list(p.mean)}, std {list(p.std)}",
+        f"checkpoint  {m.get('checkpoint', '?')} sha256 {m.get('checkpoint_sha256', '?')}, epoch {m.get('epoch', '?')}",
+    ]
+    if m.get("data") is not None:
+        lines.append(f"trained on  {json.dumps(m['data'])}")
+    metrics = m.get("metrics") or {}
+    if metrics:
+        lines.append("metrics     " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+    lines.append("tasks")
+    for t in info.tasks:
+        shown = t.labels if max_labels <= 0 else t.labels[:max_labels]
+        more = len(t.labels) - len(shown)
+        text = ", ".join(shown) + (f", ... (+{more} more)" if more else "")
+        lines.append(textwrap.fill(text, width=100, initial_indent=f"  {t.output} [{len(t.labels)}]: ",
+                                   subsequent_indent=" " * 6))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return json.dumps(v) if isinstance(v, (dict, list)) else str(v)

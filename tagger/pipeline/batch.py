@@ -1,0 +1,118 @@
+"""Batch stage: regroup decoded chunks into fixed-size uint8 NHWC batches, in order, prefetched by a bounded thread."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Iterator, TypeVar
+
+import numpy as np
+
+from tagger.pipeline.decode import DecodedBatch, DecodeResult, Sample
+from tagger.pipeline.discover import ImageRef
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """Consecutive refs with their decode results; `images` stacks the ok ones, in order.
+
+    Holds exactly batch_size images except the last batch of a run; failures ride along with the images around
+    them, so a batch may hold more refs than images (and the last may hold none).
+    """
+
+    refs: tuple[ImageRef, ...]
+    results: tuple[DecodeResult, ...]  # aligned with refs
+    images: np.ndarray  # uint8 [k, S, S, 3], k = number of Samples in results
+    decode_seconds: float = 0.0  # decode time of the chunks that completed in this batch (worker wall time)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+
+def rebatch(decoded: Iterable[tuple[tuple[ImageRef, ...], DecodedBatch]], batch_size: int) -> Iterator[Batch]:
+    """Turn (refs, DecodedBatch) chunks of any size into Batches of batch_size images, keeping the order."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    refs: list[ImageRef] = []
+    results: list[DecodeResult] = []
+    arrays: list[np.ndarray] = []
+    seconds = 0.0
+    size: int | None = None
+    for chunk_refs, chunk in decoded:
+        seconds += chunk.seconds
+        size = chunk.images.shape[1]
+        for ref, result in zip(chunk_refs, chunk.results, strict=True):
+            refs.append(ref)
+            results.append(result)
+            if isinstance(result, Sample):
+                arrays.append(result.array)
+                if len(arrays) == batch_size:
+                    yield Batch(tuple(refs), tuple(results), np.stack(arrays), seconds)
+                    refs, results, arrays, seconds = [], [], [], 0.0
+    if refs:
+        images = np.stack(arrays) if arrays else np.empty((0, size or 0, size or 0, 3), dtype=np.uint8)
+        yield Batch(tuple(refs), tuple(results), images, seconds)
+
+
+_END = object()
+
+
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterate `items` in a background thread, at most `depth` items ahead of the consumer.
+
+    Decoding (and the pool feeding) then overlaps with inference, and memory stays bounded. An exception in the
+    producer is re-raised in the consumer; closing this generator early stops and closes the producer.
+    """
+    q: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        it = iter(items)
+        try:
+            for item in it:
+                if not put(item):
+                    break
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            put(_Raised(e))
+            return
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()  # a generator owning a process pool shuts it down here, in its own thread
+        put(_END)
+
+    thread = threading.Thread(target=produce, name="tagger-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+        if thread.is_alive():
+            log.warning("prefetch thread did not stop within 30 s")

@@ -1,0 +1,129 @@
+"""Discover stage: stream the image files of a catalog folder (or of a list) as ImageRefs, in a deterministic order."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tagger.errors import TaggerError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+
+MISSING_SIZE = -1  # ImageRef.size of a listed file that could not be stat'ed; it becomes an error row
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One file to tag. `path` is relative to the catalog root, posix style (absolute when listed outside it)."""
+
+    path: str
+    abspath: str
+    size: int  # bytes; MISSING_SIZE when the file could not be stat'ed
+    mtime: float  # seconds since the epoch (os.stat's st_mtime); NaN when missing
+
+    @property
+    def missing(self) -> bool:
+        return self.size == MISSING_SIZE
+
+
+def parse_extensions(text: str | Iterable[str]) -> frozenset[str]:
+    """'jpg,.PNG, webp' -> {'jpg', 'png', 'webp'}; matching is case-insensitive."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    exts = frozenset(e.strip().lower().lstrip(".") for e in items if e.strip().lstrip("."))
+    if not exts:
+        raise TaggerError(f"no file extensions in {text!r}")
+    return exts
+
+
+def _ref(path: str, abspath: str) -> ImageRef:
+    try:
+        st = os.stat(abspath)
+    except OSError:
+        return ImageRef(path, abspath, MISSING_SIZE, float("nan"))
+    return ImageRef(path, abspath, st.st_size, st.st_mtime)
+
+
+def discover(root: str | os.PathLike[str], extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> Iterator[ImageRef]:
+    """Walk `root` recursively and yield its image files, sorted by relative path (plain string order).
+
+    Hidden files and folders (name starting with '.') are skipped. Symlinked folders are followed once: a folder
+    already being walked (a loop) or already walked through another link is skipped, so no file appears twice.
+    Unreadable folders are logged and skipped. A generator: millions of files stream without being listed first.
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise TaggerError(f"catalog {root} is not a folder")
+    exts = frozenset(e.lower().lstrip(".") for e in extensions)
+    seen: set[tuple[int, int]] = set()
+    yield from _walk(str(root_path), "", exts, seen)
+
+
+def _walk(abs_dir: str, rel_dir: str, exts: frozenset[str], seen: set[tuple[int, int]]) -> Iterator[ImageRef]:
+    try:
+        st = os.stat(abs_dir)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            log.warning("skipping %s: folder already walked (symlink loop or duplicate link)", abs_dir)
+            return
+        seen.add(key)
+        with os.scandir(abs_dir) as it:
+            entries = [e for e in it if not e.name.startswith(".")]
+    except OSError as e:
+        log.warning("skipping unreadable folder %s: %s", abs_dir, e)
+        return
+    # A folder sorts as name + '/', which makes the depth-first walk emit paths in global string order.
+    keyed: list[tuple[str, os.DirEntry[str], bool]] = []
+    for e in entries:
+        try:
+            is_dir = e.is_dir()  # follows symlinks
+        except OSError:
+            is_dir = False
+        keyed.append((e.name + "/" if is_dir else e.name, e, is_dir))
+    keyed.sort(key=lambda k: k[0])
+    for _, entry, is_dir in keyed:
+        rel = f"{rel_dir}{entry.name}"
+        if is_dir:
+            yield from _walk(entry.path, rel + "/", exts, seen)
+            continue
+        ext = entry.name.rsplit(".", 1)[-1].lower() if "." in entry.name else ""
+        if ext not in exts:
+            continue
+        try:
+            est = entry.stat()
+        except OSError:  # a dangling symlink: still a listed file, so it becomes an error row
+            yield ImageRef(rel, entry.path, MISSING_SIZE, float("nan"))
+            continue
+        if stat.S_ISREG(est.st_mode):
+            yield ImageRef(rel, entry.path, est.st_size, est.st_mtime)
+
+
+def refs_from_list(root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> Iterator[ImageRef]:
+    """Yield one ImageRef per line of `list_file` (paths relative to `root`, or absolute), in the listed order.
+
+    No extension filter: the list is explicit. A listed file that does not exist still yields a ref (size
+    MISSING_SIZE) so it becomes an error row rather than a silent drop. Blank lines are skipped; a path listed twice
+    gives two rows (no set of seen paths, so memory stays flat on lists of millions).
+    """
+    root_path = Path(root)
+    if not root_path.is_dir():
+        raise TaggerError(f"catalog {root} is not a folder")
+    try:
+        f = open(list_file, encoding="utf-8")
+    except OSError as e:
+        raise TaggerError(f"cannot read --files-from {list_file}: {e.strerror or e}") from None
+    root_abs = os.path.abspath(root_path)
+    with f:
+        for line in f:
+            name = line.rstrip("\r\n")
+            if not name.strip():
+                continue
+            abspath = os.path.normpath(os.path.join(root_abs, name))  # join keeps `name` when it is absolute
+            rel = os.path.relpath(abspath, root_abs)
+            outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
+            yield _ref(Path(abspath if outside else rel).as_posix(), abspath)
