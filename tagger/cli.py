@@ -93,5 +93,61 @@ def train(**kw: Any) -> None:
     click.echo(f"best checkpoint: {best}")
 
 
+@main.command("run")
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Parquet file to write (replaced only on success).")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Exported .onnx model [default: the shipped tagger-default.onnx].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when it really works, else CPU; cuda: fail unless it works.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per inference call.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes; 0 or 1 decodes in-process [default: one per core].")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads [default: one per core, shared with the decode workers].")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="Also write the K best labels per task as <task>_topk.")
+@click.option("--ext", default=None, metavar="LIST", help="Extensions to tag, comma-separated [default: jpg,jpeg,png,webp,bmp,gif,tif,tiff].")
+@click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images with more pixels (error row) [default: 150000000].")
+@click.option("--files-from", type=click.Path(path_type=Path), default=None, help="Tag the paths listed in this file (relative to CATALOG or absolute) instead of walking CATALOG.")
+@_friendly
+def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | None, **kw: Any) -> None:
+    """Tag every photo under CATALOG into a Parquet file: one row per file, errors included."""
+    from tagger.pipeline.discover import parse_extensions
+    from tagger.pipeline.run import RunConfig, run
+
+    if ext is not None:
+        kw["extensions"] = parse_extensions(ext)
+    if max_pixels is not None:
+        kw["max_pixels"] = max_pixels
+    summary = run(RunConfig(catalog=catalog, out=out, **kw))
+    click.echo(summary.line())
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="ONNX file to write [default: CHECKPOINT with suffix .onnx, or .fp16.onnx with --fp16].")
+@click.option("--fp16", is_flag=True, help="Half-precision variant for GPUs (still uint8 in, float32 out); usually slower than fp32 on CPU.")
+@click.option("--opset", type=int, default=None, help="ONNX opset, 18 or newer [default: 18].")
+@click.option("--check-image", "check_images", multiple=True, type=click.Path(path_type=Path), help="Extra photo for the PyTorch-vs-ONNX parity check; repeatable.")
+@_friendly
+def export_command(checkpoint: Path, out: Path | None, fp16: bool, opset: int | None, check_images: tuple[Path, ...]) -> None:
+    """Export a training checkpoint to the single-file ONNX model `tagger run` serves, verified against PyTorch."""
+    from tagger.export import export_checkpoint
+
+    report = export_checkpoint(checkpoint, out, fp16=fp16, opset=opset, check_images=check_images or None)
+    click.echo(report.summary())
+
+
+@main.command("info")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
+@click.option("--all-labels", is_flag=True, help="List every label [default: the first 12 per task].")
+@_friendly
+def info_command(model: Path, as_json: bool, all_labels: bool) -> None:
+    """Show what an exported ONNX model carries: tasks and labels, preprocessing, provenance."""
+    import json
+
+    from tagger.modelinfo import describe, read_model_metadata
+
+    info = read_model_metadata(model)
+    click.echo(json.dumps(info.to_dict(), indent=2) if as_json else describe(info, max_labels=0 if all_labels else 12))
+
+
 if __name__ == "__main__":
     main()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +76,15 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def _ort_errors() -> tuple[type[BaseException], ...]:
-    # onnxruntime's load errors (InvalidProtobuf, InvalidGraph, Fail, ...) derive straight from Exception.
+def ort_errors() -> tuple[type[BaseException], ...]:
+    """onnxruntime's own exception types, to catch exactly them."""
+    # onnxruntime's errors (InvalidProtobuf, InvalidGraph, Fail, ...) derive straight from Exception.
     from onnxruntime.capi import onnxruntime_pybind11_state as state
 
-    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel", "NotImplemented")
+    names = (
+        "Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile", "NoModel", "NotImplemented",
+        "RuntimeException",
+    )
     return tuple(getattr(state, n) for n in names if hasattr(state, n)) + (RuntimeError,)
 
 
@@ -99,8 +104,12 @@ def read_model_metadata(path: str | os.PathLike[str]) -> ModelInfo:
     options.log_severity_level = 3  # parse failures are reported by our TaggerError, not ORT's stderr log
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except _ort_errors() as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    except ort_errors() as e:
+        # "[ONNXRuntimeError] : 7 : INVALID_PROTOBUF : Load model from X failed:Protobuf parsing failed." -> the tail
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (Load model from .* failed: ?)?", "", text)
+        if re.match(r"^\S+\.cc:\d+ ", reason) and ") " in reason:  # "<file.cc:256> <C++ signature>) <message>"
+            reason = reason.rsplit(") ", 1)[1]
         raise TaggerError(f"{path} is not a loadable ONNX model: {reason}") from None
     return model_info_from_session(session, path)
 
@@ -120,16 +129,20 @@ def model_info_from_session(session: "ort.InferenceSession", path: str | os.Path
             f"{path} has tagger model format {fmt!r}; this tagger reads format {FORMAT_VERSION} "
             "(re-export the checkpoint with this version's `tagger export`)"
         )
-    try:
-        tasks = tasks_from_json(meta[META_TASKS])
-        preprocess = PreprocessSpec.from_dict(_json(path, meta, META_PREPROCESS))
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise TaggerError(f"{path} has malformed tagger metadata: {type(e).__name__}: {e}") from None
-    model = _json(path, meta, META_MODEL)
+    raw_tasks, raw_preprocess, model = (_json(path, meta, k) for k in (META_TASKS, META_PREPROCESS, META_MODEL))
     if not isinstance(model, dict):
         raise TaggerError(f"{path} has malformed tagger metadata: {META_MODEL} is not a JSON object")
-    if not tasks or any(not t.labels for t in tasks):
-        raise TaggerError(f"{path} has malformed tagger metadata: every task needs at least one label")
+    if (
+        not isinstance(raw_tasks, dict)
+        or not raw_tasks
+        or not all(isinstance(labels, list) and labels for labels in raw_tasks.values())
+    ):
+        raise TaggerError(f"{path} has malformed tagger metadata: {META_TASKS} must map each task to its labels")
+    tasks = tasks_from_json(meta[META_TASKS])
+    try:
+        preprocess = PreprocessSpec.from_dict(raw_preprocess)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise TaggerError(f"{path} has malformed tagger metadata: {META_PREPROCESS}: {type(e).__name__}: {e}") from None
     _check_signature(session, path, tasks, preprocess)
     return ModelInfo(
         path=path,
@@ -201,8 +214,8 @@ def describe(info: ModelInfo, max_labels: int = 12) -> str:
         shown = t.labels if max_labels <= 0 else t.labels[:max_labels]
         more = len(t.labels) - len(shown)
         text = ", ".join(shown) + (f", ... (+{more} more)" if more else "")
-        lines.append(textwrap.fill(text, width=100, initial_indent=f"  {t.output} [{len(t.labels)}]: ",
-                                   subsequent_indent=" " * 6))
+        head = f"  {t.output} [{len(t.labels)}]: "
+        lines.append(textwrap.fill(text, width=100, initial_indent=head, subsequent_indent=" " * 6))
     return "\n".join(lines)
 
 

@@ -86,10 +86,11 @@ DecodeResult = Union[Sample, Failure]
 Source = Union[ImageRef, str, "os.PathLike[str]"]
 
 
-def _describe(e: BaseException) -> str:
-    # OSError's str() repeats the absolute path, which the row already holds as a relative one.
+def _describe(e: BaseException, path: str | os.PathLike[str]) -> str:
+    """'ExceptionClass: message' on one line, without the file's absolute path (the row holds it, relative)."""
     msg = e.strerror if isinstance(e, OSError) and e.strerror and e.filename else str(e)
-    msg = " ".join(str(msg).split())[:500]
+    p = os.fspath(path)
+    msg = " ".join(str(msg).replace(f" {p!r}", "").replace(p, "").split())[:500]
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
@@ -147,12 +148,12 @@ def decode_one(
         img, w, h = load_image(path, spec, max_pixels)
         return Sample(index, fit_and_pad(img, spec), w, h)
     except DECODE_ERRORS as e:
-        return Failure(index, _describe(e))
+        return Failure(index, _describe(e, path))
     except Exception as e:  # noqa: BLE001
         # Last resort, recorded in the row: decoder plugins raise arbitrary types on malformed files (fuzzers find
         # IndexError, TypeError, ...), and one such photo must not end a run over millions.
         log.debug("unexpected decode error for %s", path, exc_info=True)
-        return Failure(index, _describe(e))
+        return Failure(index, _describe(e, path))
 
 
 def _rebuild_batch(images: np.ndarray, meta: list[tuple[int, int, int] | tuple[int, str]], seconds: float) -> DecodedBatch:

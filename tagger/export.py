@@ -1,0 +1,517 @@
+"""Export a trainer checkpoint to the self-describing ONNX model the runtime serves, and prove it matches PyTorch.
+
+Exporter: torch.onnx.export(dynamo=True). On torch 2.14 it gives tf_efficientnet_lite0 a clean 111-node graph with a
+symbolic batch (dim_param) and the TF-"same" padding folded into static Conv pads. The TorchScript exporter
+(dynamo=False, deprecated) yields ~640 nodes for the same model, because it computes that padding from the runtime
+shape (Shape/Gather/Ceil/Pad chains).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torch import nn
+
+from tagger import __version__
+from tagger.contract import (
+    FORMAT_VERSION,
+    INPUT_NAME,
+    META_FORMAT,
+    META_MODEL,
+    META_PREPROCESS,
+    META_TASKS,
+    META_VERSION,
+    PreprocessSpec,
+    TaskSpec,
+    tasks_to_json,
+)
+from tagger.errors import TaggerError
+from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata, sha256_file
+from tagger.pipeline.decode import Failure, decode_one, fit_and_pad
+from tagger.train.checkpoint import LoadedCheckpoint, load_checkpoint
+from tagger.train.model import MultiTaskNet
+
+log = logging.getLogger(__name__)
+
+EXPORTER = "torch.onnx.export(dynamo=True)"
+# The dynamo exporter has no translations below opset 18 (it would silently emit 18); 18 loads in every
+# onnxruntime this project supports.
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+BATCH_DIM = "N"
+FP32_ATOL = 1e-4  # max |p_onnx - p_torch| for the fp32 model
+FP16_MIN_TOP1 = 0.99  # fraction of check images whose top-1 class the fp16 model must keep, per task
+# A top-1 flip between two classes whose reference probabilities are closer than this is a coin toss at that
+# precision, not an export error; it is logged and reported but does not fail the check. fp16 rounding of the
+# backbone weights alone moves probabilities by ~1e-2 on EfficientNet-Lite0.
+TIE_MARGIN = {"fp32": 1e-6, "fp16": 1e-2}
+N_GENERATED = 100  # enough that the fp16 99% bar tolerates one close call
+CHUNK = 32  # images per PyTorch / ONNX Runtime call during the parity check, to bound memory
+MAX_SAMPLE_IMAGES = 32
+_SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_images" / "images"
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """What was written and how closely ONNX Runtime (CPU) reproduced PyTorch fp32 on the check images."""
+
+    path: Path
+    size_bytes: int
+    sha256: str
+    precision: str  # fp32 | fp16
+    opset: int
+    exporter: str
+    n_check_images: int
+    batch_sizes: tuple[int, ...]  # batch sizes run through ONNX Runtime
+    max_abs_diff: Mapping[str, float] = field(default_factory=dict)  # task -> max |p_onnx - p_torch|
+    top1_agreement: Mapping[str, float] = field(default_factory=dict)  # task -> fraction of images with equal top-1
+    info: ModelInfo | None = None  # the metadata as the runtime reads it back
+
+    def summary(self) -> str:
+        per_task = ", ".join(
+            f"{t}: max|diff| {self.max_abs_diff[t]:.2e}, top-1 {self.top1_agreement[t]:.1%}" for t in self.max_abs_diff
+        )
+        return (
+            f"wrote {self.path} ({self.size_bytes / 1e6:.1f} MB, {self.precision}, opset {self.opset}); "
+            f"checked {self.n_check_images} images at batch sizes {list(self.batch_sizes)} against PyTorch fp32: "
+            f"{per_task}"
+        )
+
+
+def default_output_path(ckpt_path: str | os.PathLike[str], fp16: bool = False) -> Path:
+    """CKPT with suffix .onnx, or .fp16.onnx for the half-precision variant."""
+    return Path(ckpt_path).with_suffix(".fp16.onnx" if fp16 else ".onnx")
+
+
+def export_checkpoint(
+    ckpt_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str] | None = None,
+    fp16: bool = False,
+    opset: int | None = None,
+    check_images: Sequence[str | os.PathLike[str]] | None = None,
+) -> ExportReport:
+    """Export, verify and atomically write the ONNX model; on any failure nothing is left at `out_path`.
+
+    check_images: extra image files for the parity check, on top of generated product-like photos; None means the
+    project's sample_images/images folder when it exists.
+    """
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise TaggerError(f"checkpoint {ckpt_path} is not a file")
+    out = Path(out_path) if out_path is not None else default_output_path(ckpt_path, fp16)
+    opset = DEFAULT_OPSET if opset is None else int(opset)
+    if opset < MIN_OPSET:
+        raise TaggerError(f"opset {opset} is too old: the exporter needs opset {MIN_OPSET} or newer")
+    if out.is_dir():
+        raise TaggerError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    if out.exists() and out.resolve() == ckpt_path.resolve():
+        raise TaggerError(f"output {out} is the checkpoint itself; choose another name")
+    image_paths = _check_image_paths(check_images)
+    precision = "fp16" if fp16 else "fp32"
+
+    tmp = _reserve_temp(out)  # fails fast on an unwritable destination, before any expensive work
+    try:
+        ckpt = _load(ckpt_path)
+        images = _check_batch(ckpt.preprocess, image_paths)  # uint8 [K, S, S, 3]
+        proto = _to_onnx(ckpt, images[:2], fp16, opset)
+        _set_metadata(proto, ckpt, sha256_file(ckpt_path), ckpt_path.name, precision, opset)
+        _check_graph(proto, ckpt.tasks, ckpt.preprocess.size, opset)
+        tmp.write_bytes(proto.SerializeToString())
+        tmp.chmod(0o666 & ~_umask())  # mkstemp made it owner-only; the runtime may run as another user
+        info = read_model_metadata(tmp)
+        diffs, agreement, batch_sizes = _check_parity(tmp, ckpt, images, precision)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    report = ExportReport(
+        path=out,
+        size_bytes=out.stat().st_size,
+        sha256=info.sha256,
+        precision=precision,
+        opset=opset,
+        exporter=EXPORTER,
+        n_check_images=len(images),
+        batch_sizes=batch_sizes,
+        max_abs_diff=diffs,
+        top1_agreement=agreement,
+        info=replace(info, path=out),
+    )
+    log.debug("%s", report.summary())
+    return report
+
+
+def _check_image_paths(check_images: Sequence[str | os.PathLike[str]] | None) -> list[Path]:
+    if check_images is None:
+        if not _SAMPLE_DIR.is_dir():
+            return []
+        found = sorted(p for p in _SAMPLE_DIR.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+        return found[:MAX_SAMPLE_IMAGES]
+    paths = [Path(p) for p in check_images]
+    for p in paths:
+        if not p.is_file():
+            raise TaggerError(f"check image {p} is not a file")
+    return paths
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _reserve_temp(out: Path) -> Path:
+    """Create the temp file next to `out` now, so os.replace stays on one filesystem and permissions fail early."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    except OSError as e:
+        raise TaggerError(f"cannot write {out}: {e.strerror or e}") from None
+    os.close(fd)
+    return Path(name)
+
+
+def _load(ckpt_path: Path) -> LoadedCheckpoint:
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except (RuntimeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        # load_state_dict and the spec constructors report a malformed checkpoint this way
+        lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
+        # load_state_dict: "Error(s) in loading state_dict for X:" then one indented line per problem
+        reason = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        raise TaggerError(f"{ckpt_path} is not a usable tagger checkpoint: {reason}") from None
+    if not ckpt.tasks or any(not t.labels for t in ckpt.tasks):
+        raise TaggerError(f"{ckpt_path} has a task without labels")
+    return ckpt
+
+
+class _ServingGraph(nn.Module):
+    """The whole contract as one module: uint8 [N, H, W, 3] RGB -> one softmax [N, C_task] float32 per task."""
+
+    def __init__(self, model: MultiTaskNet, preprocess: PreprocessSpec, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.backbone = model.backbone
+        # A list, not the model's ModuleDict: torch.export turns submodule paths into Python attribute access, and a
+        # task named "class" would make the traced code invalid. Dropout is the identity in eval mode.
+        self.heads = nn.ModuleList(model.heads[name] for name in model.task_names)
+        self.compute_dtype = compute_dtype
+        # Normalisation stays float32 even for fp16 models; (x - 255 mean) / (255 std) == (x / 255 - mean) / std.
+        self.register_buffer("shift", torch.tensor(preprocess.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+        self.register_buffer("scale", torch.tensor(preprocess.std, dtype=torch.float32).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = images.permute(0, 3, 1, 2).to(torch.float32)  # [N, 3, H, W], transposed while still 1 byte per value
+        x = ((x - self.shift) / self.scale).to(self.compute_dtype)
+        features = self.backbone(x)  # [N, F]
+        return tuple(torch.softmax(head(features).to(torch.float32), dim=1) for head in self.heads)
+
+
+def _to_onnx(ckpt: LoadedCheckpoint, example: np.ndarray, fp16: bool, opset: int) -> onnx.ModelProto:
+    """Trace the serving graph; `example` needs batch >= 2 or torch.export specialises the batch to 1."""
+    model = copy.deepcopy(ckpt.model).half() if fp16 else ckpt.model
+    graph = _ServingGraph(model, ckpt.preprocess, torch.float16 if fp16 else torch.float32).eval()
+    log.info("exporting %s (%s, opset %d) with %s", ckpt.raw["backbone"], "fp16" if fp16 else "fp32", opset, EXPORTER)
+    try:
+        with _quiet_exporter_logs():
+            program = torch.onnx.export(
+                graph,
+                (torch.from_numpy(example),),
+                None,
+                dynamo=True,
+                verbose=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[t.output for t in ckpt.tasks],
+                dynamic_shapes={INPUT_NAME: {0: torch.export.Dim(BATCH_DIM, min=1)}},
+                external_data=False,
+                optimize=True,
+            )
+    except torch.onnx.OnnxExporterError as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise TaggerError(
+            f"ONNX export of {ckpt.raw['backbone']} failed: {type(cause).__name__}: {_first_line(cause)}"
+        ) from None
+    if program is None:
+        raise TaggerError("ONNX export returned no program")
+    proto = program.model_proto
+    _strip_trace_metadata(proto)
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """onnxscript's optimiser logs every pass at INFO; keep it for -v (DEBUG) runs only."""
+    noisy = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    saved = [lg.level for lg in noisy]
+    if not log.isEnabledFor(logging.DEBUG):
+        for lg in noisy:
+            lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(noisy, saved):
+            lg.setLevel(level)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
+    """Drop per-node stack traces and FX names: they bloat the file and leak the build machine's paths."""
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        del g.metadata_props[:]
+        for value in (*g.input, *g.output, *g.value_info):
+            del value.metadata_props[:]
+        for node in g.node:
+            del node.metadata_props[:]
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    graphs.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    graphs.extend(a.graphs)
+    for fn in proto.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
+
+
+def _jsonable(obj: Any) -> Any:
+    """Checkpoint values (tensors, numpy scalars, paths, NaN) as plain JSON; NaN/inf become null."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
+def _set_metadata(
+    proto: onnx.ModelProto, ckpt: LoadedCheckpoint, ckpt_sha256: str, ckpt_name: str, precision: str, opset: int
+) -> None:
+    raw = ckpt.raw
+    model = {
+        "backbone": raw["backbone"],
+        "checkpoint": ckpt_name,
+        "checkpoint_sha256": ckpt_sha256,
+        "metrics": raw.get("metrics") or {},
+        "data": raw.get("data"),
+        "epoch": raw.get("epoch"),
+        "precision": precision,
+        "opset": opset,
+        "exporter": EXPORTER,
+        "trained_with": raw.get("tagger_version"),
+    }
+    values = {
+        META_TASKS: tasks_to_json(ckpt.tasks),
+        META_PREPROCESS: json.dumps(ckpt.preprocess.to_dict()),
+        META_MODEL: json.dumps(_jsonable(model)),
+        META_VERSION: json.dumps(__version__),
+        META_FORMAT: json.dumps(FORMAT_VERSION),
+    }
+    onnx.helper.set_model_props(proto, values)
+    proto.doc_string = f"tagger model: {raw['backbone']} -> {', '.join(t.name for t in ckpt.tasks)}"
+
+
+def _check_graph(proto: onnx.ModelProto, tasks: tuple[TaskSpec, ...], size: int, opset: int) -> None:
+    """Structural checks: valid ONNX, self-contained, and the contract's names, dtypes and symbolic batch."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise TaggerError(f"exported graph fails onnx.checker: {_first_line(e)}") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise TaggerError("exported graph refers to external data; the model must be a single file")
+    got_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if got_opset != opset:
+        raise TaggerError(f"exporter produced opset {got_opset}, not the requested {opset}")
+
+    def dims(v: onnx.ValueInfoProto) -> list[int | str]:
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    inputs = list(proto.graph.input)
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise TaggerError(f"exported graph inputs are {[i.name for i in inputs]}, expected [{INPUT_NAME!r}]")
+    in_dims = dims(inputs[0])
+    if inputs[0].type.tensor_type.elem_type != onnx.TensorProto.UINT8 or in_dims[1:] != [size, size, 3]:
+        raise TaggerError(f"exported input is {in_dims}, expected uint8 [N, {size}, {size}, 3]")
+    if not isinstance(in_dims[0], str):
+        raise TaggerError(f"exported batch axis is fixed at {in_dims[0]}; it must be symbolic")
+    names = [o.name for o in proto.graph.output]
+    if names != [t.output for t in tasks]:
+        raise TaggerError(f"exported outputs are {names}, expected {[t.output for t in tasks]}")
+    for out, task in zip(proto.graph.output, tasks):
+        d = dims(out)
+        if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or d[1:] != [len(task.labels)]:
+            raise TaggerError(f"exported output {out.name} is {d}, expected float32 [N, {len(task.labels)}]")
+        if d[0] != in_dims[0]:
+            raise TaggerError(f"exported output {out.name} batch axis {d[0]!r} is not the input's {in_dims[0]!r}")
+
+
+def _check_batch(preprocess: PreprocessSpec, paths: Sequence[Path]) -> np.ndarray:
+    """Generated product photos plus `paths` decoded exactly as the runtime decodes: uint8 [K, S, S, 3]."""
+    images = [fit_and_pad(img, preprocess) for img in _generated_photos(N_GENERATED)]
+    for p in paths:
+        result = decode_one(p, preprocess)
+        if isinstance(result, Failure):
+            raise TaggerError(f"check image {p} could not be decoded: {result.error}")
+        images.append(result.array)
+    return np.stack(images)
+
+
+def _generated_photos(n: int, seed: int = 0) -> Iterable[Image.Image]:
+    """Product-on-white shots: a shaded, outlined garment-like shape with a soft shadow, mixed aspect ratios, a bit
+    of sensor noise, round-tripped through JPEG. Two of every twelve are pure noise to cover the extremes."""
+    rng = np.random.default_rng(seed)
+    sizes = [(60, 80), (240, 320), (320, 240), (200, 200), (90, 160), (400, 300)]
+    for i in range(n):
+        w, h = sizes[i % len(sizes)]
+        if i % 12 in (5, 11):
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        else:
+            pixels = _product_shot(rng, w, h, kind=i % 4)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        buf.seek(0)
+        with Image.open(buf) as decoded:
+            decoded.load()
+            yield decoded
+
+
+def _product_shot(rng: np.random.Generator, w: int, h: int, kind: int) -> np.ndarray:
+    base = tuple(int(c) for c in rng.integers(0, 256, 3))
+    bg = tuple(int(c) for c in rng.integers(235, 256, 3))
+    mask = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(mask)
+    cx, cy, rx, ry = w / 2, h / 2, w * rng.uniform(0.25, 0.42), h * rng.uniform(0.25, 0.42)
+    if kind == 0:  # bag / ball
+        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
+    elif kind == 1:  # box / shoe box
+        draw.rounded_rectangle((cx - rx, cy - ry, cx + rx, cy + ry), radius=min(rx, ry) * 0.3, fill=255)
+    elif kind == 2:  # t-shirt silhouette
+        draw.polygon(
+            [
+                (cx - rx * 0.5, cy - ry), (cx + rx * 0.5, cy - ry), (cx + rx, cy - ry * 0.6),
+                (cx + rx * 0.8, cy - ry * 0.3), (cx + rx * 0.55, cy - ry * 0.45), (cx + rx * 0.55, cy + ry),
+                (cx - rx * 0.55, cy + ry), (cx - rx * 0.55, cy - ry * 0.45), (cx - rx * 0.8, cy - ry * 0.3),
+                (cx - rx, cy - ry * 0.6),
+            ],
+            fill=255,
+        )
+    else:  # trousers
+        draw.polygon(
+            [
+                (cx - rx * 0.6, cy - ry), (cx + rx * 0.6, cy - ry), (cx + rx * 0.7, cy + ry),
+                (cx + rx * 0.1, cy + ry), (cx, cy - ry * 0.2), (cx - rx * 0.1, cy + ry), (cx - rx * 0.7, cy + ry),
+            ],
+            fill=255,
+        )
+    alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32)[..., None] / 255  # [h, w, 1]
+    shadow = np.asarray(mask.filter(ImageFilter.GaussianBlur(max(w, h) / 40)), dtype=np.float32)[..., None] / 255
+    shadow = np.roll(shadow, (max(1, h // 60), max(1, w // 60)), axis=(0, 1))
+    # light from the top-left: the product gets brighter towards that corner
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    light = 1.15 - 0.35 * (xx / w + yy / h) / 2  # [h, w]
+    product = np.clip(np.array(base, np.float32) * light[..., None], 0, 255)
+    background = np.array(bg, np.float32) * (1 - 0.25 * shadow)
+    img = background * (1 - alpha) + product * alpha + rng.normal(0, 3, (h, w, 3))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _torch_probs(ckpt: LoadedCheckpoint, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Reference: the contract's preprocessing written out independently, then the fp32 model: task -> [K, C]."""
+    spec = ckpt.preprocess
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
+    chunks: dict[str, list[np.ndarray]] = {t.name: [] for t in ckpt.tasks}
+    with torch.inference_mode():
+        for i in range(0, len(images), CHUNK):
+            x = torch.from_numpy(images[i : i + CHUNK]).permute(0, 3, 1, 2).float() / 255  # [n, 3, S, S]
+            logits = ckpt.model((x - mean) / std)
+            for t in ckpt.tasks:
+                chunks[t.name].append(torch.softmax(logits[t.name], dim=1).numpy())
+    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+
+
+def _check_parity(
+    path: Path, ckpt: LoadedCheckpoint, images: np.ndarray, precision: str
+) -> tuple[dict[str, float], dict[str, float], tuple[int, ...]]:
+    """Run the written file in ONNX Runtime (CPU) at several batch sizes and compare with PyTorch fp32."""
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except ort_errors() as e:
+        raise TaggerError(f"onnxruntime cannot load the exported model: {_first_line(e)}") from None
+    reference = _torch_probs(ckpt, images)
+    k = len(images)
+    # (start, size): batch 1 and 7, then every image in chunks (the last one usually of yet another size)
+    runs = [(0, 1), (0, 7)] + [(i, min(CHUNK, k - i)) for i in range(0, k, CHUNK)]
+    diffs = {t.name: 0.0 for t in ckpt.tasks}
+    full: dict[str, list[np.ndarray]] = {t.name: [] for t in ckpt.tasks}
+    for run_index, (start, n) in enumerate(runs):
+        try:
+            outputs = session.run([t.output for t in ckpt.tasks], {INPUT_NAME: images[start : start + n]})
+        except ort_errors() as e:
+            raise TaggerError(f"onnxruntime fails on a batch of {n}: {_first_line(e)}") from None
+        for task, got in zip(ckpt.tasks, outputs):
+            want = reference[task.name][start : start + n]
+            if got.shape != want.shape or got.dtype != np.float32:
+                raise TaggerError(
+                    f"{task.output} at batch {n} is {got.dtype} {list(got.shape)}, expected float32 {list(want.shape)}"
+                )
+            if not np.isfinite(got).all():
+                raise TaggerError(f"{task.output} at batch {n} contains NaN or inf")
+            diffs[task.name] = max(diffs[task.name], float(np.abs(got.astype(np.float64) - want).max()))
+            if run_index >= 2:
+                full[task.name].append(got)
+    batch_sizes = tuple(sorted({n for _, n in runs}))
+
+    agreement: dict[str, float] = {}
+    for task in ckpt.tasks:
+        got, want = np.concatenate(full[task.name]), reference[task.name]  # [K, C]
+        top2 = np.sort(want, axis=1)[:, -2:]  # [K, 2] (or [K, 1] for a one-label task, which cannot flip)
+        tie = (top2[:, -1] - top2[:, 0]) < TIE_MARGIN[precision] if want.shape[1] > 1 else np.zeros(k, bool)
+        same = got.argmax(axis=1) == want.argmax(axis=1)  # [K]
+        agreement[task.name] = float(same.mean())
+        if (~same & tie).any():
+            log.info("%s: %d top-1 flips between near-tied classes", task.output, int((~same & tie).sum()))
+        real_flips = int((~same & ~tie).sum())
+        log.info(
+            "%s %s parity: max|diff| %.3g, top-1 agreement %.2f%% over %d images",
+            task.output, precision, diffs[task.name], 100 * agreement[task.name], k,
+        )
+        if precision == "fp32":
+            if diffs[task.name] >= FP32_ATOL:
+                raise TaggerError(
+                    f"ONNX and PyTorch disagree on {task.output}: max |diff| {diffs[task.name]:.3g} >= {FP32_ATOL}"
+                )
+            if real_flips:
+                raise TaggerError(f"ONNX changes the top-1 {task.name} of {real_flips} of {k} check images")
+        elif k - real_flips < FP16_MIN_TOP1 * k - 1e-9:
+            raise TaggerError(
+                f"fp16 model changes the top-1 {task.name} of {real_flips} of {k} check images (at most "
+                f"{1 - FP16_MIN_TOP1:.0%} allowed); max |diff| {diffs[task.name]:.3g}; export fp32 instead"
+            )
+    return diffs, agreement, batch_sizes

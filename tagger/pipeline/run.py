@@ -1,0 +1,208 @@
+"""`tagger run`: wire discover -> decode -> batch -> session -> postprocess -> write, and time each stage."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from tagger import __version__
+from tagger.errors import TaggerError
+from tagger.pipeline import write as w
+from tagger.pipeline.batch import Batch, prefetch, rebatch
+from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, decode_stream, default_workers
+from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, discover, refs_from_list
+from tagger.pipeline.postprocess import postprocess
+from tagger.pipeline.session import Session, default_threads, open_session
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64
+PREFETCH_BATCHES = 3  # decoded batches waiting for inference: enough to absorb jitter, few enough to bound memory
+LOG_EVERY_S = 30.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `tagger run` needs. None means "pick the default" (documented per field)."""
+
+    catalog: Path
+    out: Path
+    model: Path | None = None  # None: the shipped default model
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int | None = None  # decode processes; None: one per core; 0 or 1: decode in this process
+    threads: int | None = None  # inference intra-op threads; None: one per core (shared with the workers)
+    top_k: int = 0  # > 0 adds a <task>_topk column per task
+    extensions: frozenset[str] = DEFAULT_EXTENSIONS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    files_from: Path | None = None  # a list of paths to tag instead of walking the catalog
+    progress: bool | None = None  # None: a progress bar on a terminal, periodic log lines otherwise
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise TaggerError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise TaggerError(f"--workers must be >= 0, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            raise TaggerError(f"--threads must be at least 1, got {self.threads}")
+        if self.top_k < 0:
+            raise TaggerError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.max_pixels < 1:
+            raise TaggerError(f"--max-pixels must be at least 1, got {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    out: Path
+    files: int
+    ok: int
+    errors: int
+    elapsed_s: float
+    provider: str
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.files / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"{self.files} files, {self.ok} ok, {self.errors} errors, {self.images_per_s:.1f} img/s, "
+            f"{self.elapsed_s:.1f} s on {self.provider} -> {self.out}"
+        )
+
+
+@dataclass
+class StageTimer:
+    """Seconds per stage. decode is summed worker time (it runs in parallel); wait is inference starved of input."""
+
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("decode", "wait", "infer", "postprocess", "write"), 0.0)
+    )
+
+    def add(self, stage: str, s: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + s
+
+
+def decoded_batches(
+    refs: Iterable[ImageRef],
+    session: Session,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[Batch]:
+    """discover's refs -> fixed-size decoded Batches, in order, decoded ahead in a bounded background thread."""
+    workers = default_workers() if workers is None else workers
+    # Chunks of a batch keep IPC to one array per task; smaller ones keep every worker busy on small runs.
+    chunk = max(1, min(batch_size, 32))
+    decoded = decode_stream(refs, session.spec, max_pixels, workers, chunk)
+    return prefetch(rebatch(decoded, batch_size), depth=PREFETCH_BATCHES)
+
+
+def tag_batches(
+    batches: Iterable[Batch], session: Session, top_k: int = 0, timer: StageTimer | None = None
+) -> Iterator[tuple[Batch, pa.Table]]:
+    """Infer and postprocess each batch; yield it with its output rows (one per ref, in order)."""
+    timer = timer or StageTimer()
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(it, None)
+        t1 = time.perf_counter()
+        if batch is None:
+            return
+        probs = session.predict(batch.images)
+        t2 = time.perf_counter()
+        preds = postprocess(probs, session.tasks, top_k)
+        table = w.rows_to_table(batch, preds, session.tasks, top_k)
+        t3 = time.perf_counter()
+        timer.add("decode", batch.decode_seconds)
+        timer.add("wait", t1 - t0)
+        timer.add("infer", t2 - t1)
+        timer.add("postprocess", t3 - t2)
+        yield batch, table
+
+
+def _refs(config: RunConfig) -> Iterator[ImageRef]:
+    if not config.catalog.exists():
+        raise TaggerError(f"catalog {config.catalog} does not exist")
+    if config.files_from is not None:
+        return refs_from_list(config.catalog, config.files_from)
+    return discover(config.catalog, config.extensions)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run(config: RunConfig) -> RunSummary:
+    """Tag every image of config.catalog into config.out (Parquet); one row per file, errors included."""
+    t_start = time.perf_counter()
+    started = _now()
+    refs = _refs(config)
+    first = next(refs, None)
+    if first is None:
+        what = "listed in " + str(config.files_from) if config.files_from else "with extension " + ",".join(
+            sorted(config.extensions)
+        )
+        raise TaggerError(f"no image files {what} in {config.catalog}")
+    workers = default_workers() if config.workers is None else config.workers
+    threads = config.threads if config.threads is not None else default_threads()
+    session = open_session(config.model, config.device, threads)
+    tasks, top_k = session.tasks, config.top_k
+    metadata = {
+        **session.metadata,
+        w.META_MODEL_SHA256: session.info.sha256,
+        w.META_TOOL_VERSION: __version__,
+        w.META_PROVIDER: session.provider,
+        w.META_STARTED: started,
+    }
+    log.info(
+        "tagging %s with %s on %s: batch %d, %d decode workers, %d threads",
+        config.catalog, session.path.name, session.provider, config.batch_size, workers, threads,
+    )  # fmt: skip
+    timer = StageTimer()
+    files = ok = 0
+    show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
+    with w.ResultWriter(config.out, w.output_schema(tasks, top_k), metadata) as writer, contextlib.closing(
+        decoded_batches(itertools.chain([first], refs), session, config.batch_size, workers, config.max_pixels)
+    ) as batches, tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr) as bar:
+        last_log = time.perf_counter()
+        for batch, table in tag_batches(batches, session, top_k, timer):
+            t0 = time.perf_counter()
+            writer.write(table)
+            timer.add("write", time.perf_counter() - t0)
+            files += len(batch)
+            ok += len(batch.images)
+            bar.update(len(batch))
+            if not show_bar and time.perf_counter() - last_log >= LOG_EVERY_S:
+                last_log = time.perf_counter()
+                rate = files / (last_log - t_start)
+                log.info("%d files (%d errors), %.1f img/s", files, files - ok, rate)
+        writer.commit(
+            {
+                w.META_FINISHED: _now(),
+                w.META_FILES: str(files),
+                w.META_OK: str(ok),
+                w.META_ERRORS: str(files - ok),
+            }
+        )
+    summary = RunSummary(
+        config.out, files, ok, files - ok, time.perf_counter() - t_start, session.provider, dict(timer.seconds)
+    )
+    log.info("done: %s", summary.line())
+    log.info("stage seconds: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary.stage_seconds.items()))
+    return summary
+
+
+__all__ = ["RunConfig", "RunSummary", "StageTimer", "decoded_batches", "run", "tag_batches"]
