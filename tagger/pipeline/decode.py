@@ -10,14 +10,16 @@ import signal
 import struct
 import time
 from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing.pool import AsyncResult
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from tagger.contract import PreprocessSpec
+from tagger.errors import TaggerError
 from tagger.pipeline.discover import ImageRef
 
 log = logging.getLogger(__name__)
@@ -204,10 +206,6 @@ def decode_many(
     return _rebuild_batch(buf[:k], meta, time.perf_counter() - t0)
 
 
-def _decode_task(args: tuple[list[str], PreprocessSpec, int, int]) -> DecodedBatch:
-    return decode_many(*args)
-
-
 def _worker_init() -> None:
     # Ctrl-C reaches the whole process group; only the parent should react (it terminates the pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -227,9 +225,9 @@ def decode_stream(
 ) -> Iterator[tuple[tuple[ImageRef, ...], DecodedBatch]]:
     """Decode refs in chunks, yielding (refs of the chunk, its DecodedBatch) in input order.
 
-    workers <= 1 decodes in this process; otherwise a spawn-context process pool decodes whole chunks, with at
-    most `max_pending` chunks (default 2 per worker) submitted and not yet consumed, so memory stays bounded
-    however slow the consumer is (Pool.imap would buffer every finished result).
+    workers <= 1 decodes in this process; otherwise a pool of worker processes decodes whole chunks (one array back
+    per chunk), with at most `max_pending` chunks (default 2 per worker) submitted and not yet consumed, so memory
+    stays bounded however slow the consumer is (Pool.imap would buffer every finished result).
     """
     workers = default_workers() if workers is None else workers
     chunks = _chunks(refs, chunk_size)
@@ -240,20 +238,36 @@ def decode_stream(
             start += len(chunk)
         return
     window = max_pending or 2 * workers
-    ctx = multiprocessing.get_context("spawn")  # safe with the inference threads of this process; works everywhere
-    with ctx.Pool(workers, initializer=_worker_init) as pool:
-        pending: deque[tuple[tuple[ImageRef, ...], AsyncResult[DecodedBatch]]] = deque()
+    # spawn: safe next to the inference threads of this process, and the same on every OS. An executor rather than
+    # multiprocessing.Pool: a worker killed mid-task (OOM killer, decoder crash) raises BrokenProcessPool instead of
+    # leaving the run waiting forever.
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+    try:
+        pending: deque[tuple[tuple[ImageRef, ...], Future[DecodedBatch]]] = deque()
         start = 0
         for chunk in chunks:
-            task = ([r.abspath for r in chunk], spec, max_pixels, start)
-            pending.append((chunk, pool.apply_async(_decode_task, (task,))))
+            paths = [r.abspath for r in chunk]
+            pending.append((chunk, pool.submit(decode_many, paths, spec, max_pixels, start)))
             start += len(chunk)
             if len(pending) >= window:
-                done, result = pending.popleft()
-                yield done, result.get()
+                yield _result(*pending.popleft())
         while pending:
-            done, result = pending.popleft()
-            yield done, result.get()
+            yield _result(*pending.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(
+    chunk: tuple[ImageRef, ...], future: Future[DecodedBatch]
+) -> tuple[tuple[ImageRef, ...], DecodedBatch]:
+    try:
+        return chunk, future.result()
+    except BrokenProcessPool:
+        raise TaggerError(
+            f"a decode worker died (out of memory, or a decoder crash) near {chunk[0].path}; "
+            "rerun with --workers 0 to find the file"
+        ) from None
 
 
 def _chunks(refs: Iterable[ImageRef], n: int) -> Iterator[tuple[ImageRef, ...]]:

@@ -16,6 +16,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from tagger import __version__
+from tagger.contract import PreprocessSpec
 from tagger.errors import TaggerError
 from tagger.pipeline import write as w
 from tagger.pipeline.batch import Batch, prefetch, rebatch
@@ -96,7 +97,7 @@ class StageTimer:
 
 def decoded_batches(
     refs: Iterable[ImageRef],
-    session: Session,
+    spec: PreprocessSpec,
     batch_size: int = DEFAULT_BATCH_SIZE,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -105,7 +106,7 @@ def decoded_batches(
     workers = default_workers() if workers is None else workers
     # Chunks of a batch keep IPC to one array per task; smaller ones keep every worker busy on small runs.
     chunk = max(1, min(batch_size, 32))
-    decoded = decode_stream(refs, session.spec, max_pixels, workers, chunk)
+    decoded = decode_stream(refs, spec, max_pixels, workers, chunk)
     return prefetch(rebatch(decoded, batch_size), depth=PREFETCH_BATCHES)
 
 
@@ -175,7 +176,7 @@ def run(config: RunConfig) -> RunSummary:
     files = ok = 0
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
     with w.ResultWriter(config.out, w.output_schema(tasks, top_k), metadata) as writer, contextlib.closing(
-        decoded_batches(itertools.chain([first], refs), session, config.batch_size, workers, config.max_pixels)
+        decoded_batches(itertools.chain([first], refs), session.spec, config.batch_size, workers, config.max_pixels)
     ) as batches, tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr) as bar:
         last_log = time.perf_counter()
         for batch, table in tag_batches(batches, session, top_k, timer):
