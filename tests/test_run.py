@@ -180,3 +180,30 @@ def test_cli_run_never_imports_torch(catalog: tuple[Path, dict[str, str]], contr
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "NO-TORCH-OK" in proc.stdout, proc.stderr[-2000:]
     assert out.is_file()
+
+
+def test_rows_match_direct_predictions_of_an_exported_model(
+    catalog: tuple[Path, dict[str, str]], tiny_onnx: Path, tmp_path: Path
+) -> None:
+    """With a real exported graph, every row carries the prediction of its own image (no shift across batches)."""
+    import numpy as np
+
+    from tagger.pipeline.decode import Sample, decode_one
+    from tagger.pipeline.session import open_session
+
+    root, expected = catalog
+    out = tmp_path / "tiny.parquet"
+    run(RunConfig(root, out, model=tiny_onnx, device="cpu", batch_size=3, workers=2))
+    session = open_session(tiny_onnx, "cpu", threads=1)
+    rows = _rows(out)
+    assert {r["path"]: r["status"] for r in rows} == expected
+    oks = [r for r in rows if r["status"] == "ok"]
+    decoded = [decode_one(root / r["path"], session.spec) for r in oks]
+    assert all(isinstance(d, Sample) for d in decoded)
+    probs = session.predict(np.stack([d.array for d in decoded]))  # type: ignore[union-attr]
+    labels = {t.name: t.labels for t in session.tasks}
+    for i, r in enumerate(oks):
+        for task, p in probs.items():
+            assert r[task] == labels[task][int(np.argmax(p[i]))]
+            assert r[f"{task}_score"] == pytest.approx(float(p[i].max()), abs=1e-5)
+    assert len({r["class"] for r in oks}) > 1  # the check means something only if predictions differ

@@ -151,7 +151,7 @@ def test_checkpoint_round_trips(trained: tuple[Path, TrainConfig], catalog: Path
     from tagger.pipeline.decode import fit_and_pad
     from tagger.train.augment import eval_transform
 
-    x = torch.from_numpy(fit_and_pad(Image.open(catalog / "images" / "1000.jpg"), loaded.preprocess))
+    x = torch.from_numpy(np.array(fit_and_pad(Image.open(catalog / "images" / "1000.jpg"), loaded.preprocess)))
     x = eval_transform(loaded.preprocess)(x.permute(2, 0, 1)[None])
     ref = torch.load(best, weights_only=True)["model"]
     assert all(torch.equal(ref[k], v) for k, v in loaded.model.state_dict().items())

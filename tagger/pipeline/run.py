@@ -85,7 +85,8 @@ class RunSummary:
 
 @dataclass
 class StageTimer:
-    """Seconds per stage. decode is summed worker time (it runs in parallel); wait is inference starved of input."""
+    """Seconds per stage. decode: summed worker time (workers run in parallel); wait: inference starved of input;
+    postprocess: top-k and building the Arrow rows."""
 
     seconds: dict[str, float] = field(
         default_factory=lambda: dict.fromkeys(("decode", "wait", "infer", "postprocess", "write"), 0.0)
@@ -175,9 +176,15 @@ def run(config: RunConfig) -> RunSummary:
     timer = StageTimer()
     files = ok = 0
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
-    with w.ResultWriter(config.out, w.output_schema(tasks, top_k), metadata) as writer, contextlib.closing(
-        decoded_batches(itertools.chain([first], refs), session.spec, config.batch_size, workers, config.max_pixels)
-    ) as batches, tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr) as bar:
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(w.ResultWriter(config.out, w.output_schema(tasks, top_k), metadata))
+        refs_all = itertools.chain([first], refs)
+        batches = stack.enter_context(
+            contextlib.closing(
+                decoded_batches(refs_all, session.spec, config.batch_size, workers, config.max_pixels)
+            )
+        )
+        bar = stack.enter_context(tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr))
         last_log = time.perf_counter()
         for batch, table in tag_batches(batches, session, top_k, timer):
             t0 = time.perf_counter()
@@ -188,15 +195,9 @@ def run(config: RunConfig) -> RunSummary:
             bar.update(len(batch))
             if not show_bar and time.perf_counter() - last_log >= LOG_EVERY_S:
                 last_log = time.perf_counter()
-                rate = files / (last_log - t_start)
-                log.info("%d files (%d errors), %.1f img/s", files, files - ok, rate)
+                log.info("%d files (%d errors), %.1f img/s", files, files - ok, files / (last_log - t_start))
         writer.commit(
-            {
-                w.META_FINISHED: _now(),
-                w.META_FILES: str(files),
-                w.META_OK: str(ok),
-                w.META_ERRORS: str(files - ok),
-            }
+            {w.META_FINISHED: _now(), w.META_FILES: str(files), w.META_OK: str(ok), w.META_ERRORS: str(files - ok)}
         )
     summary = RunSummary(
         config.out, files, ok, files - ok, time.perf_counter() - t_start, session.provider, dict(timer.seconds)
