@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -111,12 +112,39 @@ def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | Non
     from tagger.pipeline.discover import parse_extensions
     from tagger.pipeline.run import RunConfig, run
 
+    # A scheduler's SIGTERM unwinds like Ctrl-C, so the half-written temp output is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if ext is not None:
         kw["extensions"] = parse_extensions(ext)
     if max_pixels is not None:
         kw["max_pixels"] = max_pixels
     summary = run(RunConfig(catalog=catalog, out=out, **kw))
     click.echo(summary.line())
+
+
+@main.command("eval")
+@click.option("--data", "data", type=click.Path(path_type=Path), required=True, help="Folder with styles.csv and images/<id>.jpg.")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Exported .onnx model [default: the shipped tagger-default.onnx].")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write a self-contained HTML report (needs the report extra).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1), help="Images per inference call.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes; 0 or 1 decodes in-process [default: one per core].")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads [default: one per core].")
+@click.option("--task", "tasks", multiple=True, metavar="NAME=COLUMN", help="Score model task NAME against styles.csv COLUMN [default: class=articleType, color=baseColour]; repeatable.")
+@click.option("--mistakes", default=24, show_default=True, type=click.IntRange(0), help="Most confident mistakes shown per task in the report.")
+@click.option("--show-confusions", default=5, show_default=True, type=click.IntRange(0), help="Print the N most frequent confusions per task.")
+@_friendly
+def eval_command(report: Path | None, show_confusions: int, **kw: Any) -> None:
+    """Score a model on a labelled styles.csv + images/ folder, tagged exactly as `tagger run` tags."""
+    from tagger.evaluate import EvalConfig, check_report_dependencies, evaluate, write_report
+
+    if report is not None:
+        check_report_dependencies()  # before the run, not after it
+    kw["tasks"] = _pairs(kw["tasks"], "--task")
+    result = evaluate(EvalConfig(**kw))
+    click.echo("\n".join(result.lines(show_confusions)))
+    if report is not None:
+        click.echo(f"report: {write_report(result, report)}")
 
 
 @main.command("export")

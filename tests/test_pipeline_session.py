@@ -29,6 +29,8 @@ def test_cpu_session_predicts_probabilities_per_task(contract_onnx: Path) -> Non
     assert not np.allclose(probs["class"][0], probs["class"][1])  # the output depends on the image
     single = session.predict(images[2:3])  # batch size does not change a row's result
     np.testing.assert_allclose(single["color"][0], probs["color"][2], rtol=1e-5)
+    bound = session._run_bound(images)  # the IO-binding path CUDA sessions take, exercised on CPU
+    np.testing.assert_allclose(bound[1], probs["color"], rtol=1e-6)
     empty = session.predict(np.zeros((0, 32, 32, 3), np.uint8))
     assert empty["class"].shape == (0, len(CONTRACT_TASKS["class"]))
     with pytest.raises(ValueError, match="uint8"):

@@ -1,0 +1,648 @@
+"""Throughput benchmark: `tagger run` against an eager-PyTorch baseline and against its own decode/inference limits.
+
+    python benchmarks/throughput.py [--images DIR] [--repeat N] [--json FILE] ...
+
+One run, one machine, the same images for every path:
+
+    tagger     tagger.pipeline.run.run(): folder -> Parquet, end to end (model load included)
+    baseline   what a notebook does: PIL full decode + torchvision Resize/ToTensor/Normalize in a DataLoader,
+               eager PyTorch under inference_mode, pyarrow at the end (model load included)
+    decode     discover + decode + batch of the pipeline, no inference (all workers)
+    inference  the pipeline's ONNX Runtime session on decoded batches held in memory (all threads)
+    gpu-decode (--device cuda with a CUDA torch only) nvJPEG decode + resize on the GPU feeding the same session
+
+Progress goes to stderr through logging; the final table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import click
+import numpy as np
+import onnxruntime as ort
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import tagger
+from tagger.contract import PreprocessSpec, TaskSpec
+from tagger.errors import TaggerError
+from tagger.modelinfo import ModelInfo, read_model_metadata
+from tagger.pipeline.decode import default_workers
+from tagger.pipeline.discover import ImageRef, discover
+from tagger.pipeline.run import DEFAULT_BATCH_SIZE, RunConfig, decoded_batches, run
+from tagger.pipeline.session import Session, default_model_path, default_threads, open_session
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGES = REPO / "sample_images"
+DEFAULT_REPEAT = 5
+WARMUP_IMAGES = 8
+RSS_SAMPLE_S = 0.05
+RSS_SCALES = (1, 10)
+
+COMBINED_NOTE = (
+    "combined limit = 1 / (1/decode + 1/inference): decode and inference were each measured alone on all cores, "
+    "and in `tagger run` they share those cores, so one image costs the core-time of both; a pipeline that keeps "
+    "every core busy with no other overhead reaches it."
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how; every path uses the same batch size, workers and threads."""
+
+    images: Path
+    model: Path
+    checkpoint: Path | None = None
+    device: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    workers: int = 1
+    threads: int = 1
+    repeat: int = DEFAULT_REPEAT
+    limit: int | None = None
+    rounds: int = 1
+    skip_baseline: bool = False
+    skip_rss: bool = False
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timed path: `images` files in `seconds` of wall clock (the best of the rounds)."""
+
+    name: str
+    images: int
+    seconds: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"images": self.images, "seconds": self.seconds, "img_per_s": self.img_per_s, **self.detail}
+
+
+def best(measure: Any, rounds: int) -> Measurement:
+    """Run `measure()` `rounds` times and keep the fastest (other jobs on the machine only ever slow a run down)."""
+    results = [measure() for _ in range(max(1, rounds))]
+    return min(results, key=lambda m: m.seconds)
+
+
+# --- catalog ---------------------------------------------------------------------------------------------------
+
+
+def source_images(root: Path, limit: int | None) -> list[ImageRef]:
+    """The image files under `root` in discover order, the first `limit` of them when given."""
+    refs = []
+    for ref in discover(root):
+        if limit is not None and len(refs) >= limit:
+            break
+        refs.append(ref)
+    if not refs:
+        raise TaggerError(f"no image files in {root}")
+    return refs
+
+
+def build_catalog(sources: Sequence[ImageRef], dest: Path, copies: int) -> str:
+    """Fill `dest` with `copies` subfolders, each holding every source under its relative path.
+
+    Hard links (no extra disk, same page cache) where the file system allows, else per-file symlinks, which
+    discover follows (it only skips a folder it has already walked). Returns 'hardlink' or 'symlink'.
+    """
+    how = "hardlink"
+    for c in range(copies):
+        for ref in sources:
+            target = dest / f"copy{c:04d}" / ref.path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if how == "hardlink":
+                try:
+                    os.link(ref.abspath, target)
+                    continue
+                except OSError as e:
+                    log.info("hard links unavailable (%s); using symlinks", e.strerror or e)
+                    how = "symlink"
+            target.symlink_to(os.path.abspath(ref.abspath))
+    return how
+
+
+# --- the measured paths ----------------------------------------------------------------------------------------
+
+
+def measure_tagger(catalog: Path, cfg: BenchConfig, out: Path) -> Measurement:
+    """`tagger run` in this process: folder -> Parquet, session creation and worker start-up included."""
+    t0 = time.perf_counter()
+    summary = run(
+        RunConfig(
+            catalog=catalog,
+            out=out,
+            model=cfg.model,
+            device=cfg.device,
+            batch_size=cfg.batch_size,
+            workers=cfg.workers,
+            threads=cfg.threads,
+            progress=False,
+        )
+    )
+    seconds = time.perf_counter() - t0
+    if summary.errors:
+        log.warning("tagger: %d of %d files failed to decode", summary.errors, summary.files)
+    rows = pq.read_metadata(out).num_rows
+    if rows != summary.files:
+        raise RuntimeError(f"tagger wrote {rows} rows for {summary.files} files")
+    return Measurement(
+        "tagger",
+        summary.files,
+        seconds,
+        {"errors": summary.errors, "provider": summary.provider, "stage_seconds": dict(summary.stage_seconds)},
+    )
+
+
+def measure_decode(catalog: Path, spec: PreprocessSpec, cfg: BenchConfig, keep: int) -> tuple[Measurement, np.ndarray]:
+    """discover -> decode -> batch with no inference; also returns the first `keep` decoded images [k, S, S, 3]."""
+    kept: list[np.ndarray] = []
+    n_kept = files = 0
+    t0 = time.perf_counter()
+    batches = decoded_batches(discover(catalog), spec, cfg.batch_size, cfg.workers)
+    with contextlib.closing(batches):
+        for batch in batches:
+            files += len(batch)
+            if n_kept < keep and len(batch.images):
+                kept.append(batch.images[: keep - n_kept])
+                n_kept += len(kept[-1])
+    seconds = time.perf_counter() - t0
+    images = np.concatenate(kept) if kept else np.empty((0, spec.size, spec.size, 3), np.uint8)
+    return Measurement("decode", files, seconds), images
+
+
+def inference_batches(images: np.ndarray, total: int, batch_size: int) -> Iterator[np.ndarray]:
+    """`total` images in batches of `batch_size`, cycling through the decoded `images` [k, S, S, 3]."""
+    for start in range(0, total, batch_size):
+        yield images[np.arange(start, min(start + batch_size, total)) % len(images)]
+
+
+def measure_inference(session: Session, images: np.ndarray, total: int, batch_size: int) -> Measurement:
+    """The session alone on pre-decoded uint8 batches: no file reading, no decoding."""
+    t0 = time.perf_counter()
+    for batch in inference_batches(images, total, batch_size):
+        session.predict(batch)
+    return Measurement("inference", total, time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class BaselineModel:
+    """The eager PyTorch model of the baseline and where it came from."""
+
+    model: Any  # torch.nn.Module in eval mode
+    spec: PreprocessSpec
+    tasks: tuple[TaskSpec, ...]
+    weights: str  # 'checkpoint' or 'random'
+
+
+def baseline_model(info: ModelInfo, checkpoint: Path | None) -> BaselineModel:
+    """The checkpoint's model, else the ONNX model's backbone and heads rebuilt with random weights."""
+    if checkpoint is not None:
+        loaded = tagger.load_checkpoint(str(checkpoint))
+        if loaded.preprocess.size != info.preprocess.size:
+            log.warning(
+                "checkpoint input size %d differs from the model's %d", loaded.preprocess.size, info.preprocess.size
+            )
+        return BaselineModel(loaded.model.eval(), loaded.preprocess, loaded.tasks, "checkpoint")
+    from tagger.train.model import MultiTaskNet
+
+    model = MultiTaskNet(info.backbone, info.tasks, weights="none").eval()
+    return BaselineModel(model, info.preprocess, info.tasks, "random")
+
+
+class _NotebookDataset:
+    """PIL decode of the whole file, then torchvision Resize((S, S)) -> ToTensor -> Normalize."""
+
+    def __init__(self, paths: Sequence[str], transform: Any) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Any:
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB"))
+
+
+def measure_baseline(
+    refs: Sequence[ImageRef], info: ModelInfo, cfg: BenchConfig, out: Path, device: str
+) -> Measurement:
+    """The reference notebook's loop, model load included (as `tagger run` includes its session's)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    bm = baseline_model(info, cfg.checkpoint)
+    model = bm.model.to(device)
+    s = bm.spec.size
+    transform = transforms.Compose(
+        [transforms.Resize((s, s)), transforms.ToTensor(), transforms.Normalize(bm.spec.mean, bm.spec.std)]
+    )
+    paths = [r.abspath for r in refs]
+    loader = DataLoader(
+        _NotebookDataset(paths, transform),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.workers if cfg.workers > 1 else 0,
+        shuffle=False,
+    )
+    preds: dict[str, list[Any]] = {t.name: [] for t in bm.tasks}
+    with torch.inference_mode():
+        for x in loader:  # float [B, 3, S, S]
+            logits = model(x.to(device))
+            for name, lg in logits.items():
+                preds[name].append(torch.softmax(lg, dim=1).max(dim=1))
+    columns: dict[str, Any] = {"path": [r.path for r in refs]}
+    for t in bm.tasks:
+        score = torch.cat([p.values for p in preds[t.name]]).cpu().numpy()
+        index = torch.cat([p.indices for p in preds[t.name]]).cpu().numpy()
+        columns[t.name] = [t.labels[i] for i in index]
+        columns[f"{t.name}_score"] = score
+    pq.write_table(pa.table(columns), out)
+    seconds = time.perf_counter() - t0
+    return Measurement("baseline", len(refs), seconds, {"weights": bm.weights, "device": device})
+
+
+def measure_gpu_decode(refs: Sequence[ImageRef], session: Session, batch_size: int, device: str = "cuda") -> Measurement:
+    """nvJPEG batch decode + bilinear fit-and-pad on the GPU, host copy, then the same ONNX session.
+
+    JPEG only (other files are left out of this row) and no EXIF rotation: a sketch of the GPU-decode option,
+    not a replacement pipeline. File reading is serial in this process.
+    """
+    import torch
+    import torchvision.io as tio
+    from torch.nn import functional as F
+
+    spec = session.spec
+    s = spec.size
+    jpegs = [r for r in refs if r.abspath.lower().endswith((".jpg", ".jpeg"))]
+    pad = torch.tensor(spec.pad_color, dtype=torch.uint8, device=device).view(1, 3, 1, 1)
+    t0 = time.perf_counter()
+    for start in range(0, len(jpegs), batch_size):
+        data = [tio.read_file(r.abspath) for r in jpegs[start : start + batch_size]]
+        decoded = tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, device=device)  # list of uint8 [3, H, W]
+        canvas = pad.expand(len(decoded), 3, s, s).clone()  # uint8 [B, 3, S, S]
+        for k, img in enumerate(decoded):
+            h, w = img.shape[1:]
+            scale = s / max(w, h)
+            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+            small = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True)
+            top, left = (s - nh) // 2, (s - nw) // 2
+            canvas[k, :, top : top + nh, left : left + nw] = small[0].round().clamp(0, 255).to(torch.uint8)
+        session.predict(canvas.permute(0, 2, 3, 1).contiguous().cpu().numpy())  # uint8 [B, S, S, 3]
+    return Measurement("gpu-decode", len(jpegs), time.perf_counter() - t0, {"jpeg_only": True})
+
+
+# --- memory ----------------------------------------------------------------------------------------------------
+
+
+def _proc_tree(root: int) -> list[int]:
+    """root and all its descendants, from /proc/<pid>/stat parent ids."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _status_kib(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in keys:
+                    out[key] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass  # exited meanwhile
+    return out
+
+
+def measure_rss(catalog: Path, cfg: BenchConfig, out: Path) -> dict[str, Any]:
+    """Run `python -m tagger.cli run` and sample the RSS of its process tree (the CLI plus its decode workers).
+
+    peak_tree_rss_mb: the highest sum over the tree at one sample (shared library pages count once per process,
+    so an upper bound); peak_process_rss_mb: the highest single-process high-water mark (VmHWM).
+    """
+    cmd = [
+        sys.executable, "-m", "tagger.cli", "-q", "run", str(catalog), "--out", str(out), "--model", str(cfg.model),
+        "--device", cfg.device, "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers),
+        "--threads", str(cfg.threads),
+    ]  # fmt: skip
+    env = dict(os.environ)
+    # The child imports this very tagger, wherever it is installed or checked out.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(tagger.__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    peak_tree = peak_process = 0
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr_chunks: list[str] = []
+    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    while proc.poll() is None:
+        tree = 0
+        for pid in _proc_tree(proc.pid):
+            kib = _status_kib(pid, ("VmRSS", "VmHWM"))
+            tree += kib.get("VmRSS", 0)
+            peak_process = max(peak_process, kib.get("VmHWM", 0))
+        peak_tree = max(peak_tree, tree)
+        time.sleep(RSS_SAMPLE_S)
+    seconds = time.perf_counter() - t0
+    stdout = proc.stdout.read() if proc.stdout else ""
+    reader.join(timeout=10)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`tagger run` exited {proc.returncode}: {''.join(stderr_chunks).strip()[-500:]}")
+    files = pq.read_metadata(out).num_rows
+    return {
+        "images": files,
+        "seconds": seconds,
+        "img_per_s": files / seconds if seconds > 0 else 0.0,
+        "peak_tree_rss_mb": peak_tree / 1024,
+        "peak_process_rss_mb": peak_process / 1024,
+        "summary": stdout.strip(),
+    }
+
+
+# --- facts and report ------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_facts() -> dict[str, Any]:
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "tagger": tagger.__version__,
+    }
+
+
+def ratios(results: dict[str, Measurement]) -> dict[str, float | None]:
+    """tagger over the baseline, over the slower stage, and over the combined limit."""
+    t = results["tagger"].img_per_s
+    d, i = results["decode"].img_per_s, results["inference"].img_per_s
+    combined = 1 / (1 / d + 1 / i) if d > 0 and i > 0 else 0.0
+    b = results["baseline"].img_per_s if "baseline" in results else 0.0
+    return {
+        "combined_limit_img_per_s": combined,
+        "tagger_over_baseline": t / b if b > 0 else None,
+        "tagger_over_min_stage": t / min(d, i) if min(d, i) > 0 else None,
+        "tagger_over_combined_limit": t / combined if combined > 0 else None,
+    }
+
+
+def render_table(report: dict[str, Any]) -> str:
+    cfg, res, r = report["config"], report["results"], report["ratios"]
+    lines = [
+        f"{report['images']['total']} images ({report['images']['distinct']} distinct x {cfg['repeat']}), "
+        f"{report['model']['backbone']} {report['model']['input_size']}px on {report['provider']}, "
+        f"batch {cfg['batch_size']}, {cfg['workers']} workers, {cfg['threads']} threads, "
+        f"{report['machine']['cpu_count']} CPUs ({report['machine']['cpu_model']})",
+        "",
+        f"{'path':<16} {'images':>7} {'seconds':>8} {'img/s':>8}",
+    ]
+    for name in ("tagger", "baseline", "decode", "inference", "gpu-decode"):
+        m = res.get(name)
+        if m is not None:
+            label = f"{name} limit" if name in ("decode", "inference") else name
+            lines.append(f"{label:<16} {m['images']:>7} {m['seconds']:>8.2f} {m['img_per_s']:>8.1f}")
+    lines.append(f"{'combined limit':<16} {'':>7} {'':>8} {r['combined_limit_img_per_s']:>8.1f}")
+    lines.append("")
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}x"
+
+    lines += [
+        f"tagger / baseline              {fmt(r['tagger_over_baseline'])}",
+        f"tagger / min(decode, infer)    {fmt(r['tagger_over_min_stage'])}",
+        f"tagger / combined limit        {fmt(r['tagger_over_combined_limit'])}",
+    ]
+    for scale, m in sorted(report.get("rss", {}).items()):
+        lines.append(
+            f"peak RSS `tagger run` {scale:>4} ({m['images']:>6} images): tree {m['peak_tree_rss_mb']:7.0f} MB, "
+            f"largest process {m['peak_process_rss_mb']:6.0f} MB"
+        )
+    lines += ["", *(f"note: {n}" for n in report["notes"])]
+    return "\n".join(lines)
+
+
+# --- driver ----------------------------------------------------------------------------------------------------
+
+
+def _torch_device(provider: str) -> str | None:
+    """The baseline's torch device: CUDA when the tagger runs on CUDA and torch sees a GPU; None without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "cuda" if provider == "CUDAExecutionProvider" and torch.cuda.is_available() else "cpu"
+
+
+def benchmark(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure every path on the same catalog and return the whole report (what --json writes)."""
+    info = read_model_metadata(cfg.model)
+    spec = info.preprocess
+    sources = source_images(cfg.images, cfg.limit)
+    notes: list[str] = [COMBINED_NOTE]
+    results: dict[str, Measurement] = {}
+    rss: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tagger-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        warm, catalog = tmp / "warm", tmp / "catalog"
+        build_catalog(sources[:WARMUP_IMAGES], warm, 1)
+        links = build_catalog(sources, catalog, cfg.repeat)
+        refs = list(discover(catalog))
+        total = len(refs)
+        log.info("catalog: %d images (%d x %d, %s)", total, len(sources), cfg.repeat, links)
+
+        log.info("tagger: warm-up, then %d round(s)", cfg.rounds)
+        measure_tagger(warm, cfg, tmp / "warm.parquet")
+        results["tagger"] = best(lambda: measure_tagger(catalog, cfg, tmp / "tagger.parquet"), cfg.rounds)
+        provider = results["tagger"].detail["provider"]
+
+        log.info("decode limit")
+        measure_decode(warm, spec, cfg, 0)
+        decoded: list[np.ndarray] = []
+
+        def decode_round() -> Measurement:
+            m, images = measure_decode(catalog, spec, cfg, len(sources))
+            decoded[:] = [images]
+            return m
+
+        results["decode"] = best(decode_round, cfg.rounds)
+
+        log.info("inference limit")
+        session = open_session(cfg.model, cfg.device, cfg.threads)
+        images = decoded[0]
+        session.predict(images[: min(len(images), cfg.batch_size)])  # warm-up
+        results["inference"] = best(lambda: measure_inference(session, images, total, cfg.batch_size), cfg.rounds)
+
+        torch_device = None if cfg.skip_baseline else _torch_device(provider)
+        if cfg.skip_baseline:
+            notes.append("baseline skipped (--skip-baseline)")
+        elif torch_device is None:
+            notes.append("baseline skipped: torch is not installed (pip install 'tagger[train]')")
+        else:
+            log.info("baseline (eager PyTorch on %s)", torch_device)
+            try:
+                measure_baseline(refs[:WARMUP_IMAGES], info, cfg, tmp / "warm-baseline.parquet", torch_device)
+                results["baseline"] = best(
+                    lambda: measure_baseline(refs, info, cfg, tmp / "baseline.parquet", torch_device), cfg.rounds
+                )
+            except TaggerError as e:
+                notes.append(f"baseline skipped: {e}")
+            else:
+                if results["baseline"].detail["weights"] == "random":
+                    notes.append(
+                        f"baseline model: {info.backbone} rebuilt from the ONNX metadata with random weights "
+                        "(throughput does not depend on the weights; --checkpoint loads real ones)"
+                    )
+                notes.append(
+                    "baseline resizes with Resize((S, S)) (stretching) as the reference notebook does; "
+                    "tagger fits and pads"
+                )
+
+        if cfg.device == "cuda":
+            if torch_device == "cuda":
+                log.info("gpu-decode")
+                measure_gpu_decode(refs[:WARMUP_IMAGES], session, cfg.batch_size)
+                results["gpu-decode"] = best(lambda: measure_gpu_decode(refs, session, cfg.batch_size), cfg.rounds)
+                notes.append("gpu-decode: nvJPEG + resize on the GPU feeding the same session; JPEGs only, no EXIF")
+            else:
+                notes.append("gpu-decode skipped: needs torch with a usable CUDA device")
+        del session
+
+        if cfg.skip_rss:
+            notes.append("RSS skipped (--skip-rss)")
+        elif not Path("/proc/self/status").exists():
+            notes.append("RSS skipped: needs Linux /proc")
+        else:
+            for scale in RSS_SCALES:
+                log.info("peak RSS of `tagger run` on %dx the images", scale)
+                rss_catalog = tmp / f"rss{scale}"
+                build_catalog(sources, rss_catalog, scale)
+                rss[f"{scale}x"] = measure_rss(rss_catalog, cfg, tmp / f"rss{scale}.parquet")
+
+    report: dict[str, Any] = {
+        "config": {
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        },
+        "machine": machine_facts(),
+        "provider": provider,
+        "model": {
+            "path": str(cfg.model),
+            "sha256": info.sha256,
+            "backbone": info.backbone,
+            "input_size": spec.size,
+            "precision": info.precision,
+        },
+        "images": {"source": str(cfg.images), "distinct": len(sources), "total": total, "catalog_links": links},
+        "results": {name: m.to_dict() for name, m in results.items()},
+        "ratios": ratios(results),
+        "rss": rss,
+        "notes": notes,
+    }
+    return report
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_IMAGES, show_default="the repo's sample_images/", help="Image folder, walked recursively.")
+@click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=None, help="ONNX model [default: the shipped default model].")
+@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Trainer checkpoint for the baseline [default: the model's backbone with random weights].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1))
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes, for every path [default: one per core].")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads, for every path [default: one per core].")
+@click.option("--repeat", default=DEFAULT_REPEAT, show_default=True, type=click.IntRange(1), help="Copies of the images in the measured catalog.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use only the first N images of --images.")
+@click.option("--rounds", default=1, show_default=True, type=click.IntRange(1), help="Time each path N times, keep the best.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the full report here.")
+@click.option("--skip-baseline", is_flag=True, help="Do not run the PyTorch baseline.")
+@click.option("--skip-rss", is_flag=True, help="Do not measure the peak RSS of `tagger run`.")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the pipeline's own log lines.")
+def main(
+    images: Path,
+    model: Path | None,
+    checkpoint: Path | None,
+    device: str,
+    batch_size: int,
+    workers: int | None,
+    threads: int | None,
+    repeat: int,
+    limit: int | None,
+    rounds: int,
+    json_out: Path | None,
+    skip_baseline: bool,
+    skip_rss: bool,
+    verbose: bool,
+) -> None:
+    """Measure `tagger run` against an eager-PyTorch baseline and its decode and inference limits."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    logging.getLogger("tagger").setLevel(logging.INFO if verbose else logging.WARNING)
+    try:
+        cfg = BenchConfig(
+            images=images,
+            model=model if model is not None else default_model_path(),
+            checkpoint=checkpoint,
+            device=device,
+            batch_size=batch_size,
+            workers=default_workers() if workers is None else workers,
+            threads=default_threads() if threads is None else threads,
+            repeat=repeat,
+            limit=limit,
+            rounds=rounds,
+            skip_baseline=skip_baseline,
+            skip_rss=skip_rss,
+        )
+        report = benchmark(cfg)
+    except TaggerError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        log.info("wrote %s", json_out)
+    click.echo(render_table(report))
+
+
+if __name__ == "__main__":
+    main()
