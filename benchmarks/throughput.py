@@ -30,11 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from typing import TYPE_CHECKING
+
 import click
 import numpy as np
-import onnxruntime as ort
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 import tagger
 from tagger.contract import PreprocessSpec, TaskSpec
@@ -42,8 +41,11 @@ from tagger.errors import TaggerError
 from tagger.modelinfo import ModelInfo, read_model_metadata
 from tagger.pipeline.decode import default_workers
 from tagger.pipeline.discover import ImageRef, discover
-from tagger.pipeline.run import DEFAULT_BATCH_SIZE, RunConfig, decoded_batches, run
-from tagger.pipeline.session import Session, default_model_path, default_threads, open_session
+
+# The decode workers are spawned, and a spawned process re-imports this script: onnxruntime, pyarrow and the rest
+# of the pipeline are imported inside functions so that workers start as light as those of `tagger run`.
+if TYPE_CHECKING:
+    from tagger.pipeline.session import Session
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,7 @@ class BenchConfig:
     model: Path
     checkpoint: Path | None = None
     device: str = "auto"
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int = 64
     workers: int = 1
     threads: int = 1
     repeat: int = DEFAULT_REPEAT
@@ -96,10 +98,10 @@ class Measurement:
         return {"images": self.images, "seconds": self.seconds, "img_per_s": self.img_per_s, **self.detail}
 
 
-def best(measure: Any, rounds: int) -> Measurement:
-    """Run `measure()` `rounds` times and keep the fastest (other jobs on the machine only ever slow a run down)."""
-    results = [measure() for _ in range(max(1, rounds))]
-    return min(results, key=lambda m: m.seconds)
+def keep_best(results: dict[str, Measurement], m: Measurement) -> None:
+    """Keep the fastest round of each path: other jobs on the machine can only ever slow a round down."""
+    if m.name not in results or m.seconds < results[m.name].seconds:
+        results[m.name] = m
 
 
 # --- catalog ---------------------------------------------------------------------------------------------------
@@ -144,6 +146,10 @@ def build_catalog(sources: Sequence[ImageRef], dest: Path, copies: int) -> str:
 
 def measure_tagger(catalog: Path, cfg: BenchConfig, out: Path) -> Measurement:
     """`tagger run` in this process: folder -> Parquet, session creation and worker start-up included."""
+    import pyarrow.parquet as pq
+
+    from tagger.pipeline.run import RunConfig, run
+
     t0 = time.perf_counter()
     summary = run(
         RunConfig(
@@ -173,6 +179,8 @@ def measure_tagger(catalog: Path, cfg: BenchConfig, out: Path) -> Measurement:
 
 def measure_decode(catalog: Path, spec: PreprocessSpec, cfg: BenchConfig, keep: int) -> tuple[Measurement, np.ndarray]:
     """discover -> decode -> batch with no inference; also returns the first `keep` decoded images [k, S, S, 3]."""
+    from tagger.pipeline.run import decoded_batches
+
     kept: list[np.ndarray] = []
     n_kept = files = 0
     t0 = time.perf_counter()
@@ -248,6 +256,8 @@ def measure_baseline(
     refs: Sequence[ImageRef], info: ModelInfo, cfg: BenchConfig, out: Path, device: str
 ) -> Measurement:
     """The reference notebook's loop, model load included (as `tagger run` includes its session's)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     import torch
     from torch.utils.data import DataLoader
     from torchvision import transforms
@@ -356,6 +366,8 @@ def measure_rss(catalog: Path, cfg: BenchConfig, out: Path) -> dict[str, Any]:
     peak_tree_rss_mb: the highest sum over the tree at one sample (shared library pages count once per process,
     so an upper bound); peak_process_rss_mb: the highest single-process high-water mark (VmHWM).
     """
+    import pyarrow.parquet as pq
+
     cmd = [
         sys.executable, "-m", "tagger.cli", "-q", "run", str(catalog), "--out", str(out), "--model", str(cfg.model),
         "--device", cfg.device, "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers),
@@ -407,6 +419,8 @@ def cpu_model() -> str:
 
 
 def machine_facts() -> dict[str, Any]:
+    import onnxruntime as ort
+
     return {
         "cpu_count": os.cpu_count(),
         "cpu_model": cpu_model(),
@@ -479,7 +493,13 @@ def _torch_device(provider: str) -> str | None:
 
 
 def benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Measure every path on the same catalog and return the whole report (what --json writes)."""
+    """Measure every path on the same catalog and return the whole report (what --json writes).
+
+    Each path is warmed up once on a few images; then the rounds run every path in turn (interleaved, so a burst
+    of load from elsewhere does not hit one path only) and the fastest round of each path is kept.
+    """
+    from tagger.pipeline.session import open_session
+
     info = read_model_metadata(cfg.model)
     spec = info.preprocess
     sources = source_images(cfg.images, cfg.limit)
@@ -495,62 +515,58 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         total = len(refs)
         log.info("catalog: %d images (%d x %d, %s)", total, len(sources), cfg.repeat, links)
 
-        log.info("tagger: warm-up, then %d round(s)", cfg.rounds)
-        measure_tagger(warm, cfg, tmp / "warm.parquet")
-        results["tagger"] = best(lambda: measure_tagger(catalog, cfg, tmp / "tagger.parquet"), cfg.rounds)
-        provider = results["tagger"].detail["provider"]
-
-        log.info("decode limit")
-        measure_decode(warm, spec, cfg, 0)
-        decoded: list[np.ndarray] = []
-
-        def decode_round() -> Measurement:
-            m, images = measure_decode(catalog, spec, cfg, len(sources))
-            decoded[:] = [images]
-            return m
-
-        results["decode"] = best(decode_round, cfg.rounds)
-
-        log.info("inference limit")
         session = open_session(cfg.model, cfg.device, cfg.threads)
-        images = decoded[0]
-        session.predict(images[: min(len(images), cfg.batch_size)])  # warm-up
-        results["inference"] = best(lambda: measure_inference(session, images, total, cfg.batch_size), cfg.rounds)
-
+        provider = session.provider
         torch_device = None if cfg.skip_baseline else _torch_device(provider)
+        gpu_decode = cfg.device == "cuda" and torch_device == "cuda"
         if cfg.skip_baseline:
             notes.append("baseline skipped (--skip-baseline)")
         elif torch_device is None:
             notes.append("baseline skipped: torch is not installed (pip install 'tagger[train]')")
-        else:
-            log.info("baseline (eager PyTorch on %s)", torch_device)
+        if cfg.device == "cuda" and not gpu_decode:
+            notes.append("gpu-decode skipped: needs torch with a usable CUDA device")
+
+        log.info("warm-up")
+        measure_tagger(warm, cfg, tmp / "warm.parquet")
+        _, warm_images = measure_decode(warm, spec, cfg, WARMUP_IMAGES)
+        session.predict(warm_images)
+        if torch_device is not None:
             try:
                 measure_baseline(refs[:WARMUP_IMAGES], info, cfg, tmp / "warm-baseline.parquet", torch_device)
-                results["baseline"] = best(
-                    lambda: measure_baseline(refs, info, cfg, tmp / "baseline.parquet", torch_device), cfg.rounds
-                )
-            except TaggerError as e:
+            except TaggerError as e:  # a model torch cannot rebuild, e.g. not a timm backbone
                 notes.append(f"baseline skipped: {e}")
-            else:
-                if results["baseline"].detail["weights"] == "random":
-                    notes.append(
-                        f"baseline model: {info.backbone} rebuilt from the ONNX metadata with random weights "
-                        "(throughput does not depend on the weights; --checkpoint loads real ones)"
-                    )
-                notes.append(
-                    "baseline resizes with Resize((S, S)) (stretching) as the reference notebook does; "
-                    "tagger fits and pads"
-                )
+                torch_device = None
+        if gpu_decode:
+            measure_gpu_decode(refs[:WARMUP_IMAGES], session, cfg.batch_size)
 
-        if cfg.device == "cuda":
-            if torch_device == "cuda":
-                log.info("gpu-decode")
-                measure_gpu_decode(refs[:WARMUP_IMAGES], session, cfg.batch_size)
-                results["gpu-decode"] = best(lambda: measure_gpu_decode(refs, session, cfg.batch_size), cfg.rounds)
-                notes.append("gpu-decode: nvJPEG + resize on the GPU feeding the same session; JPEGs only, no EXIF")
-            else:
-                notes.append("gpu-decode skipped: needs torch with a usable CUDA device")
-        del session
+        images = np.empty((0, spec.size, spec.size, 3), np.uint8)
+        for r in range(cfg.rounds):
+            log.info("round %d/%d: tagger", r + 1, cfg.rounds)
+            keep_best(results, measure_tagger(catalog, cfg, tmp / "tagger.parquet"))
+            log.info("round %d/%d: decode limit", r + 1, cfg.rounds)
+            m, images = measure_decode(catalog, spec, cfg, len(sources))
+            keep_best(results, m)
+            log.info("round %d/%d: inference limit", r + 1, cfg.rounds)
+            keep_best(results, measure_inference(session, images, total, cfg.batch_size))
+            if torch_device is not None:
+                log.info("round %d/%d: baseline (eager PyTorch on %s)", r + 1, cfg.rounds, torch_device)
+                keep_best(results, measure_baseline(refs, info, cfg, tmp / "baseline.parquet", torch_device))
+            if gpu_decode:
+                log.info("round %d/%d: gpu-decode", r + 1, cfg.rounds)
+                keep_best(results, measure_gpu_decode(refs, session, cfg.batch_size))
+        del session, images
+
+        if "baseline" in results:
+            if results["baseline"].detail["weights"] == "random":
+                notes.append(
+                    f"baseline model: {info.backbone} rebuilt from the ONNX metadata with random weights "
+                    "(throughput does not depend on the weights; --checkpoint loads real ones)"
+                )
+            notes.append(
+                "baseline resizes with Resize((S, S)) (stretching) as the reference notebook does; tagger fits and pads"
+            )
+        if gpu_decode:
+            notes.append("gpu-decode: nvJPEG + resize on the GPU feeding the same session; JPEGs only, no EXIF")
 
         if cfg.skip_rss:
             notes.append("RSS skipped (--skip-rss)")
@@ -558,15 +574,13 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
             notes.append("RSS skipped: needs Linux /proc")
         else:
             for scale in RSS_SCALES:
-                log.info("peak RSS of `tagger run` on %dx the images", scale)
+                log.info("peak RSS of `tagger run` on %dx the catalog (%d images)", scale, scale * total)
                 rss_catalog = tmp / f"rss{scale}"
-                build_catalog(sources, rss_catalog, scale)
+                build_catalog(sources, rss_catalog, scale * cfg.repeat)
                 rss[f"{scale}x"] = measure_rss(rss_catalog, cfg, tmp / f"rss{scale}.parquet")
 
-    report: dict[str, Any] = {
-        "config": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        },
+    return {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": machine_facts(),
         "provider": provider,
         "model": {
@@ -579,10 +593,10 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "images": {"source": str(cfg.images), "distinct": len(sources), "total": total, "catalog_links": links},
         "results": {name: m.to_dict() for name, m in results.items()},
         "ratios": ratios(results),
+        "combined_limit": COMBINED_NOTE,
         "rss": rss,
         "notes": notes,
     }
-    return report
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -590,7 +604,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
 @click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=None, help="ONNX model [default: the shipped default model].")
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Trainer checkpoint for the baseline [default: the model's backbone with random weights].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", default=DEFAULT_BATCH_SIZE, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="Images per inference call, for every path [default: tagger run's].")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes, for every path [default: one per core].")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads, for every path [default: one per core].")
 @click.option("--repeat", default=DEFAULT_REPEAT, show_default=True, type=click.IntRange(1), help="Copies of the images in the measured catalog.")
@@ -605,7 +619,7 @@ def main(
     model: Path | None,
     checkpoint: Path | None,
     device: str,
-    batch_size: int,
+    batch_size: int | None,
     workers: int | None,
     threads: int | None,
     repeat: int,
@@ -619,13 +633,16 @@ def main(
     """Measure `tagger run` against an eager-PyTorch baseline and its decode and inference limits."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("tagger").setLevel(logging.INFO if verbose else logging.WARNING)
+    from tagger.pipeline.run import DEFAULT_BATCH_SIZE
+    from tagger.pipeline.session import default_model_path, default_threads
+
     try:
         cfg = BenchConfig(
             images=images,
             model=model if model is not None else default_model_path(),
             checkpoint=checkpoint,
             device=device,
-            batch_size=batch_size,
+            batch_size=DEFAULT_BATCH_SIZE if batch_size is None else batch_size,
             workers=default_workers() if workers is None else workers,
             threads=default_threads() if threads is None else threads,
             repeat=repeat,

@@ -335,7 +335,7 @@ def _score_task(
     lookup = {label: i for i, label in enumerate(task.labels)}
     true = np.array([lookup.get(x, IGNORE) for x in truth], dtype=np.int64)  # [M]
     has_label = np.array([bool(x) for x in truth], dtype=bool)
-    labelled = has_label
+    labelled = ok & has_label
     scored = labelled & (true != IGNORE)
     unknown = labelled & ~scored
     correct = scored & (pred == true)
