@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Mapping, Sequence
+from typing import Mapping, NoReturn, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -36,6 +36,14 @@ META_FINISHED = "tagger.run.finished"
 META_FILES = "tagger.run.files"
 META_OK = "tagger.run.ok"
 META_ERRORS = "tagger.run.errors"
+META_TAGGED = "tagger.run.tagged"  # rows decoded and inferred by this run (the rest were reused)
+META_REUSED = "tagger.run.reused"  # rows copied from the previous output (--incremental)
+META_RESUMED = "tagger.run.resumed"  # rows taken from an interrupted run's committed parts
+META_CHANGES = "tagger.run.changes"  # JSON: new, changed, unchanged, removed, retried, failed (--incremental)
+# What the rows mean besides the model: a rerun may reuse rows only when these agree (tagger.pipeline.output).
+META_CATALOG = "tagger.output.catalog"  # absolute catalog folder
+META_OPTIONS = "tagger.output.options"  # JSON: top_k, max_pixels, extensions, files_from
+META_SHARD = "tagger.output.shard"  # "I/N"; absent when the whole catalog was tagged
 
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
 
@@ -107,11 +115,25 @@ def _topk_column(p: TaskPrediction, labels: pa.Array, ok: np.ndarray) -> pa.Arra
     return pa.ListArray.from_arrays(pa.array(offsets), values, type=TOPK_TYPE, mask=pa.array(~ok))
 
 
-class ResultWriter:
-    """Incremental Parquet writer: a temp file beside `out`, renamed over it by commit(), removed otherwise.
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename in `path` durable: without this a power loss can undo it, or keep the name but not the data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    A crash or an error therefore never leaves a truncated output, nor clobbers an existing one. Rows are buffered
-    and written in row groups of `row_group_size`, so memory stays bounded on runs of millions.
+
+def _oserror_text(e: OSError) -> str:
+    return " ".join((e.strerror or str(e)).split())
+
+
+class ResultWriter:
+    """Incremental Parquet writer: a temp file beside `out` (or in `tmp_dir`, same file system), renamed over `out`
+    by commit(), removed otherwise.
+
+    A crash, an error or a full disk therefore never leaves a truncated output, nor clobbers an existing one. Rows
+    are buffered and written in row groups of `row_group_size`, so memory stays bounded on runs of millions.
     """
 
     def __init__(
@@ -120,6 +142,7 @@ class ResultWriter:
         schema: pa.Schema,
         metadata: Mapping[str, str] | None = None,
         row_group_size: int = ROW_GROUP_SIZE,
+        tmp_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.out = Path(out)
         self.schema = schema.with_metadata(dict(metadata or {}))
@@ -130,7 +153,7 @@ class ResultWriter:
         if self.out.is_dir():
             raise TaggerError(f"output {self.out} is a folder; name a .parquet file")
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=tmp_dir or self.out.parent)
         except OSError as e:
             raise TaggerError(f"cannot write output {self.out}: {e.strerror or e}") from None
         os.close(fd)
@@ -151,22 +174,35 @@ class ResultWriter:
     def _flush(self) -> None:
         if self._pending and self._writer is not None:
             table = pa.concat_tables(self._pending)
-            self._writer.write_table(table, row_group_size=max(self.row_group_size, table.num_rows))
+            try:
+                self._writer.write_table(table, row_group_size=max(self.row_group_size, table.num_rows))
+            except OSError as e:  # a full disk, mostly
+                self._fail(e)
         self._pending, self._pending_rows = [], 0
 
+    def _fail(self, e: OSError) -> NoReturn:
+        self.abort()
+        raise TaggerError(f"cannot write output {self.out}: {_oserror_text(e)}") from None
+
     def commit(self, metadata: Mapping[str, str] | None = None) -> Path:
-        """Flush, add final key-value metadata (counts, end time), and atomically move the file into place."""
+        """Flush, add final key-value metadata (counts, end time), and atomically move the file into place.
+
+        The temp file is fsynced before the rename and the folder after it, so after a power loss `out` is either
+        the previous file or the complete new one.
+        """
         assert self._writer is not None, "writer already closed"
         self._flush()
         if metadata:
             self._writer.add_key_value_metadata(dict(metadata))
-        self._writer.close()
-        self._writer = None
+        writer, self._writer = self._writer, None
         try:
+            writer.close()
+            with open(self._tmp, "rb") as f:
+                os.fsync(f.fileno())
             os.replace(self._tmp, self.out)
+            fsync_dir(self.out.parent)
         except OSError as e:
-            self.abort()
-            raise TaggerError(f"cannot write output {self.out}: {e.strerror or e}") from None
+            self._fail(e)
         self._done = True
         log.debug("wrote %d rows to %s", self.rows, self.out)
         return self.out
@@ -174,8 +210,11 @@ class ResultWriter:
     def abort(self) -> None:
         """Drop the temp file; the output (and any previous one) is left as it was."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            try:
+                writer.close()
+            except OSError as e:  # closing flushes; on a full disk that fails too, and the file goes anyway
+                log.debug("closing the temp output %s: %s", self._tmp, e)
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> ResultWriter:

@@ -1,0 +1,445 @@
+"""Ray Data engine for `tagger run`: the local engine's stages as streaming CPU decode tasks and an inference actor pool."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
+
+import numpy as np
+import pyarrow as pa
+
+from tagger import __version__
+from tagger.contract import PreprocessSpec, TaskSpec
+from tagger.errors import TaggerError
+from tagger.pipeline import write as w
+from tagger.pipeline.batch import Batch
+from tagger.pipeline.decode import DecodeResult, Failure, Sample, decode_many
+from tagger.pipeline.discover import ImageRef
+from tagger.pipeline.run import RunConfig, RunSummary, _refs, tag_batches
+from tagger.pipeline.session import open_session
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "--engine ray needs Ray, which is not installed: pip install 'tagger[ray]'"
+INDEX = "index"  # discovery position, carried through Ray so rows can be written back in order; not written
+DECODE_CHUNK = 32  # files per decode call: the local engine's chunk size
+MAX_BLOCKS = 10_000  # input blocks of the ref listing; more only adds scheduling overhead
+ROWS_PER_PART = 1_000_000  # rows per part file when --out is a folder
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide `tagger run --engine ray` runs. None means "pick the default" (documented per field)."""
+
+    address: str | None = None  # None: start a local Ray instance; "auto", "ray://head:10001": join that cluster
+    actors: int | None = None  # inference actors; None: GPUs of the cluster / num_gpus_per_actor, or 1 without GPUs
+    num_gpus_per_actor: float | None = None  # None: 1 when --device is not cpu and the cluster has a GPU, else 0
+    num_cpus: int | None = None  # CPUs of a local instance; None: one decode slot per core plus one per actor
+
+    def __post_init__(self) -> None:
+        if self.actors is not None and self.actors < 1:
+            raise TaggerError(f"--actors must be at least 1, got {self.actors}")
+        if self.num_gpus_per_actor is not None and not 0 <= self.num_gpus_per_actor:
+            raise TaggerError(f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
+        if self.num_cpus is not None and self.num_cpus < 2:
+            raise TaggerError(f"a local Ray instance needs at least 2 CPUs, got {self.num_cpus}")
+
+
+def import_ray() -> ModuleType:
+    """The ray module (with Ray Data), or a one-line TaggerError saying how to install it."""
+    try:
+        import ray
+        import ray.data  # noqa: F401  # the extra is ray[data]; plain ray lacks its dependencies
+    except ImportError as e:
+        log.debug("cannot import ray: %s", e)
+        raise TaggerError(INSTALL_HINT) from None
+    return ray
+
+
+# ---- the stages, as Ray calls them: thin adapters between Ray's column batches and the pipeline's types ----
+
+
+def _refs_of(rows: Mapping[str, np.ndarray]) -> list[ImageRef]:
+    return [
+        ImageRef(str(p), str(a), int(s), float(m))
+        for p, a, s, m in zip(rows["path"], rows["abspath"], rows["size"], rows["mtime"], strict=True)
+    ]
+
+
+def decode_rows(rows: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: int) -> dict[str, np.ndarray]:
+    """Decode stage in a Ray task: decode_many on a batch of refs, its results added as columns.
+
+    image: uint8 [n, S, S, 3], zeros on a failed row; error: '' on an ok row (a real error is never empty);
+    width/height: -1 on a failed row. Every row has the same shape, as Ray's tensor columns need.
+    """
+    decoded = decode_many(_refs_of(rows), spec, max_pixels)
+    n, s = len(decoded.results), spec.size
+    image = np.zeros((n, s, s, 3), np.uint8)
+    width = np.full(n, -1, np.int32)
+    height = np.full(n, -1, np.int32)
+    error = [""] * n
+    for i, r in enumerate(decoded.results):
+        if isinstance(r, Sample):
+            image[i], width[i], height[i] = r.array, r.width, r.height
+        else:
+            error[i] = r.error
+    return {**rows, "image": image, "width": width, "height": height, "error": np.array(error, dtype=object)}
+
+
+def batch_of_rows(rows: Mapping[str, np.ndarray]) -> Batch:
+    """decode_rows' columns -> the local engine's Batch (refs, results, stacked ok images)."""
+    ok = rows["error"] == ""  # [n]
+    images = np.ascontiguousarray(rows["image"][ok])  # uint8 [k, S, S, 3]
+    results: list[DecodeResult] = []
+    k = 0
+    for i, index in enumerate(rows[INDEX]):
+        if ok[i]:
+            results.append(Sample(int(index), images[k], int(rows["width"][i]), int(rows["height"][i])))
+            k += 1
+        else:
+            results.append(Failure(int(index), str(rows["error"][i])))
+    return Batch(tuple(_refs_of(rows)), tuple(results), images)
+
+
+class TagActor:
+    """Inference stage in a Ray actor: one ONNX Runtime session from open_session, tag_batches as locally."""
+
+    def __init__(self, model: str | None, device: str, threads: int | None, top_k: int) -> None:
+        self.session = open_session(model, device, threads)
+        self.top_k = top_k
+
+    def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
+        ((_, table),) = tag_batches([batch_of_rows(rows)], self.session, self.top_k)
+        return table.append_column(INDEX, pa.array(rows[INDEX], pa.int64()))
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the driver needs from the model, as an inference actor sees it (its provider included)."""
+
+    tasks: tuple[TaskSpec, ...]
+    spec: PreprocessSpec
+    provider: str
+    metadata: Mapping[str, str]  # the output file's key-value metadata, as the local engine writes it
+
+
+def probe_model(model: str | None, device: str, threads: int | None, started: str) -> ModelFacts:
+    """Open the model once where an actor would run: fails fast (bad model, no CUDA) with the local engine's message."""
+    session = open_session(model, device, threads)
+    metadata = {
+        **session.metadata,
+        w.META_MODEL_SHA256: session.info.sha256,
+        w.META_TOOL_VERSION: __version__,
+        w.META_PROVIDER: session.provider,
+        w.META_STARTED: started,
+    }
+    return ModelFacts(session.tasks, session.spec, session.provider, metadata)
+
+
+# ---- the driver ----
+
+
+def in_discovery_order(tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
+    """Ray hands back blocks as they finish; yield their rows in INDEX order 0, 1, 2, ..., without the INDEX column.
+
+    Each block is sorted and cut into runs of consecutive indices; a run waits on a heap until every row before it
+    is out, so memory holds only the rows that finished early. Raises if a row is missing or repeated.
+    """
+    heap: list[tuple[int, int, pa.Table]] = []
+    next_index = 0
+    for seq, table in enumerate(tables):
+        if table.num_rows == 0:
+            continue
+        table = table.sort_by(INDEX)
+        idx = table.column(INDEX).to_numpy()  # int64 [n]
+        cuts = [0, *(np.flatnonzero(np.diff(idx) != 1) + 1).tolist(), len(idx)]
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            heapq.heappush(heap, (int(idx[a]), seq, table.slice(a, b - a)))
+        while heap and heap[0][0] <= next_index:
+            start, _, run = heapq.heappop(heap)
+            if start < next_index:
+                raise TaggerError(f"the Ray run returned row {start} twice")
+            next_index += run.num_rows
+            yield run.drop_columns([INDEX])
+    if heap:
+        raise TaggerError(f"the Ray run lost rows {next_index} to {heap[0][0] - 1}")
+
+
+def _count(table: pa.Table) -> int:
+    """Ok rows of an output table."""
+    return int(np.count_nonzero(table.column("status").to_numpy(zero_copy_only=False) == w.STATUS_OK))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class _FileSink:
+    """One Parquet file, written exactly as the local engine writes it."""
+
+    def __init__(self, out: Path, schema: pa.Schema, metadata: Mapping[str, str]) -> None:
+        self._writer = w.ResultWriter(out, schema, metadata)
+
+    def write(self, table: pa.Table) -> None:
+        self._writer.write(table)
+
+    def commit(self, files: int, ok: int) -> None:
+        self._writer.commit(_final_metadata(files, ok))
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+class _PartsSink:
+    """A folder of part-NNNNN.parquet files in discovery order, each a complete output file of its rows.
+
+    Parts go into a hidden folder beside `out` that becomes `out` on success, so a failed run leaves nothing behind.
+    """
+
+    def __init__(self, out: Path, schema: pa.Schema, metadata: Mapping[str, str], rows_per_part: int) -> None:
+        self.out, self.schema, self.metadata, self.rows_per_part = out, schema, metadata, rows_per_part
+        try:
+            self._stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        except OSError as e:
+            raise TaggerError(f"cannot write output {out}: {e.strerror or e}") from None
+        self._part: w.ResultWriter | None = None
+        self._parts = 0
+        self._rows = self._ok = 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._part is None:
+                path = self._stage / f"part-{self._parts:05d}.parquet"
+                self._part = w.ResultWriter(path, self.schema, self.metadata)
+                self._parts += 1
+            head = table.slice(0, self.rows_per_part - self._rows)
+            table = table.slice(head.num_rows)
+            self._part.write(head)
+            self._rows += head.num_rows
+            self._ok += _count(head)
+            if self._rows == self.rows_per_part:
+                self._close_part()
+
+    def _close_part(self) -> None:
+        assert self._part is not None
+        self._part.commit(_final_metadata(self._rows, self._ok))
+        self._part, self._rows, self._ok = None, 0, 0
+
+    def commit(self, files: int, ok: int) -> None:
+        if self._part is not None:
+            self._close_part()
+        try:
+            if self.out.is_dir():
+                self.out.rmdir()  # checked empty before the run
+            os.replace(self._stage, self.out)
+        except OSError as e:
+            self.abort()
+            raise TaggerError(f"cannot write output {self.out}: {e.strerror or e}") from None
+
+    def abort(self) -> None:
+        if self._part is not None:
+            self._part.abort()
+            self._part = None
+        shutil.rmtree(self._stage, ignore_errors=True)
+
+
+def _final_metadata(files: int, ok: int) -> dict[str, str]:
+    return {w.META_FINISHED: _now(), w.META_FILES: str(files), w.META_OK: str(ok), w.META_ERRORS: str(files - ok)}
+
+
+def writes_folder(out: Path) -> bool:
+    """--out names a single file when it ends in .parquet, else a folder of part files."""
+    return out.suffix.lower() != ".parquet"
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output that cannot be written before any work is done."""
+    if writes_folder(out):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise TaggerError(f"output folder {out} exists and is not empty; name a new folder or a .parquet file")
+    elif out.is_dir():
+        raise TaggerError(f"output {out} is a folder; name a .parquet file")
+    if not out.parent.is_dir():
+        raise TaggerError(f"cannot write output {out}: no folder {out.parent}")
+
+
+@contextlib.contextmanager
+def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
+    """Use an already initialised Ray (a notebook's, a test's), else join options.address or start a local one."""
+    if ray.is_initialized():
+        yield
+        return
+    quiet: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if options.address:
+        ray.init(address=options.address, **quiet)
+    else:
+        # Like the local engine, decode workers take every core and inference threads share them (ORT threads
+        # sleep while they wait): one logical CPU per core for decode tasks, plus one per inference actor.
+        cpus = options.num_cpus or (os.cpu_count() or 1) + (options.actors or 1)
+        ray.init(num_cpus=cpus, **quiet)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def _unwrapped_errors(ray: ModuleType) -> Iterator[None]:
+    """A TaggerError raised in a Ray worker comes back as itself; any other Ray failure as one line."""
+    try:
+        yield
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, TaggerError):
+            raise e.cause from None
+        raise TaggerError(f"the Ray run failed: {_one_line(e.cause)}") from None
+    except ray.exceptions.RayError as e:
+        raise TaggerError(f"the Ray run failed: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1].strip()[:300]}" if lines else type(e).__name__
+
+
+def _actor_shape(ray: ModuleType, device: str, options: RayOptions) -> tuple[int, float]:
+    """(actors, GPUs per actor), checked against the cluster so that Ray never waits for GPUs that do not exist."""
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    per = options.num_gpus_per_actor
+    if per is None:
+        per = 1.0 if device != "cpu" and gpus >= 1 else 0.0
+    if per > 0 and device == "cpu":
+        raise TaggerError("--num-gpus-per-actor needs --device auto or cuda")
+    actors = options.actors or (max(1, math.floor(gpus / per + 1e-9)) if per > 0 else 1)
+    if actors * per > gpus + 1e-9:
+        raise TaggerError(f"{actors} actors x {per:g} GPUs need more GPUs than the Ray cluster's {gpus:g}")
+    return actors, per
+
+
+def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
+    """Tag config.catalog like pipeline.run.run, on Ray Data; config.out is a .parquet file or a folder of parts.
+
+    Discovery runs here on the driver; decode runs as Ray tasks (one CPU each), inference in a pool of actors each
+    holding one ONNX Runtime session; rows come back here and are written in discovery order. Paths (catalog,
+    --files-from entries, --model) must be readable at the same absolute path on every node.
+    """
+    ray = import_ray()
+    options = options or RayOptions()
+    t_start = time.perf_counter()
+    started = _now()
+    _check_out(config.out)
+    config = dataclasses.replace(config, catalog=Path(os.path.abspath(config.catalog)))
+    # The whole listing goes into the driver's memory (~200 bytes a file); see the README for larger catalogs.
+    refs = list(_refs(config))
+    if not refs:
+        what = "listed in " + str(config.files_from) if config.files_from else "with extension " + ",".join(
+            sorted(config.extensions)
+        )
+        raise TaggerError(f"no image files {what} in {config.catalog}")
+    model = os.path.abspath(config.model) if config.model is not None else None
+    with _connected(ray, options), _unwrapped_errors(ray), _data_context(ray, config.progress):
+        actors, gpus = _actor_shape(ray, config.device, options)
+        probe = ray.remote(num_cpus=1, num_gpus=gpus)(probe_model)
+        facts: ModelFacts = ray.get(probe.remote(model, config.device, config.threads, started))
+        log.info(
+            "tagging %d files of %s on Ray: %d actors x %g GPUs on %s, batch %d",
+            len(refs), config.catalog, actors, gpus, facts.provider, config.batch_size,
+        )  # fmt: skip
+        ds = _dataset(ray, refs, config, facts.spec, model, actors, gpus)
+        schema = w.output_schema(facts.tasks, config.top_k)
+        sink: _FileSink | _PartsSink = (
+            _PartsSink(config.out, schema, facts.metadata, ROWS_PER_PART)
+            if writes_folder(config.out)
+            else _FileSink(config.out, schema, facts.metadata)
+        )
+        files = ok = 0
+        try:
+            blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+            for table in in_discovery_order(blocks):
+                table = table.cast(schema)
+                sink.write(table)
+                files += table.num_rows
+                ok += _count(table)
+            if files != len(refs):
+                raise TaggerError(f"the Ray run returned {files} rows for {len(refs)} files")
+            sink.commit(files, ok)
+        except BaseException:
+            sink.abort()
+            raise
+    summary = RunSummary(config.out, files, ok, files - ok, time.perf_counter() - t_start, facts.provider)
+    log.info("done: %s", summary.line())
+    return summary
+
+
+def _dataset(
+    ray: ModuleType,
+    refs: list[ImageRef],
+    config: RunConfig,
+    spec: PreprocessSpec,
+    model: str | None,
+    actors: int,
+    gpus: float,
+) -> Any:
+    """refs -> Ray dataset of output rows (the local engine's rows plus INDEX), lazily executed, streaming."""
+    chunk = max(1, min(config.batch_size, DECODE_CHUNK))
+    items = [
+        {"path": r.path, "abspath": r.abspath, "size": r.size, "mtime": r.mtime, INDEX: i} for i, r in enumerate(refs)
+    ]
+    ds = ray.data.from_items(items, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(items) / chunk)))
+    ds = ds.map_batches(
+        decode_rows,
+        batch_size=chunk,
+        batch_format="numpy",
+        fn_kwargs={"spec": spec, "max_pixels": config.max_pixels},
+        num_cpus=1,
+    )
+    return ds.map_batches(
+        TagActor,
+        batch_size=config.batch_size,
+        batch_format="numpy",
+        fn_constructor_kwargs={"model": model, "device": config.device, "threads": config.threads, "top_k": config.top_k},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        num_gpus=gpus,
+    )
+
+
+@contextlib.contextmanager
+def _data_context(ray: ModuleType, progress: bool | None) -> Iterator[None]:
+    """Ray Data's own progress bars unless progress is False (None leaves Ray's default); restored after."""
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    if progress is not None:
+        ctx.enable_progress_bars = progress
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = saved
+
+
+__all__ = [
+    "INSTALL_HINT",
+    "ModelFacts",
+    "RayOptions",
+    "TagActor",
+    "batch_of_rows",
+    "decode_rows",
+    "import_ray",
+    "in_discovery_order",
+    "probe_model",
+    "run_ray",
+    "writes_folder",
+]
