@@ -49,6 +49,7 @@ class RayOptions:
     actors: int | None = None  # inference actors; None: GPUs of the cluster / num_gpus_per_actor, or 1 without GPUs
     num_gpus_per_actor: float | None = None  # None: 1 when --device is not cpu and the cluster has a GPU, else 0
     num_cpus: int | None = None  # CPUs of a local instance; None: one decode slot per core plus one per actor
+    rows_per_part: int = ROWS_PER_PART  # when out is a folder
 
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
@@ -57,6 +58,8 @@ class RayOptions:
             raise TaggerError(f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
         if self.num_cpus is not None and self.num_cpus < 2:
             raise TaggerError(f"a local Ray instance needs at least 2 CPUs, got {self.num_cpus}")
+        if self.rows_per_part < 1:
+            raise TaggerError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
 
 
 def import_ray() -> ModuleType:
@@ -358,10 +361,10 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
             "tagging %d files of %s on Ray: %d actors x %g GPUs on %s, batch %d",
             len(refs), config.catalog, actors, gpus, facts.provider, config.batch_size,
         )  # fmt: skip
-        ds = _dataset(ray, refs, config, facts.spec, model, actors, gpus)
+        ds = tag_dataset(refs, config, facts.spec, model, actors, gpus)
         schema = w.output_schema(facts.tasks, config.top_k)
         sink: _FileSink | _PartsSink = (
-            _PartsSink(config.out, schema, facts.metadata, ROWS_PER_PART)
+            _PartsSink(config.out, schema, facts.metadata, options.rows_per_part)
             if writes_folder(config.out)
             else _FileSink(config.out, schema, facts.metadata)
         )
@@ -384,8 +387,7 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     return summary
 
 
-def _dataset(
-    ray: ModuleType,
+def tag_dataset(
     refs: list[ImageRef],
     config: RunConfig,
     spec: PreprocessSpec,
@@ -393,7 +395,11 @@ def _dataset(
     actors: int,
     gpus: float,
 ) -> Any:
-    """refs -> Ray dataset of output rows (the local engine's rows plus INDEX), lazily executed, streaming."""
+    """refs -> Ray dataset of output rows (the local engine's rows plus INDEX, in no particular order), lazy.
+
+    Needs a connected Ray. model: an absolute path, or None for the default model of the workers' install.
+    """
+    ray = import_ray()
     chunk = max(1, min(config.batch_size, DECODE_CHUNK))
     items = [
         {"path": r.path, "abspath": r.abspath, "size": r.size, "mtime": r.mtime, INDEX: i} for i, r in enumerate(refs)
@@ -441,5 +447,6 @@ __all__ = [
     "in_discovery_order",
     "probe_model",
     "run_ray",
+    "tag_dataset",
     "writes_folder",
 ]

@@ -1,0 +1,34 @@
+"""The shipped default model is found without --model and is packaged into the wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tagger.pipeline.session import DEFAULT_MODEL_NAME, default_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_model_is_found_in_a_source_checkout() -> None:
+    if not (ROOT / "export" / DEFAULT_MODEL_NAME).is_file():
+        pytest.skip("no default model in export/")
+    assert default_model_path().read_bytes()[:64] == (ROOT / "export" / DEFAULT_MODEL_NAME).read_bytes()[:64]
+
+
+@pytest.mark.slow
+def test_built_wheel_carries_the_default_model(tmp_path: Path) -> None:
+    if not (ROOT / "export" / DEFAULT_MODEL_NAME).is_file():
+        pytest.skip("no default model in export/")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("tagger-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert f"tagger/_default_model/{DEFAULT_MODEL_NAME}" in names
+    assert "tagger/py.typed" in names
