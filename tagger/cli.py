@@ -64,7 +64,7 @@ def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] =
 @click.option("--epochs", default=15, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--image-size", default=128, show_default=True, type=click.IntRange(16), help="Square input side in pixels.")
+@click.option("--image-size", default=160, show_default=True, type=click.IntRange(16), help="Square input side in pixels.")
 @click.option("--backbone", default="tf_efficientnet_lite0", show_default=True, help="Any timm model name.")
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a state_dict file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -76,7 +76,7 @@ def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] =
 @click.option("--task-weight", "task_weights", multiple=True, metavar="NAME=F", help="Loss weight of a task (default 1.0); repeatable.")
 @click.option("--min-count", default=8, show_default=True, type=click.IntRange(1), help="Drop primary labels with fewer images.")
 @click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
-@click.option("--class-weight-power", default=0.5, show_default=True, type=click.FloatRange(0, 1), help="Class weight = frequency^-power; 0 = unweighted.")
+@click.option("--class-weight-power", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Class weight = frequency^-power; 0 = unweighted.")
 @click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--ema-decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Weight EMA; 0 disables.")
 @_friendly
@@ -106,6 +106,10 @@ def train(**kw: Any) -> None:
 @click.option("--ext", default=None, metavar="LIST", help="Extensions to tag, comma-separated [default: jpg,jpeg,png,webp,bmp,gif,tif,tiff].")
 @click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images with more pixels (error row) [default: 150000000].")
 @click.option("--files-from", type=click.Path(path_type=Path), default=None, help="Tag the paths listed in this file (relative to CATALOG or absolute) instead of walking CATALOG.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="ray: run on Ray Data (needs the ray extra); --out may then also name a folder of part files.")
+@click.option("--ray-address", default=None, metavar="ADDR", help="--engine ray: join this cluster ('auto', 'ray://head:10001') [default: start a local Ray instance].")
+@click.option("--num-gpus-per-actor", type=click.FloatRange(0), default=None, help="--engine ray: GPUs per inference actor, fractions share a GPU [default: 1 with a GPU and --device auto/cuda, else 0].")
+@click.option("--actors", type=click.IntRange(1), default=None, help="--engine ray: inference actors [default: cluster GPUs / --num-gpus-per-actor, or 1].")
 @_friendly
 def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | None, **kw: Any) -> None:
     """Tag every photo under CATALOG into a Parquet file: one row per file, errors included."""
@@ -118,7 +122,17 @@ def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | Non
         kw["extensions"] = parse_extensions(ext)
     if max_pixels is not None:
         kw["max_pixels"] = max_pixels
-    summary = run(RunConfig(catalog=catalog, out=out, **kw))
+    engine = kw.pop("engine")
+    ray_kw = {"address": kw.pop("ray_address"), "actors": kw.pop("actors"), "num_gpus_per_actor": kw.pop("num_gpus_per_actor")}
+    config = RunConfig(catalog=catalog, out=out, **kw)
+    if engine == "ray":
+        from tagger.engines.ray import RayOptions, run_ray
+
+        summary = run_ray(config, RayOptions(**ray_kw))
+    else:
+        if any(v is not None for v in ray_kw.values()):
+            raise click.UsageError("--ray-address, --actors and --num-gpus-per-actor need --engine ray")
+        summary = run(config)
     click.echo(summary.line())
 
 

@@ -119,11 +119,12 @@ def test_hash_split_never_leaks_a_duplicate(tmp_path: Path) -> None:
 def test_class_weights_temper_inverse_frequency(catalog: Path) -> None:
     data = load_labelled_set(catalog, {"class": "articleType"}, val_fraction=0.2)
     examples = list(data.train) + [e for e in data.train if e.labels[0] == 0] * 9  # class 0 ten times as frequent
-    w = class_weights(examples, data.tasks)["class"]
     n = np.bincount([e.labels[0] for e in examples])
-    assert w[0] < w[1]
-    assert w[1] / w[0] == pytest.approx(np.sqrt(n[0] / n[1]), rel=1e-5)  # sqrt, not the full 10x
-    assert float((w[[e.labels[0] for e in examples]]).mean()) == pytest.approx(1.0, rel=1e-5)
+    for power in (0.3, 0.5):
+        w = class_weights(examples, data.tasks, power)["class"]
+        assert w[0] < w[1]
+        assert w[1] / w[0] == pytest.approx((n[0] / n[1]) ** power, rel=1e-5)  # tempered, not the full 10x
+        assert float((w[[e.labels[0] for e in examples]]).mean()) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_training_learns_and_writes_the_run_directory(trained: tuple[Path, TrainConfig]) -> None:

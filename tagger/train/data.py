@@ -139,11 +139,12 @@ def load_labelled_set(
     return LabelledSet(tasks, train, val)
 
 
-def class_weights(examples: Sequence[Example], tasks: Sequence[TaskSpec], power: float = 0.5) -> dict[str, np.ndarray]:
+def class_weights(examples: Sequence[Example], tasks: Sequence[TaskSpec], power: float = 0.3) -> dict[str, np.ndarray]:
     """Per-task class weights w_c ∝ n_c^-power, scaled so the average weight per training sample is 1.
 
-    power=0.5 (inverse square root) tempers plain inverse frequency, which would weight a class of 8 images several
-    hundred times more than Tshirts and make the loss chase a handful of samples. Unseen classes get the largest weight.
+    Plain inverse frequency (power=1) would weight a class of 8 images ~700x more than Tshirts and make the loss chase a
+    handful of samples; power 0.3 to 0.5 tempers that. On the validation split, 0.3 beat 0.5 on top-1 for both tasks at
+    the same macro-F1. Unseen classes get the largest weight.
     """
     out = {}
     for i, task in enumerate(tasks):

@@ -43,7 +43,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    image_size: int = 128
+    image_size: int = 160
     backbone: str = "tf_efficientnet_lite0"
     weights: str = "imagenet"
     device: str = "auto"
@@ -57,7 +57,7 @@ class TrainConfig:
     val_fraction: float = 0.15
     label_smoothing: float = 0.1
     ema_decay: float = 0.999  # 0 disables the weight EMA
-    class_weight_power: float = 0.5
+    class_weight_power: float = 0.3
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

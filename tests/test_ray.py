@@ -1,0 +1,230 @@
+"""`tagger run --engine ray`: Ray Data gives the local engine's rows, in order, errors included; a dead actor loses none."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from conftest import quadrant_image
+
+from tagger.cli import main
+from tagger.errors import TaggerError
+from tagger.pipeline.run import RunConfig, run
+
+pytestmark = pytest.mark.ray
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_META = ("tagger.run.started", "tagger.run.finished")  # times differ between two runs; everything else must not
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    """One small local Ray instance for the module; the engine uses an already connected Ray as it is."""
+    ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'tagger[ray]'")
+    pytest.importorskip("ray.data", reason="needs Ray Data: pip install 'tagger[ray]'")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+def _run_ray(config: RunConfig, **options: Any) -> Any:
+    from tagger.ray import RayOptions, run_ray
+
+    return run_ray(config, RayOptions(**options))
+
+
+def _meta(path: Path) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in pq.read_schema(path).metadata.items() if k.decode() not in RUN_META}
+
+
+def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    """Row for row after sorting by path: the same labels and fields, scores within 1e-6."""
+    got, want = sorted(got, key=lambda r: r["path"]), sorted(want, key=lambda r: r["path"])
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    for g, e in zip(got, want):
+        for key, value in e.items():
+            if key.endswith("_score") and value is not None:
+                assert g[key] == pytest.approx(value, abs=1e-6), (e["path"], key)
+            elif key.endswith("_topk") and value is not None:
+                assert [t["label"] for t in g[key]] == [t["label"] for t in value], e["path"]
+                assert [t["score"] for t in g[key]] == pytest.approx([t["score"] for t in value], abs=1e-6)
+            else:
+                assert g[key] == value, (e["path"], key)
+
+
+@pytest.mark.parametrize("model_fixture", ["contract_onnx", "tiny_onnx"])
+def test_ray_engine_writes_the_local_engines_rows_in_discovery_order(
+    model_fixture: str, ray_local: Any, catalog: tuple[Path, dict[str, str]], tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    root, expected = catalog
+    model = request.getfixturevalue(model_fixture)
+    local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    run(RunConfig(root, local, model=model, device="cpu", batch_size=4, workers=0, top_k=2))
+    summary = _run_ray(RunConfig(root, remote, model=model, device="cpu", batch_size=4, top_k=2, progress=False))
+    want, got = pq.read_table(local), pq.read_table(remote)
+    assert got.schema.equals(want.schema)  # types and nullability; the metadata is compared below
+    assert _meta(remote) == _meta(local)
+    rows = got.to_pylist()
+    assert [r["path"] for r in rows] == sorted(expected)  # discovery order, as the local engine writes it
+    assert {r["path"]: r["status"] for r in rows} == expected  # every bad-file kind is an error row
+    _assert_same_rows(rows, want.to_pylist())
+    n_err = sum(s == "error" for s in expected.values())
+    assert (summary.files, summary.ok, summary.errors) == (len(expected), len(expected) - n_err, n_err)
+    assert summary.provider == "CPUExecutionProvider"
+
+
+def test_folder_output_is_parts_in_order_each_a_complete_output_file(
+    ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
+) -> None:
+    root, expected = catalog
+    single, folder = tmp_path / "single.parquet", tmp_path / "parts"
+    _run_ray(RunConfig(root, single, model=contract_onnx, device="cpu", batch_size=3, progress=False))
+    _run_ray(RunConfig(root, folder, model=contract_onnx, device="cpu", batch_size=3, progress=False), rows_per_part=5)
+    parts = sorted(folder.iterdir())
+    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(4)]  # 16 rows, 5 a part
+    tables = [pq.read_table(p) for p in parts]
+    assert pa.concat_tables(tables).to_pylist() == pq.read_table(single).to_pylist()
+    for part, table in zip(parts, tables):
+        meta = pq.read_schema(part).metadata
+        ok = sum(s == "ok" for s in table.column("status").to_pylist())
+        assert (meta[b"tagger.run.files"], meta[b"tagger.run.ok"]) == (str(table.num_rows).encode(), str(ok).encode())
+        assert _meta(part) == {**_meta(single), "tagger.run.files": str(table.num_rows), "tagger.run.ok": str(ok),
+                               "tagger.run.errors": str(table.num_rows - ok)}  # fmt: skip
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    with pytest.raises(TaggerError, match="not empty"):
+        _run_ray(RunConfig(root, folder, model=contract_onnx, device="cpu", progress=False))
+    assert len(expected) == 16
+
+
+def test_files_from_reports_missing_files_as_error_rows(
+    ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
+) -> None:
+    root, _ = catalog
+    listing = tmp_path / "list.txt"
+    listing.write_text("good/photo.png\ngone.jpg\ngood/photo.jpg\n", encoding="utf-8")
+    out = tmp_path / "listed.parquet"
+    summary = _run_ray(RunConfig(root, out, model=contract_onnx, device="cpu", files_from=listing, progress=False))
+    rows = pq.read_table(out).to_pylist()
+    assert [(r["path"], r["status"]) for r in rows] == [
+        ("good/photo.png", "ok"),
+        ("gone.jpg", "error"),
+        ("good/photo.jpg", "ok"),
+    ]
+    assert rows[1]["error"].startswith("FileNotFoundError") and rows[1]["bytes"] is None
+    assert summary.errors == 1
+
+
+@pytest.mark.parametrize(("case", "message"), [("ok", None), ("bad-model", "cannot load model"), ("cuda", "--device cuda")])
+def test_cli_engine_ray(
+    case: str, message: str | None, ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    from conftest import cuda_really_works
+
+    root, expected = catalog
+    model, out, extra = contract_onnx, tmp_path / "cli.parquet", ["--device", "cpu"]
+    if case == "bad-model":
+        model = tmp_path / "bad.onnx"
+        model.write_bytes(b"\x00not an onnx model\xff" * 8)
+    elif case == "cuda":
+        if cuda_really_works(contract_onnx):
+            pytest.skip("CUDA works on this machine")
+        extra = ["--device", "cuda", "--num-gpus-per-actor", "0"]
+    result = CliRunner().invoke(main, ["run", str(root), "--out", str(out), "--model", str(model), "--engine", "ray", *extra])
+    if message is None:
+        assert result.exit_code == 0, result.output
+        assert f"{len(expected)} files" in result.output
+        assert pq.read_table(out).num_rows == len(expected)
+    else:
+        # A TaggerError raised inside a Ray worker reaches the CLI as itself: one line, no traceback.
+        assert result.exit_code == TaggerError.exit_code
+        lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and message in lines[0], result.output
+        assert "Traceback" not in result.output
+        assert not out.exists()
+
+
+def test_cli_ray_options_need_engine_ray(catalog: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", str(catalog[0]), "--out", str(tmp_path / "x.parquet"), "--actors", "2"])
+    assert result.exit_code == 2 and "need --engine ray" in result.output
+
+
+def test_without_ray_the_cli_says_how_to_install_it(catalog: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    out = tmp_path / "noray.parquet"
+    code = (
+        "import sys\n"
+        "sys.modules['ray'] = None  # what an install without the extra looks like to `import ray`\n"
+        "import tagger.ray\n"  # importable without Ray: Ray is imported only when a run starts
+        "from tagger.cli import main\n"
+        f"main(['run', {str(catalog[0])!r}, '--out', {str(out)!r}, '--engine', 'ray'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == TaggerError.exit_code, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == ["error: --engine ray needs Ray, which is not installed: pip install 'tagger[ray]'"]
+    assert not out.exists()
+
+
+def _actor_pids() -> list[int]:
+    """Processes of this machine running the inference actor (Ray titles them ray::MapWorker(MapBatches(TagActor)))."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::MapWorker(MapBatches(TagActor))"):
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the actor's process through /proc")
+def test_a_killed_inference_actor_is_restarted_and_loses_no_rows(
+    ray_local: Any, contract_onnx: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from tagger.engines.ray import in_discovery_order, tag_dataset
+    from tagger.pipeline.discover import discover
+    from tagger.pipeline.session import open_session
+
+    root = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(0)
+    for i in range(240):
+        quadrant_image(32, 32, [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(4)]).save(root / f"{i:03d}.png")
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    refs = list(discover(root))
+    config = RunConfig(root, tmp_path_factory.mktemp("out") / "unused.parquet", model=contract_onnx, device="cpu", batch_size=8)
+    local = tmp_path_factory.mktemp("local") / "local.parquet"
+    run(RunConfig(root, local, model=contract_onnx, device="cpu", batch_size=8, workers=0))
+    spec = open_session(contract_onnx, "cpu", threads=1).spec
+
+    ds = tag_dataset(refs, config, spec, str(contract_onnx), actors=1, gpus=0.0)
+    blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    first = next(iter(blocks))  # the actor is up and working: kill it mid-run
+    (pid,) = _actor_pids()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    rest = []
+    done = threading.Event()
+
+    def drain() -> None:
+        rest.extend(blocks)
+        done.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    assert done.wait(timeout=deadline - time.monotonic()), "the run did not finish after the actor was killed"
+    assert _actor_pids() and _actor_pids() != [pid]  # a restarted actor finished the work
+    table = pa.concat_tables(list(in_discovery_order([first, *rest])))
+    _assert_same_rows(table.to_pylist(), pq.read_table(local).to_pylist())
+    assert table.num_rows == 241 and table.column("path").to_pylist() == [r.path for r in refs]
