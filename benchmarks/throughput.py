@@ -428,6 +428,7 @@ def machine_facts() -> dict[str, Any]:
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,
         "tagger": tagger.__version__,
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,  # other jobs skew timings
     }
 
 
@@ -452,9 +453,11 @@ def render_table(report: dict[str, Any]) -> str:
         f"{report['model']['backbone']} {report['model']['input_size']}px on {report['provider']}, "
         f"batch {cfg['batch_size']}, {cfg['workers']} workers, {cfg['threads']} threads, "
         f"{report['machine']['cpu_count']} CPUs ({report['machine']['cpu_model']})",
-        "",
-        f"{'path':<16} {'images':>7} {'seconds':>8} {'img/s':>8}",
     ]
+    load = (report["machine"].get("loadavg_before"), report["machine"].get("loadavg"))
+    if load[0] and load[1]:
+        lines.append(f"load average (1 min) {load[0][0]:.1f} before, {load[1][0]:.1f} after: other jobs skew timings")
+    lines += ["", f"{'path':<16} {'images':>7} {'seconds':>8} {'img/s':>8}"]
     for name in ("tagger", "baseline", "decode", "inference", "gpu-decode"):
         m = res.get(name)
         if m is not None:
@@ -500,6 +503,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
     """
     from tagger.pipeline.session import open_session
 
+    load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     info = read_model_metadata(cfg.model)
     spec = info.preprocess
     sources = source_images(cfg.images, cfg.limit)
@@ -581,7 +585,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "machine": machine_facts(),
+        "machine": {**machine_facts(), "loadavg_before": load_before},
         "provider": provider,
         "model": {
             "path": str(cfg.model),

@@ -106,6 +106,13 @@ def train(**kw: Any) -> None:
 @click.option("--ext", default=None, metavar="LIST", help="Extensions to tag, comma-separated [default: jpg,jpeg,png,webp,bmp,gif,tif,tiff].")
 @click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images with more pixels (error row) [default: 150000000].")
 @click.option("--files-from", type=click.Path(path_type=Path), default=None, help="Tag the paths listed in this file (relative to CATALOG or absolute) instead of walking CATALOG.")
+@click.option("--incremental", is_flag=True, help="Reuse the rows of --out for unchanged files (same path, size and mtime, same model); tag new and changed ones; drop deleted ones.")
+@click.option("--retry-errors", is_flag=True, help="--incremental: also tag files with an error row again, even when unchanged.")
+@click.option("--keep-stale-model", is_flag=True, help="--incremental: reuse rows written by another model instead of tagging everything again.")
+@click.option("--resume", is_flag=True, help="Reuse the rows an interrupted run committed to OUT.work/ (--incremental does too).")
+@click.option("--commit-every", default=10_000, show_default=True, type=click.IntRange(0), metavar="N", help="Commit tagged rows to OUT.work/ every N images (0: not by count).")
+@click.option("--commit-seconds", default=60.0, show_default=True, type=click.FloatRange(0), metavar="T", help="... or every T seconds (0: not by time).")
+@click.option("--shard", default=None, metavar="I/N", help="Tag only shard I of N (by a stable hash of each path); `tagger merge` joins the N outputs.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="ray: run on Ray Data (needs the ray extra); --out may then also name a folder of part files.")
 @click.option("--ray-address", default=None, metavar="ADDR", help="--engine ray: join this cluster ('auto', 'ray://head:10001') [default: start a local Ray instance].")
 @click.option("--num-gpus-per-actor", type=click.FloatRange(0), default=None, help="--engine ray: GPUs per inference actor, fractions share a GPU [default: 1 with a GPU and --device auto/cuda, else 0].")
@@ -122,6 +129,10 @@ def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | Non
         kw["extensions"] = parse_extensions(ext)
     if max_pixels is not None:
         kw["max_pixels"] = max_pixels
+    if kw["shard"] is not None:
+        from tagger.pipeline.shard import Shard
+
+        kw["shard"] = Shard.parse(kw["shard"])
     engine = kw.pop("engine")
     ray_kw = {"address": kw.pop("ray_address"), "actors": kw.pop("actors"), "num_gpus_per_actor": kw.pop("num_gpus_per_actor")}
     config = RunConfig(catalog=catalog, out=out, **kw)
@@ -134,6 +145,17 @@ def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | Non
             raise click.UsageError("--ray-address, --actors and --num-gpus-per-actor need --engine ray")
         summary = run(config)
     click.echo(summary.line())
+
+
+@main.command("merge")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@_friendly
+def merge_command(out: Path, shards: tuple[Path, ...]) -> None:
+    """Merge the outputs of `tagger run --shard I/N` (all N) into OUT, as one unsharded run would have written it."""
+    from tagger.pipeline.shard import merge_shards
+
+    click.echo(merge_shards(out, shards).line())
 
 
 @main.command("eval")

@@ -26,7 +26,7 @@ from tagger.pipeline import write as w
 from tagger.pipeline.batch import Batch
 from tagger.pipeline.decode import DecodeResult, Failure, Sample, decode_many
 from tagger.pipeline.discover import ImageRef
-from tagger.pipeline.run import RunConfig, RunSummary, _refs, tag_batches
+from tagger.pipeline.run import RunConfig, RunSummary, _identity, _refs, tag_batches
 from tagger.pipeline.session import open_session
 
 if TYPE_CHECKING:
@@ -39,6 +39,10 @@ INDEX = "index"  # discovery position, carried through Ray so rows can be writte
 DECODE_CHUNK = 32  # files per decode call: the local engine's chunk size
 MAX_BLOCKS = 10_000  # input blocks of the ref listing; more only adds scheduling overhead
 ROWS_PER_PART = 1_000_000  # rows per part file when --out is a folder
+# Memory a decode task may need: a 24 MP camera JPEG decoded (at a reduced DCT scale) plus its batch, with margin.
+# Asking for it also keeps Ray from fusing decode into the inference actors (it fuses stages whose resource
+# requests are equal), which would decode in the actors only, one batch at a time, behind inference.
+DECODE_TASK_MEMORY = 256 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -137,20 +141,14 @@ class ModelFacts:
     tasks: tuple[TaskSpec, ...]
     spec: PreprocessSpec
     provider: str
-    metadata: Mapping[str, str]  # the output file's key-value metadata, as the local engine writes it
+    sha256: str
+    metadata: Mapping[str, str]  # the model's tagger.* keys, copied into the output
 
 
-def probe_model(model: str | None, device: str, threads: int | None, started: str) -> ModelFacts:
+def probe_model(model: str | None, device: str, threads: int | None) -> ModelFacts:
     """Open the model once where an actor would run: fails fast (bad model, no CUDA) with the local engine's message."""
     session = open_session(model, device, threads)
-    metadata = {
-        **session.metadata,
-        w.META_MODEL_SHA256: session.info.sha256,
-        w.META_TOOL_VERSION: __version__,
-        w.META_PROVIDER: session.provider,
-        w.META_STARTED: started,
-    }
-    return ModelFacts(session.tasks, session.spec, session.provider, metadata)
+    return ModelFacts(session.tasks, session.spec, session.provider, session.info.sha256, dict(session.metadata))
 
 
 # ---- the driver ----
@@ -261,7 +259,16 @@ class _PartsSink:
 
 
 def _final_metadata(files: int, ok: int) -> dict[str, str]:
-    return {w.META_FINISHED: _now(), w.META_FILES: str(files), w.META_OK: str(ok), w.META_ERRORS: str(files - ok)}
+    """The local engine's closing keys; every row is tagged afresh here (no incremental reuse, no resume)."""
+    return {
+        w.META_FINISHED: _now(),
+        w.META_FILES: str(files),
+        w.META_OK: str(ok),
+        w.META_ERRORS: str(files - ok),
+        w.META_TAGGED: str(files),
+        w.META_REUSED: "0",
+        w.META_RESUMED: "0",
+    }
 
 
 def writes_folder(out: Path) -> bool:
@@ -341,6 +348,8 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     """
     ray = import_ray()
     options = options or RayOptions()
+    if config.incremental or config.resume:
+        raise TaggerError("--incremental and --resume work with --engine local only")
     t_start = time.perf_counter()
     started = _now()
     _check_out(config.out)
@@ -352,21 +361,31 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
             sorted(config.extensions)
         )
         raise TaggerError(f"no image files {what} in {config.catalog}")
+    if config.shard is not None:
+        refs = [r for r in refs if config.shard.holds(r.path)]
     model = os.path.abspath(config.model) if config.model is not None else None
     with _connected(ray, options), _unwrapped_errors(ray), _data_context(ray, config.progress):
         actors, gpus = _actor_shape(ray, config.device, options)
         probe = ray.remote(num_cpus=1, num_gpus=gpus)(probe_model)
-        facts: ModelFacts = ray.get(probe.remote(model, config.device, config.threads, started))
+        facts: ModelFacts = ray.get(probe.remote(model, config.device, config.threads))
+        metadata = {
+            **facts.metadata,
+            **_identity(config, facts.sha256).metadata(),
+            w.META_TOOL_VERSION: __version__,
+            w.META_PROVIDER: facts.provider,
+            w.META_STARTED: started,
+        }
         log.info(
-            "tagging %d files of %s on Ray: %d actors x %g GPUs on %s, batch %d",
-            len(refs), config.catalog, actors, gpus, facts.provider, config.batch_size,
+            "tagging %d files of %s%s on Ray: %d actors x %g GPUs on %s, batch %d",
+            len(refs), config.catalog, f" (shard {config.shard})" if config.shard else "", actors, gpus,
+            facts.provider, config.batch_size,
         )  # fmt: skip
         ds = tag_dataset(refs, config, facts.spec, model, actors, gpus)
         schema = w.output_schema(facts.tasks, config.top_k)
         sink: _FileSink | _PartsSink = (
-            _PartsSink(config.out, schema, facts.metadata, options.rows_per_part)
+            _PartsSink(config.out, schema, metadata, options.rows_per_part)
             if writes_folder(config.out)
-            else _FileSink(config.out, schema, facts.metadata)
+            else _FileSink(config.out, schema, metadata)
         )
         files = ok = 0
         try:
@@ -411,6 +430,7 @@ def tag_dataset(
         batch_format="numpy",
         fn_kwargs={"spec": spec, "max_pixels": config.max_pixels},
         num_cpus=1,
+        memory=DECODE_TASK_MEMORY,
     )
     return ds.map_batches(
         TagActor,
@@ -420,6 +440,7 @@ def tag_dataset(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
         num_gpus=gpus,
+        max_restarts=0,
     )
 
 

@@ -1,9 +1,14 @@
-"""`tagger run`: wire discover -> decode -> batch -> session -> postprocess -> write, and time each stage."""
+"""`tagger run`: wire discover -> decode -> batch -> session -> postprocess -> write, and time each stage.
+
+Incremental runs, resume and shards decide which files reach decode and where each written row comes from
+(tagger.pipeline.incremental, .resume, .shard); the stages themselves do not know about them.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import sys
 import time
@@ -22,8 +27,12 @@ from tagger.pipeline import write as w
 from tagger.pipeline.batch import Batch, prefetch, rebatch
 from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, decode_stream, default_workers
 from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, discover, refs_from_list
+from tagger.pipeline.incremental import Assembler, Changes, load_previous
+from tagger.pipeline.output import RunIdentity
 from tagger.pipeline.postprocess import postprocess
+from tagger.pipeline.resume import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS, WorkDir
 from tagger.pipeline.session import Session, default_threads, open_session
+from tagger.pipeline.shard import Shard
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +57,13 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     files_from: Path | None = None  # a list of paths to tag instead of walking the catalog
     progress: bool | None = None  # None: a progress bar on a terminal, periodic log lines otherwise
+    incremental: bool = False  # reuse the rows of `out` for unchanged files (same path, size, mtime; same model)
+    retry_errors: bool = False  # incremental: tag files with an error row again even when unchanged
+    keep_stale_model: bool = False  # incremental: reuse rows that another model (with the same labels) wrote
+    resume: bool = False  # reuse rows an interrupted run committed to OUT.work/ (incremental implies it)
+    commit_every: int = DEFAULT_COMMIT_EVERY  # commit tagged rows to OUT.work/ every N images; 0: not by count
+    commit_seconds: float = DEFAULT_COMMIT_SECONDS  # ... or every T seconds; 0: not by time (both 0: never)
+    shard: Shard | None = None  # tag only the files of this shard
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -60,6 +76,13 @@ class RunConfig:
             raise TaggerError(f"--top-k must be >= 0, got {self.top_k}")
         if self.max_pixels < 1:
             raise TaggerError(f"--max-pixels must be at least 1, got {self.max_pixels}")
+        if (self.retry_errors or self.keep_stale_model) and not self.incremental:
+            flag = "--retry-errors" if self.retry_errors else "--keep-stale-model"
+            raise TaggerError(f"{flag} only applies with --incremental")
+        if self.commit_every < 0 or self.commit_seconds < 0:
+            raise TaggerError("--commit-every and --commit-seconds must be >= 0")
+        if self.shard is not None and self.files_from is not None:
+            raise TaggerError("--shard splits a catalog walk; with --files-from, split the list instead")
 
 
 @dataclass(frozen=True)
@@ -71,16 +94,27 @@ class RunSummary:
     elapsed_s: float
     provider: str
     stage_seconds: Mapping[str, float] = field(default_factory=dict)
+    tagged: int | None = None  # files decoded and inferred by this run; None: all of them
+    reused: int = 0  # rows copied from the previous output
+    resumed: int = 0  # rows taken from an interrupted run's committed parts
+    changes: Changes | None = None  # what an incremental run found
+
+    @property
+    def images_tagged(self) -> int:
+        return self.files if self.tagged is None else self.tagged
 
     @property
     def images_per_s(self) -> float:
-        return self.files / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Tagged images per second (reused rows cost next to nothing and are not counted)."""
+        return self.images_tagged / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
     def line(self) -> str:
-        return (
-            f"{self.files} files, {self.ok} ok, {self.errors} errors, {self.images_per_s:.1f} img/s, "
-            f"{self.elapsed_s:.1f} s on {self.provider} -> {self.out}"
-        )
+        text = f"{self.files} files, {self.ok} ok, {self.errors} errors"
+        if self.changes is not None:
+            text += f" ({self.changes.line()})"
+        if self.tagged is not None:
+            text += f"; tagged {self.tagged}, reused {self.reused}, resumed {self.resumed}"
+        return f"{text}, {self.images_per_s:.1f} img/s, {self.elapsed_s:.1f} s on {self.provider} -> {self.out}"
 
 
 @dataclass
@@ -147,8 +181,26 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _identity(config: RunConfig, model_sha256: str) -> RunIdentity:
+    listed = config.files_from is not None
+    return RunIdentity(
+        model_sha256=model_sha256,
+        catalog=str(config.catalog.resolve()),
+        top_k=config.top_k,
+        max_pixels=config.max_pixels,
+        extensions=None if listed else tuple(sorted(config.extensions)),
+        files_from=str(Path(config.files_from).resolve()) if config.files_from is not None else None,
+        shard=str(config.shard) if config.shard is not None else None,
+    )
+
+
 def run(config: RunConfig) -> RunSummary:
-    """Tag every image of config.catalog into config.out (Parquet); one row per file, errors included."""
+    """Tag every image of config.catalog into config.out (Parquet); one row per file, errors included.
+
+    The previous config.out is replaced only when the new output is complete; whatever fails (model, disk, a
+    crash), it stays as it was. Freshly tagged rows are also committed to OUT.work/ as the run goes, so that
+    config.resume (or config.incremental) after a crash tags only the rest.
+    """
     t_start = time.perf_counter()
     started = _now()
     refs = _refs(config)
@@ -162,46 +214,88 @@ def run(config: RunConfig) -> RunSummary:
     threads = config.threads if config.threads is not None else default_threads()
     session = open_session(config.model, config.device, threads)
     tasks, top_k = session.tasks, config.top_k
+    identity = _identity(config, session.info.sha256)
     metadata = {
         **session.metadata,
-        w.META_MODEL_SHA256: session.info.sha256,
+        **identity.metadata(),
         w.META_TOOL_VERSION: __version__,
         w.META_PROVIDER: session.provider,
         w.META_STARTED: started,
     }
     log.info(
-        "tagging %s with %s on %s: batch %d, %d decode workers, %d threads",
-        config.catalog, session.path.name, session.provider, config.batch_size, workers, threads,
+        "tagging %s%s with %s on %s: batch %d, %d decode workers, %d threads",
+        config.catalog, f" (shard {config.shard})" if config.shard else "", session.path.name, session.provider,
+        config.batch_size, workers, threads,
     )  # fmt: skip
     timer = StageTimer()
-    files = ok = 0
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
     with contextlib.ExitStack() as stack:
-        writer = stack.enter_context(w.ResultWriter(config.out, w.output_schema(tasks, top_k), metadata))
-        refs_all = itertools.chain([first], refs)
+        previous = load_previous(config.out, identity, tasks, config.keep_stale_model) if config.incremental else None
+        if previous is not None:
+            stack.callback(previous.close)
+        work = stack.enter_context(
+            WorkDir(
+                config.out,
+                {**identity.metadata(), w.META_TOOL_VERSION: __version__},
+                tasks,
+                top_k,
+                resume=config.resume or config.incremental,
+                commit_every=config.commit_every,
+                commit_seconds=config.commit_seconds,
+            )
+        )
+        writer = stack.enter_context(
+            w.ResultWriter(config.out, w.output_schema(tasks, top_k), metadata, tmp_dir=work.path)
+        )
+        parts = (work.rows, work.index) if work.rows is not None and work.index is not None else None
+        assembler = Assembler(writer, previous, parts, config.retry_errors, incremental=config.incremental)
+        refs_all: Iterator[ImageRef] = itertools.chain([first], refs)
+        if config.shard is not None:
+            refs_all = filter(lambda r: config.shard.holds(r.path), refs_all)  # type: ignore[union-attr]
         batches = stack.enter_context(
             contextlib.closing(
-                decoded_batches(refs_all, session.spec, config.batch_size, workers, config.max_pixels)
+                decoded_batches(assembler.plan(refs_all), session.spec, config.batch_size, workers, config.max_pixels)
             )
         )
         bar = stack.enter_context(tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr))
         last_log = time.perf_counter()
         for batch, table in tag_batches(batches, session, top_k, timer):
             t0 = time.perf_counter()
-            writer.write(table)
+            work.add(table)
+            assembler.write_tagged(table)
             timer.add("write", time.perf_counter() - t0)
-            files += len(batch)
-            ok += len(batch.images)
             bar.update(len(batch))
             if not show_bar and time.perf_counter() - last_log >= LOG_EVERY_S:
                 last_log = time.perf_counter()
-                log.info("%d files (%d errors), %.1f img/s", files, files - ok, files / (last_log - t_start))
-        writer.commit(
-            {w.META_FINISHED: _now(), w.META_FILES: str(files), w.META_OK: str(ok), w.META_ERRORS: str(files - ok)}
-        )
+                log.info(
+                    "%d files tagged, %d written (%d errors), %.1f img/s",
+                    assembler.tagged, assembler.files, assembler.errors, assembler.tagged / (last_log - t_start),
+                )  # fmt: skip
+        t0 = time.perf_counter()
+        assembler.finish()
+        if previous is not None:
+            previous.close()  # before its file is replaced
+        a, changes = assembler, assembler.changes
+        final = {
+            w.META_FINISHED: _now(),
+            w.META_FILES: str(a.files),
+            w.META_OK: str(a.files - a.errors),
+            w.META_ERRORS: str(a.errors),
+            w.META_TAGGED: str(a.tagged),
+            w.META_REUSED: str(a.reused),
+            w.META_RESUMED: str(a.resumed),
+        }
+        if changes is not None:
+            final[w.META_CHANGES] = json.dumps(changes.as_dict())
+        writer.commit(final)
+        work.finish()
+        timer.add("write", time.perf_counter() - t0)
+    if previous is not None and previous.stale_model:
+        log.warning("%d rows of %s come from another model (--keep-stale-model)", a.reused, config.out)
     summary = RunSummary(
-        config.out, files, ok, files - ok, time.perf_counter() - t_start, session.provider, dict(timer.seconds)
-    )
+        config.out, a.files, a.files - a.errors, a.errors, time.perf_counter() - t_start, session.provider,
+        dict(timer.seconds), tagged=a.tagged, reused=a.reused, resumed=a.resumed, changes=changes,
+    )  # fmt: skip
     log.info("done: %s", summary.line())
     log.info("stage seconds: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary.stage_seconds.items()))
     return summary

@@ -1,0 +1,239 @@
+"""Incremental runs: per file, reuse an earlier row or tag it again; write every row in discovery order."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tagger.contract import TaskSpec
+from tagger.errors import TaggerError
+from tagger.pipeline import write as w
+from tagger.pipeline.discover import ImageRef
+from tagger.pipeline.output import RowIndex, RowReader, RunIdentity, read_output_info
+
+log = logging.getLogger(__name__)
+
+READ_ROWS = w.ROW_GROUP_SIZE  # reused rows are copied in slices of at most this many, so memory stays bounded
+
+_TAG, _PREVIOUS, _PARTS = 0, 1, 2  # where a row comes from
+
+
+@dataclass
+class Changes:
+    """What an incremental run found, file by file: each file is exactly one of new, changed, unchanged, retried.
+
+    removed: rows of the previous output whose file is gone. failed: error rows among the files tagged this time.
+    """
+
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    retried: int = 0
+    failed: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+    def line(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in self.as_dict().items())
+
+
+@dataclass
+class Previous:
+    """The output an incremental run replaces, opened for reading."""
+
+    reader: RowReader
+    index: RowIndex
+    reuse: bool  # False: another model or other options wrote it; it only tells what changed
+    stale_model: bool  # rows of another model are reused (--keep-stale-model)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def load_previous(
+    out: Path, identity: RunIdentity, tasks: Sequence[TaskSpec], keep_stale_model: bool = False
+) -> Previous | None:
+    """Open the output of the previous run for reuse, or None when there is none.
+
+    An output that is not a tagger output of this format is refused (TaggerError) and left untouched. One written
+    by another model is only used to count changes (everything is tagged again), unless keep_stale_model.
+    """
+    if not out.exists():
+        log.info("no previous output %s: tagging everything", out)
+        return None
+    try:
+        info = read_output_info(out)
+    except TaggerError as e:
+        raise TaggerError(f"--incremental: {e}; left untouched (move it away, or run without --incremental)") from None
+    old = info.identity
+    reuse, stale = True, False
+    if (old.top_k, old.max_pixels) != (identity.top_k, identity.max_pixels):
+        log.warning(
+            "%s was written with top_k %d and max_pixels %d, this run uses %d and %d: tagging everything again",
+            out, old.top_k, old.max_pixels, identity.top_k, identity.max_pixels,
+        )  # fmt: skip
+        reuse = False
+    elif old.model_sha256 != identity.model_sha256:
+        if not keep_stale_model:
+            log.warning(
+                "%s was tagged by another model (sha256 %.12s, this one is %.12s): tagging everything again "
+                "(--keep-stale-model would keep its rows)", out, old.model_sha256, identity.model_sha256,
+            )  # fmt: skip
+            reuse = False
+        elif tuple(info.tasks) != tuple(tasks):
+            raise TaggerError(
+                f"--keep-stale-model: {out} has other tasks or labels than the model; its rows cannot be mixed with new ones"
+            )
+        else:
+            log.warning(
+                "%s was tagged by another model (sha256 %.12s, this one is %.12s); --keep-stale-model: keeping its "
+                "rows of unchanged files", out, old.model_sha256, identity.model_sha256,
+            )  # fmt: skip
+            stale = True
+    if reuse and old.catalog != identity.catalog:
+        log.info("%s was written from %s; reusing rows of files with the same relative path, size and mtime", out, old.catalog)
+    reader = RowReader([out], info.tasks, old.top_k)
+    try:
+        index = RowIndex(reader)
+    except BaseException:
+        reader.close()
+        raise
+    log.info("previous output %s: %d rows", out, index.num_rows)
+    return Previous(reader, index, reuse, stale)
+
+
+def _errors(table: pa.Table) -> int:
+    return table.num_rows - int(pc.sum(pc.equal(table.column("status"), w.STATUS_OK)).as_py() or 0)
+
+
+class Assembler:
+    """Writes one output from three sources, in discovery order: the previous output, the committed parts of an
+    interrupted run, and freshly tagged rows.
+
+    plan() runs in the decode thread: it decides per file, queues the decision, and yields the files to tag.
+    write_tagged() and finish() run in the main thread: they replay the queue, writing reused rows (in runs of
+    consecutive rows, read a row group at a time) between the tagged ones. Every decision is queued before its
+    file can reach inference, so the queue always holds what precedes a tagged batch.
+    """
+
+    def __init__(
+        self,
+        writer: w.ResultWriter,
+        previous: Previous | None = None,
+        parts: tuple[RowReader, RowIndex] | None = None,
+        retry_errors: bool = False,
+        incremental: bool = False,
+    ) -> None:
+        self._writer = writer
+        self._previous = previous
+        self._parts = parts
+        self._retry = retry_errors
+        self.changes = Changes() if incremental else None
+        self._matched = np.zeros(previous.index.num_rows if previous else 0, bool)  # [rows of the previous output]
+        self._queue: deque[tuple[int, int, int]] = deque()  # (source, first row, count); tags count 1 each
+        self._planned = threading.Event()
+        self.files = self.errors = self.tagged = self.reused = self.resumed = 0
+        self._resumed_errors = 0
+
+    def _decide(self, ref: ImageRef) -> tuple[int, int]:
+        prev, ch = self._previous, self.changes
+        if ch is not None:
+            row = prev.index.find(ref.path) if prev is not None else None
+            if prev is None or row is None:
+                ch.new += 1
+            else:
+                self._matched[row] = True
+                if not prev.index.same_file(row, ref):
+                    ch.changed += 1
+                elif self._retry and not prev.index.ok[row]:
+                    ch.retried += 1
+                else:
+                    ch.unchanged += 1
+                    if prev.reuse:
+                        return _PREVIOUS, row
+        if self._parts is not None:
+            index = self._parts[1]
+            row = index.find(ref.path)
+            if row is not None and index.same_file(row, ref):
+                self._resumed_errors += not index.ok[row]
+                return _PARTS, row
+        return _TAG, 0
+
+    def plan(self, refs: Iterable[ImageRef]) -> Iterator[ImageRef]:
+        """Yield the refs that need tagging; queue every decision, reuse runs merged into one entry."""
+        run_source, run_start, run_count = _TAG, 0, 0
+        for ref in refs:
+            source, row = self._decide(ref)
+            if source != _TAG and source == run_source and row == run_start + run_count:
+                run_count += 1
+                continue
+            if run_count:
+                self._queue.append((run_source, run_start, run_count))
+                run_count = 0
+            if source == _TAG:
+                self._queue.append((_TAG, 0, 1))
+                yield ref
+            else:
+                run_source, run_start, run_count = source, row, 1
+        if run_count:
+            self._queue.append((run_source, run_start, run_count))
+        self._planned.set()
+
+    def write_tagged(self, table: pa.Table) -> None:
+        """Write the rows of one tagged batch, after the reused rows that precede each of them."""
+        r, n = 0, table.num_rows
+        while r < n:
+            source, start, count = self._queue.popleft()
+            if source != _TAG:
+                self._copy(source, start, count)
+                continue
+            k = 1
+            while k < n - r and self._queue[0][0] == _TAG:
+                self._queue.popleft()
+                k += 1
+            self._write(table.slice(r, k))
+            r += k
+        self.tagged += n
+        if self.changes is not None:
+            self.changes.failed += _errors(table)
+
+    def finish(self) -> None:
+        """Write the reused rows after the last tagged one; count removed files."""
+        if not self._planned.is_set():
+            raise RuntimeError("finish() before every file was planned")
+        while self._queue:
+            source, start, count = self._queue.popleft()
+            if source == _TAG:
+                raise RuntimeError("a file planned for tagging never came back from inference")
+            self._copy(source, start, count)
+        if self.changes is not None:
+            self.changes.failed += self._resumed_errors
+            if self._previous is not None:
+                self.changes.removed = int(np.count_nonzero(~self._matched[self._previous.index.first]))
+
+    def _copy(self, source: int, start: int, count: int) -> None:
+        reader = self._previous.reader if source == _PREVIOUS else self._parts[0]  # type: ignore[union-attr,index]
+        for s in range(start, start + count, READ_ROWS):
+            self._write(reader.read(s, min(READ_ROWS, start + count - s)))
+        if source == _PREVIOUS:
+            self.reused += count
+        else:
+            self.resumed += count
+
+    def _write(self, table: pa.Table) -> None:
+        self._writer.write(table)
+        self.files += table.num_rows
+        self.errors += _errors(table)
+
+
+__all__ = ["Assembler", "Changes", "Previous", "load_previous"]

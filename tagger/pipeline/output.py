@@ -1,0 +1,246 @@
+"""Read back tagger outputs: check their format, say which run wrote them, read their rows a row group at a time."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tagger.contract import FORMAT_VERSION, META_FORMAT, META_TASKS, TaskSpec, tasks_from_json
+from tagger.errors import TaggerError
+from tagger.pipeline import write as w
+from tagger.pipeline.discover import ImageRef
+
+log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ("path", "bytes", "mtime", "status")  # enough to tell whether a file changed since its row was written
+_ARROW_SCHEMA_KEY = "ARROW:schema"  # pyarrow's own copy of the schema; not tagger metadata
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What an output's rows mean: the model, the catalog, and the options that decide which rows and their values.
+
+    Rows of two runs with the same model, top_k and max_pixels are interchangeable file by file.
+    """
+
+    model_sha256: str
+    catalog: str  # absolute path of the catalog folder
+    top_k: int
+    max_pixels: int
+    extensions: tuple[str, ...] | None  # sorted; None when the files came from a list
+    files_from: str | None  # absolute path of that list
+    shard: str | None = None  # "I/N"
+
+    def metadata(self) -> dict[str, str]:
+        options = {
+            "top_k": self.top_k,
+            "max_pixels": self.max_pixels,
+            "extensions": list(self.extensions) if self.extensions is not None else None,
+            "files_from": self.files_from,
+        }
+        meta = {
+            w.META_MODEL_SHA256: self.model_sha256,
+            w.META_CATALOG: self.catalog,
+            w.META_OPTIONS: json.dumps(options, sort_keys=True),
+        }
+        if self.shard is not None:
+            meta[w.META_SHARD] = self.shard
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str]) -> RunIdentity:
+        """Raises KeyError, ValueError or TypeError when the keys are missing or malformed."""
+        options: dict[str, Any] = json.loads(meta[w.META_OPTIONS])
+        exts = options["extensions"]
+        files_from = options["files_from"]
+        return cls(
+            model_sha256=str(meta[w.META_MODEL_SHA256]),
+            catalog=str(meta[w.META_CATALOG]),
+            top_k=int(options["top_k"]),
+            max_pixels=int(options["max_pixels"]),
+            extensions=tuple(str(e) for e in exts) if exts is not None else None,
+            files_from=str(files_from) if files_from is not None else None,
+            shard=meta.get(w.META_SHARD),
+        )
+
+    def same_values(self, other: RunIdentity) -> bool:
+        """Whether a file gets the same row from both runs (what it is listed under does not matter)."""
+        return (self.model_sha256, self.top_k, self.max_pixels) == (other.model_sha256, other.top_k, other.max_pixels)
+
+
+@dataclass(frozen=True)
+class OutputInfo:
+    """A tagger output file, checked: its run identity, tasks and row count."""
+
+    path: Path
+    identity: RunIdentity
+    tasks: tuple[TaskSpec, ...]
+    num_rows: int
+    metadata: Mapping[str, str]  # the file's key-value metadata, pyarrow's schema copy left out
+
+
+def file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """A Parquet file's key-value metadata as text (pyarrow's own schema entry left out)."""
+    raw = pq.read_metadata(path).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if k.decode() != _ARROW_SCHEMA_KEY}
+
+
+def read_output_info(path: str | os.PathLike[str]) -> OutputInfo:
+    """Check that `path` is a Parquet file this tagger wrote (format, metadata keys, columns); TaggerError if not."""
+    path = Path(path)
+    try:
+        meta = file_metadata(path)
+        num_rows = pq.read_metadata(path).num_rows
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        raise TaggerError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:200]})") from None
+    required = (META_FORMAT, META_TASKS, w.META_MODEL_SHA256, w.META_CATALOG, w.META_OPTIONS)
+    missing = [k for k in required if k not in meta]
+    if missing:
+        raise TaggerError(f"{path} is not an output of this tagger version: its metadata lacks {', '.join(missing)}")
+    try:
+        fmt = json.loads(meta[META_FORMAT])
+        tasks = tasks_from_json(meta[META_TASKS])
+        identity = RunIdentity.from_metadata(meta)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise TaggerError(f"{path} has malformed tagger metadata ({type(e).__name__}: {e})") from None
+    if fmt != FORMAT_VERSION:
+        raise TaggerError(f"{path} was written for tagger format {fmt}; this tagger reads format {FORMAT_VERSION}")
+    if not schema.equals(w.output_schema(tasks, identity.top_k), check_metadata=False):
+        raise TaggerError(f"{path} does not have the columns tagger writes for its tasks and options")
+    return OutputInfo(path, identity, tasks, num_rows, meta)
+
+
+def _encode(column: pa.ChunkedArray, labels: pa.Array) -> pa.ChunkedArray:
+    """A label column (dictionary or plain strings) re-encoded as dictionary<int32, string> over `labels`."""
+    chunks = []
+    for chunk in column.chunks:
+        if pa.types.is_dictionary(chunk.type):
+            if chunk.dictionary.equals(labels):
+                chunks.append(chunk)
+                continue
+            codes = pc.index_in(chunk.dictionary, value_set=labels)  # [D] label index of each dictionary entry
+            unknown = codes.null_count > 0
+            indices = codes.take(chunk.indices)  # [n], null where the row is null
+        else:
+            indices = pc.index_in(chunk, value_set=labels)
+            unknown = indices.null_count != chunk.null_count
+        if unknown:
+            raise TaggerError("an output holds labels the model does not have; its rows cannot be reused")
+        chunks.append(pa.DictionaryArray.from_arrays(indices.cast(pa.int32()), labels))
+    return pa.chunked_array(chunks, type=pa.dictionary(pa.int32(), pa.string()))
+
+
+class RowReader:
+    """The rows of tagger Parquet files with one schema, read as one sequence, a row group at a time.
+
+    Rows come back as output_schema(tasks, top_k) tables with the label columns encoded over the model's labels,
+    so a reused row is written exactly like a freshly tagged one. Sequential reads load each row group once.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]], tasks: Sequence[TaskSpec], top_k: int) -> None:
+        self.schema = w.output_schema(tasks, top_k)
+        self._labels = {t.name: pa.array(t.labels, pa.string()) for t in tasks}
+        self._files: list[pq.ParquetFile] = []
+        self._starts: list[int] = []  # first row of each row group, over all files
+        self._groups: list[tuple[int, int]] = []  # (file, row group in file)
+        self._cached: tuple[int, pa.Table] | None = None
+        n = 0
+        try:
+            for path in paths:
+                f = pq.ParquetFile(path)
+                self._files.append(f)
+                for g in range(f.num_row_groups):
+                    self._starts.append(n)
+                    self._groups.append((len(self._files) - 1, g))
+                    n += f.metadata.row_group(g).num_rows
+        except (pa.ArrowException, OSError) as e:
+            self.close()
+            raise TaggerError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+        self.num_rows = n
+
+    def keys(self) -> pa.Table:
+        """path, bytes, mtime and status of every row, in order."""
+        tables = [f.read(columns=list(KEY_COLUMNS)) for f in self._files]
+        if not tables:
+            return self.schema.empty_table().select(list(KEY_COLUMNS))
+        return pa.concat_tables(t.replace_schema_metadata() for t in tables)
+
+    def read(self, start: int, count: int) -> pa.Table:
+        """Rows start .. start + count - 1."""
+        pieces = []
+        while count > 0:
+            g = bisect.bisect_right(self._starts, start) - 1
+            if start < 0 or start + count > self.num_rows:
+                raise IndexError(f"rows {start}..{start + count - 1} are out of range ({self.num_rows} rows)")
+            table = self._group(g)
+            offset = start - self._starts[g]
+            k = min(count, table.num_rows - offset)
+            pieces.append(table.slice(offset, k))
+            start, count = start + k, count - k
+        return pieces[0] if len(pieces) == 1 else pa.concat_tables(pieces)
+
+    def _group(self, g: int) -> pa.Table:
+        if self._cached is None or self._cached[0] != g:
+            f, rg = self._groups[g]
+            raw = self._files[f].read_row_group(rg)
+            columns = [
+                _encode(raw.column(field.name), self._labels[field.name])
+                if field.name in self._labels
+                else raw.column(field.name)
+                for field in self.schema
+            ]
+            self._cached = (g, pa.Table.from_arrays(columns, schema=self.schema))
+        return self._cached[1]
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+        self._files = []
+        self._cached = None
+
+    def __enter__(self) -> RowReader:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class RowIndex:
+    """path -> first row of a RowReader with that path, and each row's size, mtime and status."""
+
+    def __init__(self, reader: RowReader) -> None:
+        keys = reader.keys()
+        paths = keys.column("path").to_pylist()
+        self._row: dict[str, int] = {}
+        for i, p in enumerate(paths):
+            self._row.setdefault(p, i)
+        self.first = np.fromiter((self._row[p] for p in paths), np.int64, len(paths))  # [n] first row of its path
+        self.size = keys.column("bytes").fill_null(-1).to_numpy()  # int64 [n]; -1: the file was missing
+        self.mtime = keys.column("mtime").fill_null(math.nan).to_numpy()  # float64 [n]; NaN never compares equal
+        self.ok = pc.equal(keys.column("status"), w.STATUS_OK).to_numpy()  # bool [n]
+        self.num_rows = len(paths)
+
+    def find(self, path: str) -> int | None:
+        return self._row.get(path)
+
+    def same_file(self, row: int, ref: ImageRef) -> bool:
+        """The file has the size and mtime it had when `row` was written (a missing file never matches)."""
+        return not ref.missing and self.size[row] == ref.size and self.mtime[row] == ref.mtime
+
+
+__all__ = ["KEY_COLUMNS", "OutputInfo", "RowIndex", "RowReader", "RunIdentity", "file_metadata", "read_output_info"]

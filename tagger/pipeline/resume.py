@@ -1,0 +1,259 @@
+"""Crash-safe resume: OUT.work/ beside the output keeps the rows tagged so far, committed in checksummed parts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tagger.contract import TaskSpec
+from tagger.errors import TaggerError
+from tagger.pipeline import write as w
+from tagger.pipeline.output import RowIndex, RowReader
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; keeping two runs off one output is then up to the scheduler
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+
+WORK_SUFFIX = ".work"
+DEFAULT_COMMIT_EVERY = 10_000  # images; a part of 10k rows is ~1.5 MB and a few ms to write
+DEFAULT_COMMIT_SECONDS = 60.0
+IDENTITY_FILE = "identity.json"
+LOCK_FILE = "lock"
+# part-<sequence>-<first 16 hex digits of the file's sha256>.parquet: the name carries the checksum, so a part and
+# its checksum appear together in one atomic rename and no manifest can disagree with the parts.
+_PART = re.compile(r"part-(\d{6})-([0-9a-f]{16})\.parquet")
+
+
+def work_dir_of(out: str | os.PathLike[str]) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + WORK_SUFFIX)
+
+
+def _text(e: BaseException) -> str:
+    return " ".join((e.strerror if isinstance(e, OSError) and e.strerror else str(e)).split())[:200]
+
+
+class WorkDir:
+    """The sidecar folder of one output: a lock, the identity of the run it belongs to, committed parts.
+
+    Parts hold freshly tagged rows (reused rows are still in the previous output, which nothing touches before the
+    new one is complete). Each part is written to a temp file, fsynced and renamed; its name carries its checksum,
+    so a torn or corrupt part is detected, dropped and its rows tagged again. The output's temp file lives here too,
+    so a killed run leaves nothing beside the output but this folder. finish() removes the folder.
+
+    identity: what the rows depend on (model sha256, catalog, options, tool version); parts of another identity are
+    discarded, as are all parts when `resume` is false.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        identity: Mapping[str, str],
+        tasks: Sequence[TaskSpec],
+        top_k: int,
+        resume: bool,
+        commit_every: int = DEFAULT_COMMIT_EVERY,
+        commit_seconds: float = DEFAULT_COMMIT_SECONDS,
+    ) -> None:
+        self.out = Path(out)
+        self.path = work_dir_of(out)
+        self.identity = dict(identity)
+        self.schema = w.output_schema(tasks, top_k)
+        self.commit_every = commit_every  # 0: no commits by count
+        self.commit_seconds = commit_seconds  # 0: no commits by time
+        self.committed = 0  # rows committed by this run
+        self.rows: RowReader | None = None  # the valid parts found on start (resume)
+        self.index: RowIndex | None = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
+        self._last_commit = time.monotonic()
+        self._finished = False
+        try:
+            self.path.mkdir(exist_ok=True)
+        except OSError as e:
+            raise TaggerError(f"cannot write output {self.out}: {_text(e)}") from None
+        self._lock_fd = self._lock()
+        try:
+            self._clear_temp_files()
+            parts = self._usable_parts(resume)
+            self._write_identity()
+            if parts:
+                self.rows = RowReader(parts, tasks, top_k)
+                self.index = RowIndex(self.rows)
+                log.info("resuming: %d rows already tagged in %s", self.rows.num_rows, self.path)
+            self._sequence = 1 + max((int(_PART.fullmatch(p.name)[1]) for p in parts), default=0)  # type: ignore[index]
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _lock(self) -> int | None:
+        if fcntl is None:
+            return None
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise TaggerError(f"cannot write output {self.out}: {_text(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel however the process ends
+        except BlockingIOError:
+            os.close(fd)
+            raise TaggerError(f"another tagger run is writing {self.out} (it holds {self.path / LOCK_FILE})") from None
+        return fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def _clear_temp_files(self) -> None:
+        # Left by a killed run: a half-written part or output. Nobody else writes here: we hold the lock.
+        for p in self.path.glob(".*.tmp"):
+            log.debug("removing leftover temp file %s", p)
+            p.unlink(missing_ok=True)
+
+    def _read_identity(self) -> dict[str, str] | None:
+        try:
+            data = json.loads((self.path / IDENTITY_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _usable_parts(self, resume: bool) -> list[Path]:
+        parts = sorted(p for p in self.path.glob("part-*.parquet"))
+        if not parts:
+            return []
+        old = self._read_identity()
+        if old != self.identity:
+            differs = sorted(k for k in self.identity.keys() | (old or {}).keys() if (old or {}).get(k) != self.identity.get(k))
+            log.warning(
+                "discarding %d parts in %s: they belong to another run (%s differ)",
+                len(parts), self.path, ", ".join(differs) if old is not None else "no readable identity",
+            )  # fmt: skip
+            self._remove(parts)
+            return []
+        if not resume:
+            log.info("discarding %d parts of an interrupted run in %s (--resume reuses them)", len(parts), self.path)
+            self._remove(parts)
+            return []
+        return [p for p in parts if self._check_part(p)]
+
+    def _check_part(self, part: Path) -> bool:
+        m = _PART.fullmatch(part.name)
+        reason = None
+        if m is None:
+            reason = "unexpected name"
+        else:
+            try:
+                data = part.read_bytes()
+                if hashlib.sha256(data).hexdigest()[:16] != m[2]:
+                    reason = "checksum mismatch: torn or corrupt"
+                elif not pq.read_schema(pa.BufferReader(data)).equals(self.schema, check_metadata=False):
+                    reason = "unexpected columns"
+            except (OSError, pa.ArrowException) as e:
+                reason = _text(e)
+        if reason is None:
+            return True
+        log.warning("work part %s is unusable (%s); its rows will be tagged again", part, reason)
+        self._remove([part])
+        return False
+
+    def _remove(self, paths: Sequence[Path]) -> None:
+        for p in paths:
+            p.unlink(missing_ok=True)
+
+    def _write_identity(self) -> None:
+        tmp = self.path / f".{IDENTITY_FILE}.tmp"
+        try:
+            tmp.write_text(json.dumps(self.identity, indent=1, sort_keys=True), encoding="utf-8")
+            os.replace(tmp, self.path / IDENTITY_FILE)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise TaggerError(f"cannot write to the work folder {self.path}: {_text(e)}") from None
+
+    def add(self, table: pa.Table) -> None:
+        """Buffer freshly tagged rows; commit them when commit_every rows or commit_seconds have gone by."""
+        if not (self.commit_every or self.commit_seconds):
+            return
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        due_rows = self.commit_every and self._pending_rows >= self.commit_every
+        due_time = self.commit_seconds and time.monotonic() - self._last_commit >= self.commit_seconds
+        if due_rows or due_time:
+            self.commit()
+
+    def commit(self) -> None:
+        """Write the buffered rows as one part: temp file, fsync, rename to a name carrying its checksum."""
+        self._last_commit = time.monotonic()
+        if not self._pending:
+            return
+        table = pa.concat_tables(self._pending)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()
+        name = f"part-{self._sequence:06d}-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
+        tmp = self.path / f".{name}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path / name)
+            w.fsync_dir(self.path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise TaggerError(f"cannot write to the work folder {self.path}: {_text(e)}") from None
+        self._sequence += 1
+        self.committed += table.num_rows
+        self._pending, self._pending_rows = [], 0
+        log.debug("committed %d rows to %s", table.num_rows, name)
+
+    def _close_rows(self) -> None:
+        if self.rows is not None:
+            self.rows.close()
+
+    def finish(self) -> None:
+        """The output is in place: the work folder has served its purpose."""
+        self._finished = True
+        self._close_rows()
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._unlock()
+
+    def abandon(self) -> None:
+        """The run failed: commit what is buffered, so a resumed run need not tag it again; keep the folder only
+        when it holds parts."""
+        self._close_rows()
+        try:
+            self.commit()
+        except TaggerError as e:
+            log.warning("%s", e)
+        if any(self.path.glob("part-*.parquet")):
+            log.info("%s keeps the rows tagged so far; rerun with --resume to continue", self.path)
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._unlock()
+
+    def __enter__(self) -> WorkDir:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._finished:
+            self.abandon()
+
+
+__all__ = ["DEFAULT_COMMIT_EVERY", "DEFAULT_COMMIT_SECONDS", "WORK_SUFFIX", "WorkDir", "work_dir_of"]
