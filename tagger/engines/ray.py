@@ -380,7 +380,6 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
             len(refs), config.catalog, f" (shard {config.shard})" if config.shard else "", actors, gpus,
             facts.provider, config.batch_size,
         )  # fmt: skip
-        ds = tag_dataset(refs, config, facts.spec, model, actors, gpus)
         schema = w.output_schema(facts.tasks, config.top_k)
         sink: _FileSink | _PartsSink = (
             _PartsSink(config.out, schema, metadata, options.rows_per_part)
@@ -389,7 +388,10 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
         )
         files = ok = 0
         try:
-            blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+            blocks: Iterable[pa.Table] = ()  # a shard may hold no file
+            if refs:
+                ds = tag_dataset(refs, config, facts.spec, model, actors, gpus)
+                blocks = ds.iter_batches(batch_size=None, batch_format="pyarrow")
             for table in in_discovery_order(blocks):
                 table = table.cast(schema)
                 sink.write(table)
@@ -440,7 +442,6 @@ def tag_dataset(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
         num_gpus=gpus,
-        max_restarts=0,
     )
 
 

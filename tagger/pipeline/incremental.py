@@ -92,7 +92,7 @@ def load_previous(
             reuse = False
         elif tuple(info.tasks) != tuple(tasks):
             raise TaggerError(
-                f"--keep-stale-model: {out} has other tasks or labels than the model; its rows cannot be mixed with new ones"
+                f"--keep-stale-model: {out} has other tasks or labels than the model; its rows cannot be mixed in"
             )
         else:
             log.warning(
@@ -101,7 +101,7 @@ def load_previous(
             )  # fmt: skip
             stale = True
     if reuse and old.catalog != identity.catalog:
-        log.info("%s was written from %s; reusing rows of files with the same relative path, size and mtime", out, old.catalog)
+        log.info("%s was written from %s; reusing rows of files with the same path, size and mtime", out, old.catalog)
     reader = RowReader([out], info.tasks, old.top_k)
     try:
         index = RowIndex(reader)

@@ -91,20 +91,24 @@ class OutputInfo:
     metadata: Mapping[str, str]  # the file's key-value metadata, pyarrow's schema copy left out
 
 
+def _text_metadata(parquet_meta: pq.FileMetaData) -> dict[str, str]:
+    raw = parquet_meta.metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if k.decode() != _ARROW_SCHEMA_KEY}
+
+
 def file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """A Parquet file's key-value metadata as text (pyarrow's own schema entry left out)."""
-    raw = pq.read_metadata(path).metadata or {}
-    return {k.decode(): v.decode() for k, v in raw.items() if k.decode() != _ARROW_SCHEMA_KEY}
+    return _text_metadata(pq.read_metadata(path))
 
 
 def read_output_info(path: str | os.PathLike[str]) -> OutputInfo:
     """Check that `path` is a Parquet file this tagger wrote (format, metadata keys, columns); TaggerError if not."""
     path = Path(path)
     try:
-        meta = file_metadata(path)
-        num_rows = pq.read_metadata(path).num_rows
-        schema = pq.read_schema(path)
-    except (pa.ArrowException, OSError) as e:
+        parquet_meta = pq.read_metadata(path)
+        meta, num_rows = _text_metadata(parquet_meta), parquet_meta.num_rows
+        schema = parquet_meta.schema.to_arrow_schema()
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
         raise TaggerError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:200]})") from None
     required = (META_FORMAT, META_TASKS, w.META_MODEL_SHA256, w.META_CATALOG, w.META_OPTIONS)
     missing = [k for k in required if k not in meta]

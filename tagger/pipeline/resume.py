@@ -43,6 +43,11 @@ def work_dir_of(out: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name + WORK_SUFFIX)
 
 
+def _sequence_of(part: Path) -> int:
+    m = _PART.fullmatch(part.name)
+    return int(m[1]) if m else 0
+
+
 def _text(e: BaseException) -> str:
     return " ".join((e.strerror if isinstance(e, OSError) and e.strerror else str(e)).split())[:200]
 
@@ -95,7 +100,7 @@ class WorkDir:
                 self.rows = RowReader(parts, tasks, top_k)
                 self.index = RowIndex(self.rows)
                 log.info("resuming: %d rows already tagged in %s", self.rows.num_rows, self.path)
-            self._sequence = 1 + max((int(_PART.fullmatch(p.name)[1]) for p in parts), default=0)  # type: ignore[index]
+            self._sequence = 1 + max((_sequence_of(p) for p in parts), default=0)
         except BaseException:
             self._unlock()
             raise
@@ -138,10 +143,11 @@ class WorkDir:
             return []
         old = self._read_identity()
         if old != self.identity:
-            differs = sorted(k for k in self.identity.keys() | (old or {}).keys() if (old or {}).get(k) != self.identity.get(k))
+            theirs = old or {}
+            differs = sorted(k for k in self.identity.keys() | theirs.keys() if theirs.get(k) != self.identity.get(k))
             log.warning(
-                "discarding %d parts in %s: they belong to another run (%s differ)",
-                len(parts), self.path, ", ".join(differs) if old is not None else "no readable identity",
+                "discarding %d parts in %s: they belong to another run (%s)", len(parts), self.path,
+                f"{', '.join(differs)} differ" if old is not None else "no readable identity",
             )  # fmt: skip
             self._remove(parts)
             return []

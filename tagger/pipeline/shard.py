@@ -89,7 +89,8 @@ def _check_shards(infos: Sequence[OutputInfo]) -> list[OutputInfo]:
         if dataclasses.replace(info.identity, shard=None) != dataclasses.replace(first.identity, shard=None):
             raise TaggerError(f"{first.path} and {info.path} cover different catalogs or options")
         if shard.index in shards:
-            raise TaggerError(f"shard {shard} is given twice ({shards[shard.index].path}, {info.path}); shards must not overlap")
+            twice = f"{shards[shard.index].path}, {info.path}"
+            raise TaggerError(f"shard {shard} is given twice ({twice}); shards must not overlap")
         shards[shard.index] = info
     assert first_shard is not None
     missing = [f"{i}/{first_shard.count}" for i in range(first_shard.count) if i not in shards]
