@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,27 @@ class BenchConfig:
     skip_rss: bool = False
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its finished children (decode and DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Stopwatch:
+    """Wall clock and CPU time of a block. CPU time well under wall time x cores while the path should keep every
+    core busy means other jobs took the machine (or the path idles)."""
+
+    seconds = cpu_seconds = 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._wall
+        self.cpu_seconds = _cpu_seconds() - self._cpu
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One timed path: `images` files in `seconds` of wall clock (the best of the rounds)."""
@@ -88,14 +110,25 @@ class Measurement:
     name: str
     images: int
     seconds: float
+    cpu_seconds: float
     detail: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, name: str, images: int, sw: Stopwatch, **detail: Any) -> Measurement:
+        return cls(name, images, sw.seconds, sw.cpu_seconds, detail)
 
     @property
     def img_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"images": self.images, "seconds": self.seconds, "img_per_s": self.img_per_s, **self.detail}
+        return {
+            "images": self.images,
+            "seconds": self.seconds,
+            "img_per_s": self.img_per_s,
+            "cpu_seconds": self.cpu_seconds,
+            **self.detail,
+        }
 
 
 def keep_best(results: dict[str, Measurement], m: Measurement) -> None:
@@ -150,30 +183,30 @@ def measure_tagger(catalog: Path, cfg: BenchConfig, out: Path) -> Measurement:
 
     from tagger.pipeline.run import RunConfig, run
 
-    t0 = time.perf_counter()
-    summary = run(
-        RunConfig(
-            catalog=catalog,
-            out=out,
-            model=cfg.model,
-            device=cfg.device,
-            batch_size=cfg.batch_size,
-            workers=cfg.workers,
-            threads=cfg.threads,
-            progress=False,
-        )
+    config = RunConfig(
+        catalog=catalog,
+        out=out,
+        model=cfg.model,
+        device=cfg.device,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        threads=cfg.threads,
+        progress=False,
     )
-    seconds = time.perf_counter() - t0
+    with Stopwatch() as sw:
+        summary = run(config)
     if summary.errors:
         log.warning("tagger: %d of %d files failed to decode", summary.errors, summary.files)
     rows = pq.read_metadata(out).num_rows
     if rows != summary.files:
         raise RuntimeError(f"tagger wrote {rows} rows for {summary.files} files")
-    return Measurement(
+    return Measurement.of(
         "tagger",
         summary.files,
-        seconds,
-        {"errors": summary.errors, "provider": summary.provider, "stage_seconds": dict(summary.stage_seconds)},
+        sw,
+        errors=summary.errors,
+        provider=summary.provider,
+        stage_seconds=dict(summary.stage_seconds),
     )
 
 
@@ -183,17 +216,16 @@ def measure_decode(catalog: Path, spec: PreprocessSpec, cfg: BenchConfig, keep: 
 
     kept: list[np.ndarray] = []
     n_kept = files = 0
-    t0 = time.perf_counter()
-    batches = decoded_batches(discover(catalog), spec, cfg.batch_size, cfg.workers)
-    with contextlib.closing(batches):
+    with Stopwatch() as sw, contextlib.closing(
+        decoded_batches(discover(catalog), spec, cfg.batch_size, cfg.workers)
+    ) as batches:
         for batch in batches:
             files += len(batch)
             if n_kept < keep and len(batch.images):
                 kept.append(batch.images[: keep - n_kept])
                 n_kept += len(kept[-1])
-    seconds = time.perf_counter() - t0
     images = np.concatenate(kept) if kept else np.empty((0, spec.size, spec.size, 3), np.uint8)
-    return Measurement("decode", files, seconds), images
+    return Measurement.of("decode", files, sw), images
 
 
 def inference_batches(images: np.ndarray, total: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -204,10 +236,12 @@ def inference_batches(images: np.ndarray, total: int, batch_size: int) -> Iterat
 
 def measure_inference(session: Session, images: np.ndarray, total: int, batch_size: int) -> Measurement:
     """The session alone on pre-decoded uint8 batches: no file reading, no decoding."""
-    t0 = time.perf_counter()
-    for batch in inference_batches(images, total, batch_size):
-        session.predict(batch)
-    return Measurement("inference", total, time.perf_counter() - t0)
+    if not len(images):
+        raise TaggerError("no image could be decoded, so there is nothing to infer on")
+    with Stopwatch() as sw:
+        for batch in inference_batches(images, total, batch_size):
+            session.predict(batch)
+    return Measurement.of("inference", total, sw)
 
 
 @dataclass(frozen=True)
@@ -263,35 +297,33 @@ def measure_baseline(
     from torchvision import transforms
 
     torch.set_num_threads(cfg.threads)
-    t0 = time.perf_counter()
-    bm = baseline_model(info, cfg.checkpoint)
-    model = bm.model.to(device)
-    s = bm.spec.size
-    transform = transforms.Compose(
-        [transforms.Resize((s, s)), transforms.ToTensor(), transforms.Normalize(bm.spec.mean, bm.spec.std)]
-    )
-    paths = [r.abspath for r in refs]
-    loader = DataLoader(
-        _NotebookDataset(paths, transform),
-        batch_size=cfg.batch_size,
-        num_workers=cfg.workers if cfg.workers > 1 else 0,
-        shuffle=False,
-    )
-    preds: dict[str, list[Any]] = {t.name: [] for t in bm.tasks}
-    with torch.inference_mode():
-        for x in loader:  # float [B, 3, S, S]
-            logits = model(x.to(device))
-            for name, lg in logits.items():
-                preds[name].append(torch.softmax(lg, dim=1).max(dim=1))
-    columns: dict[str, Any] = {"path": [r.path for r in refs]}
-    for t in bm.tasks:
-        score = torch.cat([p.values for p in preds[t.name]]).cpu().numpy()
-        index = torch.cat([p.indices for p in preds[t.name]]).cpu().numpy()
-        columns[t.name] = [t.labels[i] for i in index]
-        columns[f"{t.name}_score"] = score
-    pq.write_table(pa.table(columns), out)
-    seconds = time.perf_counter() - t0
-    return Measurement("baseline", len(refs), seconds, {"weights": bm.weights, "device": device})
+    with Stopwatch() as sw:
+        bm = baseline_model(info, cfg.checkpoint)
+        model = bm.model.to(device)
+        s = bm.spec.size
+        transform = transforms.Compose(
+            [transforms.Resize((s, s)), transforms.ToTensor(), transforms.Normalize(bm.spec.mean, bm.spec.std)]
+        )
+        loader = DataLoader(
+            _NotebookDataset([r.abspath for r in refs], transform),
+            batch_size=cfg.batch_size,
+            num_workers=cfg.workers if cfg.workers > 1 else 0,
+            shuffle=False,
+        )
+        preds: dict[str, list[Any]] = {t.name: [] for t in bm.tasks}
+        with torch.inference_mode():
+            for x in loader:  # float [B, 3, S, S]
+                logits = model(x.to(device))
+                for name, lg in logits.items():
+                    preds[name].append(torch.softmax(lg, dim=1).max(dim=1))
+        columns: dict[str, Any] = {"path": [r.path for r in refs]}
+        for t in bm.tasks:
+            score = torch.cat([p.values for p in preds[t.name]]).cpu().numpy()
+            index = torch.cat([p.indices for p in preds[t.name]]).cpu().numpy()
+            columns[t.name] = [t.labels[i] for i in index]
+            columns[f"{t.name}_score"] = score
+        pq.write_table(pa.table(columns), out)
+    return Measurement.of("baseline", len(refs), sw, weights=bm.weights, device=device)
 
 
 def measure_gpu_decode(refs: Sequence[ImageRef], session: Session, batch_size: int, device: str = "cuda") -> Measurement:
@@ -308,20 +340,20 @@ def measure_gpu_decode(refs: Sequence[ImageRef], session: Session, batch_size: i
     s = spec.size
     jpegs = [r for r in refs if r.abspath.lower().endswith((".jpg", ".jpeg"))]
     pad = torch.tensor(spec.pad_color, dtype=torch.uint8, device=device).view(1, 3, 1, 1)
-    t0 = time.perf_counter()
-    for start in range(0, len(jpegs), batch_size):
-        data = [tio.read_file(r.abspath) for r in jpegs[start : start + batch_size]]
-        decoded = tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, device=device)  # list of uint8 [3, H, W]
-        canvas = pad.expand(len(decoded), 3, s, s).clone()  # uint8 [B, 3, S, S]
-        for k, img in enumerate(decoded):
-            h, w = img.shape[1:]
-            scale = s / max(w, h)
-            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-            small = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True)
-            top, left = (s - nh) // 2, (s - nw) // 2
-            canvas[k, :, top : top + nh, left : left + nw] = small[0].round().clamp(0, 255).to(torch.uint8)
-        session.predict(canvas.permute(0, 2, 3, 1).contiguous().cpu().numpy())  # uint8 [B, S, S, 3]
-    return Measurement("gpu-decode", len(jpegs), time.perf_counter() - t0, {"jpeg_only": True})
+    with Stopwatch() as sw:
+        for start in range(0, len(jpegs), batch_size):
+            data = [tio.read_file(r.abspath) for r in jpegs[start : start + batch_size]]
+            decoded = tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, device=device)  # list of uint8 [3, H, W]
+            canvas = pad.expand(len(decoded), 3, s, s).clone()  # uint8 [B, 3, S, S]
+            for k, img in enumerate(decoded):
+                h, w = img.shape[1:]
+                scale = s / max(w, h)
+                nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+                small = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True)
+                top, left = (s - nh) // 2, (s - nw) // 2
+                canvas[k, :, top : top + nh, left : left + nw] = small[0].round().clamp(0, 255).to(torch.uint8)
+            session.predict(canvas.permute(0, 2, 3, 1).contiguous().cpu().numpy())  # uint8 [B, S, S, 3]
+    return Measurement.of("gpu-decode", len(jpegs), sw, jpeg_only=True)
 
 
 # --- memory ----------------------------------------------------------------------------------------------------
@@ -457,12 +489,15 @@ def render_table(report: dict[str, Any]) -> str:
     load = (report["machine"].get("loadavg_before"), report["machine"].get("loadavg"))
     if load[0] and load[1]:
         lines.append(f"load average (1 min) {load[0][0]:.1f} before, {load[1][0]:.1f} after: other jobs skew timings")
-    lines += ["", f"{'path':<16} {'images':>7} {'seconds':>8} {'img/s':>8}"]
+    lines += [*(f"note: {n}" for n in report["notes"])]
+    lines += ["", f"{'path':<16} {'images':>7} {'seconds':>8} {'img/s':>8} {'cpu s':>8}"]
     for name in ("tagger", "baseline", "decode", "inference", "gpu-decode"):
         m = res.get(name)
         if m is not None:
             label = f"{name} limit" if name in ("decode", "inference") else name
-            lines.append(f"{label:<16} {m['images']:>7} {m['seconds']:>8.2f} {m['img_per_s']:>8.1f}")
+            lines.append(
+                f"{label:<16} {m['images']:>7} {m['seconds']:>8.2f} {m['img_per_s']:>8.1f} {m['cpu_seconds']:>8.1f}"
+            )
     lines.append(f"{'combined limit':<16} {'':>7} {'':>8} {r['combined_limit_img_per_s']:>8.1f}")
     lines.append("")
 
@@ -474,12 +509,11 @@ def render_table(report: dict[str, Any]) -> str:
         f"tagger / min(decode, infer)    {fmt(r['tagger_over_min_stage'])}",
         f"tagger / combined limit        {fmt(r['tagger_over_combined_limit'])}",
     ]
-    for scale, m in sorted(report.get("rss", {}).items()):
+    for scale, m in report["rss"].items():
         lines.append(
             f"peak RSS `tagger run` {scale:>4} ({m['images']:>6} images): tree {m['peak_tree_rss_mb']:7.0f} MB, "
             f"largest process {m['peak_process_rss_mb']:6.0f} MB"
         )
-    lines += ["", *(f"note: {n}" for n in report["notes"])]
     return "\n".join(lines)
 
 

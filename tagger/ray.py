@@ -1,4 +1,4 @@
-"""`tagger run --engine ray` from Python: run_ray(RunConfig(...), RayOptions(...)); Ray itself is imported only when run."""
+"""`tagger run --engine ray` from Python: run_ray(RunConfig(...), RayOptions(...)); Ray is imported only by a run."""
 
 from __future__ import annotations
 

@@ -250,6 +250,28 @@ def test_killed_run_resumes_where_it_stopped(
     assert not work_dir_of(out).exists()
 
 
+def test_sigterm_commits_what_was_tagged_and_resume_finishes(
+    crash_catalog: tuple[Path, Path], contract_onnx: Path, tmp_path: Path
+) -> None:
+    root, reference = crash_catalog
+    out = tmp_path / "tags.parquet"
+    args = _cli(root, "--out", out, "--model", contract_onnx, "--device", "cpu", "--workers", "0", "--batch-size", "1",
+                "--threads", "1", "--commit-every", "7")  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(work_dir_of(out).glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGTERM)  # what a scheduler sends before it kills
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "rerun with --resume" in stderr and not out.exists()
+    # Unwinding commits the rows tagged since the last commit too, so the parts need not hold a multiple of 7.
+    committed = sum(_part_rows(out).values())
+    summary = run(_cfg(root, out, contract_onnx, resume=True))
+    assert (summary.resumed, summary.tagged) == (committed, CRASH_FILES - committed)
+    assert_same_output(out, reference)
+
+
 def test_torn_part_is_detected_and_its_rows_tagged_again(
     crashed: Path,
     crash_catalog: tuple[Path, Path],

@@ -1,4 +1,4 @@
-"""`tagger run --engine ray`: Ray Data gives the local engine's rows, in order, errors included; a dead actor loses none."""
+"""`tagger run --engine ray`: the local engine's rows, in order, errors included; a killed actor loses none."""
 
 from __future__ import annotations
 
@@ -88,11 +88,12 @@ def test_folder_output_is_parts_in_order_each_a_complete_output_file(
     ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
 ) -> None:
     root, expected = catalog
-    single, folder = tmp_path / "single.parquet", tmp_path / "parts"
+    single, folder = tmp_path / "single.parquet", tmp_path / "parts"  # a name without .parquet: a folder
     _run_ray(RunConfig(root, single, model=contract_onnx, device="cpu", batch_size=3, progress=False))
     _run_ray(RunConfig(root, folder, model=contract_onnx, device="cpu", batch_size=3, progress=False), rows_per_part=5)
     parts = sorted(folder.iterdir())
-    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(4)]  # 16 rows, 5 a part
+    n_parts = -(-len(expected) // 5)
+    assert [p.name for p in parts] == [f"part-{i:05d}.parquet" for i in range(n_parts)] and n_parts > 1
     tables = [pq.read_table(p) for p in parts]
     assert pa.concat_tables(tables).to_pylist() == pq.read_table(single).to_pylist()
     for part, table in zip(parts, tables):
@@ -102,7 +103,23 @@ def test_folder_output_is_parts_in_order_each_a_complete_output_file(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     with pytest.raises(TaggerError, match="not empty"):
         _run_ray(RunConfig(root, folder, model=contract_onnx, device="cpu", progress=False))
-    assert len(expected) == 16
+
+
+def test_rows_are_put_back_in_discovery_order_and_a_lost_or_repeated_row_is_an_error() -> None:
+    from tagger.engines.ray import INDEX, in_discovery_order
+
+    def block(*indices: int) -> pa.Table:
+        return pa.table({"path": [f"p{i}" for i in indices], INDEX: pa.array(indices, pa.int64())})
+
+    # Out of order, and blocks mixing distant rows, as an actor batch of two decode blocks does.
+    blocks = [block(5, 6, 9), block(0, 1), block(8, 7, 2), block(3, 4)]
+    out = list(in_discovery_order(blocks))
+    assert pa.concat_tables(out).column("path").to_pylist() == [f"p{i}" for i in range(10)]
+    assert all(INDEX not in t.column_names for t in out)
+    with pytest.raises(TaggerError, match="lost rows 2 to 2"):
+        list(in_discovery_order([block(0, 1), block(3)]))
+    with pytest.raises(TaggerError, match="row 1 twice"):
+        list(in_discovery_order([block(0, 1), block(1, 2)]))
 
 
 def test_files_from_reports_missing_files_as_error_rows(
@@ -123,7 +140,35 @@ def test_files_from_reports_missing_files_as_error_rows(
     assert summary.errors == 1
 
 
-@pytest.mark.parametrize(("case", "message"), [("ok", None), ("bad-model", "cannot load model"), ("cuda", "--device cuda")])
+def test_ray_shards_merge_into_the_unsharded_output(
+    ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
+) -> None:
+    from tagger.pipeline.shard import Shard, merge_shards
+
+    root, _ = catalog
+    whole = tmp_path / "whole.parquet"
+    run(RunConfig(root, whole, model=contract_onnx, device="cpu", workers=0))
+    shards = [tmp_path / f"shard{i}.parquet" for i in range(2)]
+    for i, out in enumerate(shards):
+        config = RunConfig(root, out, model=contract_onnx, device="cpu", shard=Shard(i, 2), progress=False)
+        _run_ray(config)
+        assert pq.read_metadata(out).metadata[b"tagger.output.shard"] == f"{i}/2".encode()
+    assert all(pq.read_metadata(p).num_rows for p in shards)  # the split means something
+    merge_shards(tmp_path / "merged.parquet", shards)
+    assert pq.read_table(tmp_path / "merged.parquet").equals(pq.read_table(whole))
+
+
+def test_incremental_and_resume_are_refused(
+    ray_local: Any, catalog: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    for flag in ("incremental", "resume"):
+        with pytest.raises(TaggerError, match="--engine local only"):
+            _run_ray(RunConfig(catalog[0], tmp_path / "x.parquet", **{flag: True}))
+
+
+@pytest.mark.parametrize(
+    ("case", "message"), [("ok", None), ("bad-model", "cannot load model"), ("cuda", "--device cuda")]
+)
 def test_cli_engine_ray(
     case: str, message: str | None, ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path,
     tmp_path: Path,
@@ -139,7 +184,8 @@ def test_cli_engine_ray(
         if cuda_really_works(contract_onnx):
             pytest.skip("CUDA works on this machine")
         extra = ["--device", "cuda", "--num-gpus-per-actor", "0"]
-    result = CliRunner().invoke(main, ["run", str(root), "--out", str(out), "--model", str(model), "--engine", "ray", *extra])
+    args = ["run", str(root), "--out", str(out), "--model", str(model), "--engine", "ray", *extra]
+    result = CliRunner().invoke(main, args)
     if message is None:
         assert result.exit_code == 0, result.output
         assert f"{len(expected)} files" in result.output
@@ -169,7 +215,9 @@ def test_without_ray_the_cli_says_how_to_install_it(catalog: tuple[Path, dict[st
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == TaggerError.exit_code, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines() == ["error: --engine ray needs Ray, which is not installed: pip install 'tagger[ray]'"]
+    assert proc.stderr.strip().splitlines() == [
+        "error: --engine ray needs Ray, which is not installed: pip install 'tagger[ray]'"
+    ]
     assert not out.exists()
 
 
@@ -205,7 +253,8 @@ def test_a_killed_inference_actor_is_restarted_and_loses_no_rows(
     root = tmp_path_factory.mktemp("many")
     rng = np.random.default_rng(0)
     for i in range(240):
-        quadrant_image(32, 32, [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(4)]).save(root / f"{i:03d}.png")
+        colors = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(4)]
+        quadrant_image(32, 32, colors).save(root / f"{i:03d}.png")
     (root / "broken.jpg").write_bytes(b"not a jpeg")
     refs = list(discover(root))
     local = tmp_path_factory.mktemp("local") / "local.parquet"

@@ -1,4 +1,4 @@
-"""Ray Data engine for `tagger run`: the local engine's stages as streaming CPU decode tasks and an inference actor pool."""
+"""Ray Data engine for `tagger run`: the local engine's stages as streaming decode tasks and an inference actor pool."""
 
 from __future__ import annotations
 
@@ -295,7 +295,10 @@ def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
         return
     quiet: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
     if options.address:
-        ray.init(address=options.address, **quiet)
+        try:
+            ray.init(address=options.address, **quiet)
+        except ConnectionError as e:
+            raise TaggerError(f"cannot join the Ray cluster at {options.address}: {_one_line(e)}") from None
     else:
         # Like the local engine, decode workers take every core and inference threads share them (ORT threads
         # sleep while they wait): one logical CPU per core for decode tasks, plus one per inference actor.
@@ -376,7 +379,7 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
             w.META_STARTED: started,
         }
         log.info(
-            "tagging %d files of %s%s on Ray: %d actors x %g GPUs on %s, batch %d",
+            "tagging %d files of %s%s on Ray: %d inference actors, %g GPUs each, on %s, batch %d",
             len(refs), config.catalog, f" (shard {config.shard})" if config.shard else "", actors, gpus,
             facts.provider, config.batch_size,
         )  # fmt: skip
@@ -438,7 +441,9 @@ def tag_dataset(
         TagActor,
         batch_size=config.batch_size,
         batch_format="numpy",
-        fn_constructor_kwargs={"model": model, "device": config.device, "threads": config.threads, "top_k": config.top_k},
+        fn_constructor_kwargs={
+            "model": model, "device": config.device, "threads": config.threads, "top_k": config.top_k
+        },  # fmt: skip
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
         num_gpus=gpus,
