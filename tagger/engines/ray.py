@@ -26,7 +26,7 @@ from tagger.pipeline import write as w
 from tagger.pipeline.batch import Batch
 from tagger.pipeline.decode import DecodeResult, Failure, Sample, decode_many
 from tagger.pipeline.discover import ImageRef
-from tagger.pipeline.run import RunConfig, RunSummary, _identity, _refs, tag_batches
+from tagger.pipeline.run import RunConfig, RunSummary, list_refs, run_identity, tag_batches
 from tagger.pipeline.session import open_session
 
 if TYPE_CHECKING:
@@ -358,7 +358,7 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     _check_out(config.out)
     config = dataclasses.replace(config, catalog=Path(os.path.abspath(config.catalog)))
     # The whole listing goes into the driver's memory (~200 bytes a file); see the README for larger catalogs.
-    refs = list(_refs(config))
+    refs = list(list_refs(config))
     if not refs:
         what = "listed in " + str(config.files_from) if config.files_from else "with extension " + ",".join(
             sorted(config.extensions)
@@ -373,7 +373,7 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
         facts: ModelFacts = ray.get(probe.remote(model, config.device, config.threads))
         metadata = {
             **facts.metadata,
-            **_identity(config, facts.sha256).metadata(),
+            **run_identity(config, facts.sha256).metadata(),
             w.META_TOOL_VERSION: __version__,
             w.META_PROVIDER: facts.provider,
             w.META_STARTED: started,

@@ -169,7 +169,8 @@ def tag_batches(
         yield batch, table
 
 
-def _refs(config: RunConfig) -> Iterator[ImageRef]:
+def list_refs(config: RunConfig) -> Iterator[ImageRef]:
+    """The catalog's files in discovery order: a walk, or the --files-from list (shared by every engine)."""
     if not config.catalog.exists():
         raise TaggerError(f"catalog {config.catalog} does not exist")
     if config.files_from is not None:
@@ -181,7 +182,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _identity(config: RunConfig, model_sha256: str) -> RunIdentity:
+def run_identity(config: RunConfig, model_sha256: str) -> RunIdentity:
+    """What the rows depend on besides each file: model, catalog and row-shaping options."""
     listed = config.files_from is not None
     return RunIdentity(
         model_sha256=model_sha256,
@@ -203,7 +205,7 @@ def run(config: RunConfig) -> RunSummary:
     """
     t_start = time.perf_counter()
     started = _now()
-    refs = _refs(config)
+    refs = list_refs(config)
     first = next(refs, None)
     if first is None:
         what = "listed in " + str(config.files_from) if config.files_from else "with extension " + ",".join(
@@ -214,7 +216,7 @@ def run(config: RunConfig) -> RunSummary:
     threads = config.threads if config.threads is not None else default_threads()
     session = open_session(config.model, config.device, threads)
     tasks, top_k = session.tasks, config.top_k
-    identity = _identity(config, session.info.sha256)
+    identity = run_identity(config, session.info.sha256)
     metadata = {
         **session.metadata,
         **identity.metadata(),
