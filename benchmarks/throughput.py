@@ -25,13 +25,10 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import click
 import numpy as np
@@ -56,11 +53,13 @@ DEFAULT_REPEAT = 5
 WARMUP_IMAGES = 8
 RSS_SAMPLE_S = 0.05
 RSS_SCALES = (1, 10)
+RSS_WARM_BATCHES = 10  # peak RSS settles after about this many batches
 
 COMBINED_NOTE = (
     "combined limit = 1 / (1/decode + 1/inference): decode and inference were each measured alone on all cores, "
     "and in `tagger run` they share those cores, so one image costs the core-time of both; a pipeline that keeps "
-    "every core busy with no other overhead reaches it."
+    "every core busy with no other overhead reaches it (and may pass it a little, as neither stage alone scales "
+    "perfectly across cores)."
 )
 
 
@@ -326,7 +325,9 @@ def measure_baseline(
     return Measurement.of("baseline", len(refs), sw, weights=bm.weights, device=device)
 
 
-def measure_gpu_decode(refs: Sequence[ImageRef], session: Session, batch_size: int, device: str = "cuda") -> Measurement:
+def measure_gpu_decode(
+    refs: Sequence[ImageRef], session: Session, batch_size: int, device: str = "cuda"
+) -> Measurement:
     """nvJPEG batch decode + bilinear fit-and-pad on the GPU, host copy, then the same ONNX session.
 
     JPEG only (other files are left out of this row) and no EXIF rotation: a sketch of the GPU-decode option,
@@ -407,26 +408,30 @@ def measure_rss(catalog: Path, cfg: BenchConfig, out: Path) -> dict[str, Any]:
     ]  # fmt: skip
     env = dict(os.environ)
     # The child imports this very tagger, wherever it is installed or checked out.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(tagger.__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
+    package_root = str(Path(tagger.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     peak_tree = peak_process = 0
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stderr_chunks: list[str] = []
-    reader = threading.Thread(target=lambda: stderr_chunks.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    while proc.poll() is None:
-        tree = 0
-        for pid in _proc_tree(proc.pid):
-            kib = _status_kib(pid, ("VmRSS", "VmHWM"))
-            tree += kib.get("VmRSS", 0)
-            peak_process = max(peak_process, kib.get("VmHWM", 0))
-        peak_tree = max(peak_tree, tree)
-        time.sleep(RSS_SAMPLE_S)
-    seconds = time.perf_counter() - t0
-    stdout = proc.stdout.read() if proc.stdout else ""
-    reader.join(timeout=10)
+    with tempfile.TemporaryFile("w+") as output:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+        try:
+            while proc.poll() is None:
+                tree = 0
+                for pid in _proc_tree(proc.pid):
+                    kib = _status_kib(pid, ("VmRSS", "VmHWM"))
+                    tree += kib.get("VmRSS", 0)
+                    peak_process = max(peak_process, kib.get("VmHWM", 0))
+                peak_tree = max(peak_tree, tree)
+                time.sleep(RSS_SAMPLE_S)
+        finally:
+            if proc.poll() is None:  # interrupted: do not leave the run behind
+                proc.terminate()
+                proc.wait()
+        seconds = time.perf_counter() - t0
+        output.seek(0)
+        text = output.read().strip()
     if proc.returncode != 0:
-        raise RuntimeError(f"`tagger run` exited {proc.returncode}: {''.join(stderr_chunks).strip()[-500:]}")
+        raise RuntimeError(f"`tagger run` exited {proc.returncode}: {text[-500:]}")
     files = pq.read_metadata(out).num_rows
     return {
         "images": files,
@@ -434,7 +439,6 @@ def measure_rss(catalog: Path, cfg: BenchConfig, out: Path) -> dict[str, Any]:
         "img_per_s": files / seconds if seconds > 0 else 0.0,
         "peak_tree_rss_mb": peak_tree / 1024,
         "peak_process_rss_mb": peak_process / 1024,
-        "summary": stdout.strip(),
     }
 
 
@@ -616,6 +620,11 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 rss_catalog = tmp / f"rss{scale}"
                 build_catalog(sources, rss_catalog, scale * cfg.repeat)
                 rss[f"{scale}x"] = measure_rss(rss_catalog, cfg, tmp / f"rss{scale}.parquet")
+            if total < RSS_WARM_BATCHES * cfg.batch_size:
+                notes.append(
+                    f"the 1x catalog holds under {RSS_WARM_BATCHES} batches, so its peak RSS is still ramping up "
+                    "(ONNX Runtime's memory arena grows over the first batches); use --repeat for a flat comparison"
+                )
 
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},

@@ -92,6 +92,7 @@ def test_full_run_writes_every_field(images: Path, tiny_onnx: Path, tiny_checkpo
     for name, m in results.items():
         assert m["images"] == N_IMAGES, name
         assert m["seconds"] > 0 and m["img_per_s"] == pytest.approx(N_IMAGES / m["seconds"]), name
+        assert m["cpu_seconds"] > 0, name
     assert results["tagger"]["errors"] == 0
     assert set(results["tagger"]["stage_seconds"]) >= {"decode", "infer", "write"}
     assert results["baseline"]["weights"] == "checkpoint"
@@ -107,6 +108,7 @@ def test_full_run_writes_every_field(images: Path, tiny_onnx: Path, tiny_checkpo
     assert (report["rss"]["1x"]["images"], report["rss"]["10x"]["images"]) == (N_IMAGES, 10 * N_IMAGES)
     for m in report["rss"].values():
         assert m["peak_tree_rss_mb"] >= m["peak_process_rss_mb"] > 10
+    assert any("still ramping up" in n for n in report["notes"])  # 6 images are under 10 batches of 4
 
     # The table comes last, on stdout; progress goes to stderr.
     assert "tagger / combined limit" in proc.stdout and "peak RSS" in proc.stdout
