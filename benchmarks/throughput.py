@@ -88,8 +88,7 @@ def _cpu_seconds() -> float:
 
 
 class Stopwatch:
-    """Wall clock and CPU time of a block. CPU time well under wall time x cores while the path should keep every
-    core busy means other jobs took the machine (or the path idles)."""
+    """Wall clock and CPU time of a block: the CPU seconds per image are a path's cost, whatever else runs."""
 
     seconds = cpu_seconds = 0.0
 
