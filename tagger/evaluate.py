@@ -26,7 +26,7 @@ from tagger.errors import TaggerError
 from tagger.metrics import IGNORE, confusion_matrix, per_class, summarize
 from tagger.pipeline.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, Failure, load_image
 from tagger.pipeline.discover import ImageRef
-from tagger.pipeline.run import DEFAULT_BATCH_SIZE, decoded_batches, tag_batches
+from tagger.pipeline.run import DEFAULT_BATCH_SIZE, check_stage_options, decoded_batches, tag_batches
 from tagger.pipeline.session import open_session
 from tagger.train.data import read_styles  # torch-free: csv, numpy, PIL only
 
@@ -58,12 +58,7 @@ class EvalConfig:
     progress: bool | None = None  # None: a progress bar on a terminal only
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise TaggerError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise TaggerError(f"--workers must be >= 0, got {self.workers}")
-        if self.threads is not None and self.threads < 1:
-            raise TaggerError(f"--threads must be at least 1, got {self.threads}")
+        check_stage_options(self.batch_size, self.workers, self.threads)
         if self.mistakes < 0:
             raise TaggerError(f"--mistakes must be >= 0, got {self.mistakes}")
 

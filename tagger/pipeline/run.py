@@ -41,6 +41,16 @@ PREFETCH_BATCHES = 3  # decoded batches waiting for inference: enough to absorb 
 LOG_EVERY_S = 30.0
 
 
+def check_stage_options(batch_size: int, workers: int | None, threads: int | None) -> None:
+    """Validate the decode/inference options every command that runs the pipeline takes."""
+    if batch_size < 1:
+        raise TaggerError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise TaggerError(f"--workers must be >= 0, got {workers}")
+    if threads is not None and threads < 1:
+        raise TaggerError(f"--threads must be at least 1, got {threads}")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything `tagger run` needs. None means "pick the default" (documented per field)."""
@@ -66,12 +76,7 @@ class RunConfig:
     shard: Shard | None = None  # tag only the files of this shard
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise TaggerError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise TaggerError(f"--workers must be >= 0, got {self.workers}")
-        if self.threads is not None and self.threads < 1:
-            raise TaggerError(f"--threads must be at least 1, got {self.threads}")
+        check_stage_options(self.batch_size, self.workers, self.threads)
         if self.top_k < 0:
             raise TaggerError(f"--top-k must be >= 0, got {self.top_k}")
         if self.max_pixels < 1:
