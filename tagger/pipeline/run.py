@@ -308,4 +308,14 @@ def run(config: RunConfig) -> RunSummary:
     return summary
 
 
-__all__ = ["RunConfig", "RunSummary", "StageTimer", "decoded_batches", "run", "tag_batches"]
+__all__ = [
+    "RunConfig",
+    "RunSummary",
+    "StageTimer",
+    "check_stage_options",
+    "decoded_batches",
+    "list_refs",
+    "run",
+    "run_identity",
+    "tag_batches",
+]
