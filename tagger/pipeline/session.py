@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
+import io
 import logging
 import os
 from pathlib import Path
@@ -153,7 +155,12 @@ def _try_cuda(path: Path, threads: int, strict: bool) -> ort.InferenceSession | 
         log.info("onnxruntime has no CUDA provider; using CPU")
         return None
     if hasattr(ort, "preload_dlls"):
-        ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed
+        # Loads CUDA/cuDNN from the nvidia-* wheels when installed. It print()s every library it cannot find, which
+        # on a CPU-only machine would land in stdout, where scripts read the summary line; keep that in the debug log.
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            ort.preload_dlls()
+        if printed.getvalue().strip():
+            log.debug("onnxruntime.preload_dlls: %s", " | ".join(printed.getvalue().split("\n")).strip(" |"))
     # No CPU-fallback ban (session.disable_cpu_ep_fallback): CUDA legitimately leaves shape nodes on CPU, and the
     # ban would reject such models on a working GPU. A CUDA provider that failed to start is absent from
     # get_providers(), which is the check. In auto mode its error log is noise, so it is muted for the attempt.
