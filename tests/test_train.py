@@ -211,3 +211,19 @@ def test_corrupt_training_images_are_skipped(tmp_path: Path) -> None:
     split = json.loads((cfg.out / "split.json").read_text())
     assert "1000" not in split["train_ids"] + split["val_ids"]
     assert len(split["train_ids"]) + len(split["val_ids"]) == 35
+
+
+def test_any_number_of_tasks_trains_and_exports(catalog: Path, tmp_path: Path) -> None:
+    from tagger.export import export_checkpoint
+    from tagger.modelinfo import read_model_metadata
+
+    tasks = (("color", "baseColour"), ("class", "articleType"), ("season", "season"))
+    cfg = TrainConfig(
+        data=catalog, out=tmp_path / "run", epochs=1, batch_size=16, image_size=32, backbone="test_efficientnet",
+        weights="none", device="cpu", workers=0, val_fraction=0.25, tasks=tasks, task_weights=(("season", 0.1),),
+    )
+    best = fit(cfg)
+    assert [t.name for t in tagger.load_checkpoint(str(best)).tasks] == ["color", "class", "season"]
+    info = read_model_metadata(export_checkpoint(best, tmp_path / "m.onnx").path)
+    assert [t.name for t in info.tasks] == ["color", "class", "season"]
+    assert info.tasks[2].labels == ("Summer",)
