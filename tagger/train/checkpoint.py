@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -67,9 +68,12 @@ def read_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
     if not path.is_file():
         raise TaggerError(f"checkpoint {path} is not a file")
     try:
-        raw = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns about pickle protocols of foreign files
+            raw = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many unrelated types for a non-checkpoint file
-        raise TaggerError(f"{path} is not a tagger checkpoint: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        # Its own advice (retry with weights_only=False) would run arbitrary code from the file, so it is not passed on.
+        raise TaggerError(f"{path} is not a tagger checkpoint (torch.load failed with {type(e).__name__})") from None
     if not isinstance(raw, dict):
         raise TaggerError(f"{path} is not a tagger checkpoint (found {type(raw).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in raw]
