@@ -186,7 +186,7 @@ def decode_cache(
         log.warning("skipped %d corrupt images (first: %s)", bad, first)
     if not good:
         raise TaggerError("no training image could be decoded")
-    array = np.stack([results[i] for i in good]) if good else np.empty((0, spec.size, spec.size, 3), np.uint8)
+    array = np.stack([results[i] for i in good])
     return array, tuple(examples[i] for i in good)
 
 
