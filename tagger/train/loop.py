@@ -80,8 +80,8 @@ class CachedImages(Dataset):  # type: ignore[type-arg]
 class Ema:
     """Exponential moving average of the weights, with timm's warm-up so early epochs are not stuck at the init."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.module = copy.deepcopy(model).eval()
+    def __init__(self, model: MultiTaskNet, decay: float) -> None:
+        self.module: MultiTaskNet = copy.deepcopy(model).eval()
         self.decay = decay
         self.updates = 0
 
@@ -328,7 +328,7 @@ def fit(cfg: TrainConfig) -> Path:
         }
         if score > best_score:
             best_score = score
-            save_checkpoint(best_path, _unwrap(scored), spec, tasks, **extra)
+            save_checkpoint(best_path, scored, spec, tasks, **extra)
             log.info("new best (mean val top-1 %.2f%%) saved to %s", 100 * score, best_path)
         save_checkpoint(
             cfg.out / LAST_NAME, model, spec, tasks, **extra,
@@ -337,11 +337,6 @@ def fit(cfg: TrainConfig) -> Path:
             ema_updates=ema.updates if ema is not None else 0, best_score=best_score,
         )
     return best_path
-
-
-def _unwrap(model: nn.Module) -> MultiTaskNet:
-    assert isinstance(model, MultiTaskNet)
-    return model
 
 
 def _resume(
