@@ -26,8 +26,8 @@ from tagger.errors import TaggerError
 from tagger.metrics import IGNORE, confusion_matrix, per_class, summarize
 from tagger.pipeline.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, Failure, load_image
 from tagger.pipeline.discover import ImageRef
-from tagger.pipeline.run import DEFAULT_BATCH_SIZE, check_stage_options, decoded_batches, tag_batches
-from tagger.pipeline.session import open_session
+from tagger.pipeline.run import check_stage_options, decoded_batches, tag_batches
+from tagger.pipeline.session import default_batch_size, open_session
 from tagger.train.data import read_styles  # torch-free: csv, numpy, PIL only
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ class EvalConfig:
     data: Path  # folder with styles.csv and images/<id>.jpg
     model: Path | None = None  # None: the shipped default model
     device: str = "auto"  # auto | cpu | cuda
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
     workers: int | None = None  # decode processes; None: one per core; 0 or 1: decode in this process
     threads: int | None = None  # inference intra-op threads; None: one per core
     tasks: tuple[tuple[str, str], ...] = ()  # (task, column) overrides
@@ -266,7 +266,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     errors: list[tuple[int, str]] = []  # (ref position, error)
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
     with contextlib.ExitStack() as stack:
-        decoded = decoded_batches(refs, session.spec, config.batch_size, config.workers, config.max_pixels)
+        decoded = decoded_batches(refs, session.spec, config.batch_size or default_batch_size(session.provider), config.workers, config.max_pixels)
         batches = stack.enter_context(contextlib.closing(decoded))
         bar = stack.enter_context(
             tqdm(total=len(refs), unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr)

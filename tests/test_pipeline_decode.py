@@ -152,3 +152,41 @@ def test_decode_stream_keeps_order_with_a_process_pool(catalog: tuple[Path, dict
     in_process = flatten(0)
     assert [p for p, _, _ in in_process] == [r.path for r in refs]
     assert flatten(2) == in_process
+
+
+def _arena_files() -> set[str]:
+    import glob
+    import tempfile
+
+    return {p for d in ("/dev/shm", tempfile.gettempdir()) for p in glob.glob(f"{d}/tagger-decode-*")}
+
+
+def test_decode_stream_reuses_shared_slots_without_mixing_chunks(tmp_path: Path) -> None:
+    # 30 distinct photos through 2 workers, 2-image chunks and 2 slots: every slot is refilled many times.
+    for i in range(30):
+        Image.new("RGB", (40 + i, 30), (i * 8, 255 - i * 8, 100)).save(tmp_path / f"{i:02d}.jpg", quality=95)
+    (tmp_path / "99.jpg").write_bytes(b"not a jpeg")
+    refs = list(discover(tmp_path))
+    before = _arena_files()
+
+    def pixels(workers: int) -> list[bytes | str]:
+        out: list[bytes | str] = []
+        for _, chunk in decode_stream(refs, SPEC, workers=workers, chunk_size=2, max_pending=2):
+            out += [r.array.tobytes() if isinstance(r, Sample) else r.error for r in chunk.results]
+        return out
+
+    in_process = pixels(0)
+    assert len(set(in_process)) == 31
+    assert pixels(2) == in_process
+    assert _arena_files() == before  # the shared buffers are removed with the stream
+
+
+def test_decode_stream_closed_early_removes_its_shared_buffers(tmp_path: Path) -> None:
+    for i in range(8):
+        Image.new("RGB", (20, 20), (i * 30, 0, 0)).save(tmp_path / f"{i}.png")
+    before = _arena_files()
+    stream = decode_stream(list(discover(tmp_path)), SPEC, workers=2, chunk_size=1)
+    next(stream)
+    assert len(_arena_files() - before) == 1
+    stream.close()
+    assert _arena_files() == before

@@ -27,7 +27,7 @@ from tagger.pipeline.batch import Batch
 from tagger.pipeline.decode import DecodeResult, Failure, Sample, decode_many
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.run import RunConfig, RunSummary, list_refs, run_identity, tag_batches
-from tagger.pipeline.session import open_session
+from tagger.pipeline.session import CPU, CUDA, default_batch_size, open_session
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -381,7 +381,7 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
         log.info(
             "tagging %d files of %s%s on Ray: %d inference actors, %g GPUs each, on %s, batch %d",
             len(refs), config.catalog, f" (shard {config.shard})" if config.shard else "", actors, gpus,
-            facts.provider, config.batch_size,
+            facts.provider, config.batch_size or default_batch_size(facts.provider),
         )  # fmt: skip
         schema = w.output_schema(facts.tasks, config.top_k)
         sink: _FileSink | _PartsSink = (
@@ -424,7 +424,8 @@ def tag_dataset(
     Needs a connected Ray. model: an absolute path, or None for the default model of the workers' install.
     """
     ray = import_ray()
-    chunk = max(1, min(config.batch_size, DECODE_CHUNK))
+    batch_size = config.batch_size or default_batch_size(CUDA if gpus else CPU)
+    chunk = max(1, min(batch_size, DECODE_CHUNK))
     items = [
         {"path": r.path, "abspath": r.abspath, "size": r.size, "mtime": r.mtime, INDEX: i} for i, r in enumerate(refs)
     ]
@@ -439,7 +440,7 @@ def tag_dataset(
     )
     return ds.map_batches(
         TagActor,
-        batch_size=config.batch_size,
+        batch_size=batch_size,
         batch_format="numpy",
         fn_constructor_kwargs={
             "model": model, "device": config.device, "threads": config.threads, "top_k": config.top_k

@@ -36,27 +36,35 @@ class Batch:
 
 
 def rebatch(decoded: Iterable[tuple[tuple[ImageRef, ...], DecodedBatch]], batch_size: int) -> Iterator[Batch]:
-    """Turn (refs, DecodedBatch) chunks of any size into Batches of batch_size images, keeping the order."""
+    """Turn (refs, DecodedBatch) chunks of any size into Batches of batch_size images, keeping the order.
+
+    Pixels are copied into the batch as each chunk arrives (decode_stream's chunks are only valid until the
+    next one), and each Sample of a Batch is a view into its `images`.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     refs: list[ImageRef] = []
     results: list[DecodeResult] = []
-    arrays: list[np.ndarray] = []
+    buf: np.ndarray | None = None  # uint8 [batch_size, S, S, 3]
+    n = 0
     seconds = 0.0
-    size: int | None = None
     for chunk_refs, chunk in decoded:
         seconds += chunk.seconds
-        size = chunk.images.shape[1]
+        if buf is None:
+            buf = np.empty((batch_size, *chunk.images.shape[1:]), np.uint8)
         for ref, result in zip(chunk_refs, chunk.results, strict=True):
             refs.append(ref)
-            results.append(result)
             if isinstance(result, Sample):
-                arrays.append(result.array)
-                if len(arrays) == batch_size:
-                    yield Batch(tuple(refs), tuple(results), np.stack(arrays), seconds)
-                    refs, results, arrays, seconds = [], [], [], 0.0
+                buf[n] = result.array
+                result = Sample(result.index, buf[n], result.width, result.height)
+                n += 1
+            results.append(result)
+            if n == batch_size:
+                yield Batch(tuple(refs), tuple(results), buf, seconds)
+                refs, results, seconds = [], [], 0.0
+                buf, n = np.empty_like(buf), 0
     if refs:
-        images = np.stack(arrays) if arrays else np.empty((0, size or 0, size or 0, 3), dtype=np.uint8)
+        images = buf[:n] if buf is not None else np.empty((0, 0, 0, 3), np.uint8)
         yield Batch(tuple(refs), tuple(results), images, seconds)
 
 

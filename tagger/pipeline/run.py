@@ -31,19 +31,18 @@ from tagger.pipeline.incremental import Assembler, Changes, load_previous
 from tagger.pipeline.output import RunIdentity
 from tagger.pipeline.postprocess import postprocess
 from tagger.pipeline.resume import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS, WorkDir
-from tagger.pipeline.session import Session, default_threads, open_session
+from tagger.pipeline.session import CPU_BATCH_SIZE, Session, default_batch_size, default_threads, open_session
 from tagger.pipeline.shard import Shard
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 64
 PREFETCH_BATCHES = 3  # decoded batches waiting for inference: enough to absorb jitter, few enough to bound memory
 LOG_EVERY_S = 30.0
 
 
-def check_stage_options(batch_size: int, workers: int | None, threads: int | None) -> None:
+def check_stage_options(batch_size: int | None, workers: int | None, threads: int | None) -> None:
     """Validate the decode/inference options every command that runs the pipeline takes."""
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise TaggerError(f"--batch-size must be at least 1, got {batch_size}")
     if workers is not None and workers < 0:
         raise TaggerError(f"--workers must be >= 0, got {workers}")
@@ -59,7 +58,7 @@ class RunConfig:
     out: Path
     model: Path | None = None  # None: the shipped default model
     device: str = "auto"  # auto | cpu | cuda
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None  # images per inference call; None: 64 on CPU, 256 on CUDA
     workers: int | None = None  # decode processes; None: one per core; 0 or 1: decode in this process
     threads: int | None = None  # inference intra-op threads; None: one per core (shared with the workers)
     top_k: int = 0  # > 0 adds a <task>_topk column per task
@@ -138,7 +137,7 @@ class StageTimer:
 def decoded_batches(
     refs: Iterable[ImageRef],
     spec: PreprocessSpec,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int = CPU_BATCH_SIZE,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Iterator[Batch]:
@@ -220,6 +219,7 @@ def run(config: RunConfig) -> RunSummary:
     workers = default_workers() if config.workers is None else config.workers
     threads = config.threads if config.threads is not None else default_threads()
     session = open_session(config.model, config.device, threads)
+    batch_size = config.batch_size or default_batch_size(session.provider)
     tasks, top_k = session.tasks, config.top_k
     identity = run_identity(config, session.info.sha256)
     metadata = {
@@ -232,7 +232,7 @@ def run(config: RunConfig) -> RunSummary:
     log.info(
         "tagging %s%s with %s on %s: batch %d, %d decode workers, %d threads",
         config.catalog, f" (shard {config.shard})" if config.shard else "", session.path.name, session.provider,
-        config.batch_size, workers, threads,
+        batch_size, workers, threads,
     )  # fmt: skip
     timer = StageTimer()
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
@@ -261,7 +261,7 @@ def run(config: RunConfig) -> RunSummary:
             refs_all = filter(lambda r: config.shard.holds(r.path), refs_all)  # type: ignore[union-attr]
         batches = stack.enter_context(
             contextlib.closing(
-                decoded_batches(assembler.plan(refs_all), session.spec, config.batch_size, workers, config.max_pixels)
+                decoded_batches(assembler.plan(refs_all), session.spec, batch_size, workers, config.max_pixels)
             )
         )
         bar = stack.enter_context(tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr))
