@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
@@ -72,6 +73,7 @@ class BenchConfig:
     checkpoint: Path | None = None
     device: str = "auto"
     batch_size: int | None = None  # None: tagger run's default for the provider (64 on CPU, 256 on CUDA)
+    inflight: int | None = None  # batches in the session at once; None: tagger run's default (2 on CUDA, 1 on CPU)
     workers: int = 1
     threads: int = 1
     repeat: int = DEFAULT_REPEAT
@@ -189,6 +191,7 @@ def measure_tagger(catalog: Path, cfg: BenchConfig, out: Path) -> Measurement:
         batch_size=cfg.batch_size,
         workers=cfg.workers,
         threads=cfg.threads,
+        inflight=cfg.inflight,
         progress=False,
     )
     with Stopwatch() as sw:
@@ -234,13 +237,16 @@ def inference_batches(images: np.ndarray, total: int, batch_size: int) -> Iterat
         yield images[np.arange(start, min(start + batch_size, total)) % len(images)]
 
 
-def measure_inference(session: Session, images: np.ndarray, total: int, batch_size: int) -> Measurement:
-    """The session alone on pre-decoded uint8 batches: no file reading, no decoding."""
+def measure_inference(
+    session: Session, images: np.ndarray, total: int, batch_size: int, inflight: int
+) -> Measurement:
+    """The session alone on pre-decoded uint8 batches, `inflight` at once as in `tagger run`: no file reading,
+    no decoding."""
     if not len(images):
         raise TaggerError("no image could be decoded, so there is nothing to infer on")
     with Stopwatch() as sw:
-        for batch in inference_batches(images, total, batch_size):
-            session.predict(batch)
+        for _ in session.predict_each(inference_batches(images, total, batch_size), lambda b: b, inflight):
+            pass
     return Measurement.of("inference", total, sw)
 
 
@@ -326,13 +332,17 @@ def measure_baseline(
     return Measurement.of("baseline", len(refs), sw, weights=bm.weights, device=device)
 
 
+GPU_DECODE_READERS = 8  # threads reading JPEG bytes ahead of the GPU
+GPU_RESIZE_CHUNK = 32  # same-size images resized per interpolate call (float32 full-size copies: bounded memory)
+
+
 def measure_gpu_decode(
     refs: Sequence[ImageRef], session: Session, batch_size: int, device: str = "cuda"
 ) -> Measurement:
     """nvJPEG batch decode + bilinear fit-and-pad on the GPU, handed to the same ONNX session in GPU memory.
 
     JPEG only (other files are left out of this row) and no EXIF rotation: a sketch of the GPU-decode option,
-    not a replacement pipeline. File reading is serial in this process.
+    not a replacement pipeline. Threads read the next batch's bytes while the GPU decodes this one.
     """
     import torch
     import torchvision.io as tio
@@ -340,20 +350,28 @@ def measure_gpu_decode(
 
     spec = session.spec
     s = spec.size
-    jpegs = [r for r in refs if r.abspath.lower().endswith((".jpg", ".jpeg"))]
+    jpegs = [r.abspath for r in refs if r.abspath.lower().endswith((".jpg", ".jpeg"))]
     pad = torch.tensor(spec.pad_color, dtype=torch.uint8, device=device).view(1, 3, 1, 1)
-    with Stopwatch() as sw:
-        for start in range(0, len(jpegs), batch_size):
-            data = [tio.read_file(r.abspath) for r in jpegs[start : start + batch_size]]
+    batches = [jpegs[i : i + batch_size] for i in range(0, len(jpegs), batch_size)]
+    with Stopwatch() as sw, ThreadPoolExecutor(GPU_DECODE_READERS) as readers:
+        ahead = [readers.submit(tio.read_file, p) for p in batches[0]] if batches else []
+        for b in range(len(batches)):
+            data = [f.result() for f in ahead]
+            ahead = [readers.submit(tio.read_file, p) for p in batches[b + 1]] if b + 1 < len(batches) else []
             decoded = tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, device=device)  # list of uint8 [3, H, W]
             canvas = pad.expand(len(decoded), 3, s, s).clone()  # uint8 [B, 3, S, S]
+            by_size: dict[tuple[int, int], list[int]] = {}
             for k, img in enumerate(decoded):
-                h, w = img.shape[1:]
+                by_size.setdefault((img.shape[1], img.shape[2]), []).append(k)
+            for (h, w), ks in by_size.items():
                 scale = s / max(w, h)
                 nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-                small = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True)
                 top, left = (s - nh) // 2, (s - nw) // 2
-                canvas[k, :, top : top + nh, left : left + nw] = small[0].round().clamp(0, 255).to(torch.uint8)
+                for c in range(0, len(ks), GPU_RESIZE_CHUNK):
+                    part = ks[c : c + GPU_RESIZE_CHUNK]
+                    x = torch.stack([decoded[k] for k in part]).float()  # [n, 3, H, W]
+                    small = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True)
+                    canvas[part, :, top : top + nh, left : left + nw] = small.round().clamp(0, 255).to(torch.uint8)
             nhwc = canvas.permute(0, 2, 3, 1).contiguous()  # uint8 [B, S, S, 3], still on the GPU
             torch.cuda.current_stream().synchronize()  # ONNX Runtime reads it from its own stream
             session.predict_cuda(nhwc.data_ptr(), len(nhwc))
@@ -490,7 +508,7 @@ def render_table(report: dict[str, Any]) -> str:
     lines = [
         f"{report['images']['total']} images ({report['images']['distinct']} distinct x {cfg['repeat']}), "
         f"{report['model']['backbone']} {report['model']['input_size']}px on {report['provider']}, "
-        f"batch {cfg['batch_size']}, {cfg['workers']} workers, {cfg['threads']} threads, "
+        f"batch {cfg['batch_size']} ({cfg['inflight']} in flight), {cfg['workers']} workers, {cfg['threads']} threads, "
         f"{report['machine']['cpu_count']} CPUs ({report['machine']['cpu_model']})",
     ]
     load = (report["machine"].get("loadavg_before"), report["machine"].get("loadavg"))
@@ -542,7 +560,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
     Each path is warmed up once on a few images; then the rounds run every path in turn (interleaved, so a burst
     of load from elsewhere does not hit one path only) and the fastest round of each path is kept.
     """
-    from tagger.pipeline.session import default_batch_size, open_session
+    from tagger.pipeline.session import default_batch_size, default_inflight, open_session
 
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     info = read_model_metadata(cfg.model)
@@ -563,9 +581,10 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         session = open_session(cfg.model, cfg.device, cfg.threads)
         provider = session.provider
         batch_size = cfg.batch_size or default_batch_size(provider)
-        cfg = replace(cfg, batch_size=batch_size)
+        inflight = cfg.inflight or default_inflight(provider)
+        cfg = replace(cfg, batch_size=batch_size, inflight=inflight)
         torch_device = None if cfg.skip_baseline else _torch_device(provider)
-        gpu_decode = cfg.device == "cuda" and torch_device == "cuda"
+        gpu_decode = cfg.device == "cuda" and _torch_device(provider) == "cuda"
         if cfg.skip_baseline:
             notes.append("baseline skipped (--skip-baseline)")
         elif torch_device is None:
@@ -576,7 +595,9 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         log.info("warm-up")
         measure_tagger(warm, cfg, tmp / "warm.parquet")
         _, warm_images = measure_decode(warm, spec, cfg, batch_size, WARMUP_IMAGES)
-        session.predict(warm_images)
+        warm_batch = warm_images[np.arange(batch_size) % len(warm_images)]  # the timed shape (cuDNN tunes per shape)
+        for _ in session.predict_each([warm_batch] * inflight, lambda b: b, inflight):
+            pass
         if torch_device is not None:
             try:
                 measure_baseline(refs[:WARMUP_IMAGES], info, cfg, tmp / "warm-baseline.parquet", torch_device)
@@ -598,7 +619,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
             m, images = measure_decode(catalog, spec, cfg, batch_size, len(sources))
             keep_best(results, m)
             log.info("round %d/%d: inference limit", r + 1, cfg.rounds)
-            keep_best(results, measure_inference(session, images, total, batch_size))
+            keep_best(results, measure_inference(session, images, total, batch_size, inflight))
             if torch_device is not None:
                 log.info("round %d/%d: baseline (eager PyTorch on %s)", r + 1, cfg.rounds, torch_device)
                 keep_best(results, measure_baseline(refs, info, cfg, tmp / "baseline.parquet", torch_device))
@@ -664,6 +685,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Trainer checkpoint for the baseline [default: the model's backbone with random weights].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Images per inference call, for every path [default: tagger run's].")
+@click.option("--inflight", type=click.IntRange(1), default=None, help="Batches in the session at once, for tagger and the inference limit [default: tagger run's, 2 on CUDA, 1 on CPU].")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes, for every path [default: one per core].")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads, for every path [default: one per core].")
 @click.option("--repeat", default=DEFAULT_REPEAT, show_default=True, type=click.IntRange(1), help="Copies of the images in the measured catalog.")
@@ -679,6 +701,7 @@ def main(
     checkpoint: Path | None,
     device: str,
     batch_size: int | None,
+    inflight: int | None,
     workers: int | None,
     threads: int | None,
     repeat: int,
@@ -701,6 +724,7 @@ def main(
             checkpoint=checkpoint,
             device=device,
             batch_size=batch_size,
+            inflight=inflight,
             workers=default_workers() if workers is None else workers,
             threads=default_threads() if threads is None else threads,
             repeat=repeat,

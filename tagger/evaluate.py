@@ -27,7 +27,7 @@ from tagger.metrics import IGNORE, confusion_matrix, per_class, summarize
 from tagger.pipeline.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, Failure, load_image
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.run import check_stage_options, decoded_batches, tag_batches
-from tagger.pipeline.session import default_batch_size, open_session
+from tagger.pipeline.session import default_batch_size, default_inflight, open_session
 from tagger.train.data import read_styles  # torch-free: csv, numpy, PIL only
 
 if TYPE_CHECKING:
@@ -272,7 +272,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
             tqdm(total=len(refs), unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr)
         )
         pos = 0
-        for batch, table in tag_batches(batches, session):
+        for batch, table in tag_batches(batches, session, inflight=default_inflight(session.provider)):
             ok = np.array([not isinstance(r, Failure) for r in batch.results], dtype=bool)  # [k]
             got.ok.append(ok)
             errors += [(pos + j, r.error) for j, r in enumerate(batch.results) if isinstance(r, Failure)]

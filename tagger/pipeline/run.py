@@ -31,7 +31,14 @@ from tagger.pipeline.incremental import Assembler, Changes, load_previous
 from tagger.pipeline.output import RunIdentity
 from tagger.pipeline.postprocess import postprocess
 from tagger.pipeline.resume import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS, WorkDir
-from tagger.pipeline.session import CPU_BATCH_SIZE, Session, default_batch_size, default_threads, open_session
+from tagger.pipeline.session import (
+    CPU_BATCH_SIZE,
+    Session,
+    default_batch_size,
+    default_inflight,
+    default_threads,
+    open_session,
+)
 from tagger.pipeline.shard import Shard
 
 log = logging.getLogger(__name__)
@@ -73,9 +80,12 @@ class RunConfig:
     commit_every: int = DEFAULT_COMMIT_EVERY  # commit tagged rows to OUT.work/ every N images; 0: not by count
     commit_seconds: float = DEFAULT_COMMIT_SECONDS  # ... or every T seconds; 0: not by time (both 0: never)
     shard: Shard | None = None  # tag only the files of this shard
+    inflight: int | None = None  # batches in the session at once; None: 2 on CUDA, 1 on CPU
 
     def __post_init__(self) -> None:
         check_stage_options(self.batch_size, self.workers, self.threads)
+        if self.inflight is not None and self.inflight < 1:
+            raise TaggerError(f"inflight must be at least 1, got {self.inflight}")
         if self.top_k < 0:
             raise TaggerError(f"--top-k must be >= 0, got {self.top_k}")
         if self.max_pixels < 1:
@@ -150,26 +160,37 @@ def decoded_batches(
 
 
 def tag_batches(
-    batches: Iterable[Batch], session: Session, top_k: int = 0, timer: StageTimer | None = None
+    batches: Iterable[Batch], session: Session, top_k: int = 0, timer: StageTimer | None = None, inflight: int = 1
 ) -> Iterator[tuple[Batch, pa.Table]]:
-    """Infer and postprocess each batch; yield it with its output rows (one per ref, in order)."""
+    """Infer and postprocess each batch; yield it with its output rows (one per ref, in order).
+
+    inflight: batches in the session at once (default_inflight gives the provider's best).
+    """
     timer = timer or StageTimer()
-    it = iter(batches)
+
+    def arriving() -> Iterator[Batch]:
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            timer.add("wait", time.perf_counter() - t0)
+            if batch is None:
+                return
+            timer.add("decode", batch.decode_seconds)
+            yield batch
+
+    predicted = session.predict_each(arriving(), lambda b: b.images, inflight)
     while True:
-        t0 = time.perf_counter()
-        batch = next(it, None)
+        t0, waited = time.perf_counter(), timer.seconds["wait"]
+        item = next(predicted, None)
         t1 = time.perf_counter()
-        if batch is None:
+        if item is None:
             return
-        probs = session.predict(batch.images)
-        t2 = time.perf_counter()
+        batch, probs = item
+        timer.add("infer", t1 - t0 - (timer.seconds["wait"] - waited))  # minus the time it waited for input
         preds = postprocess(probs, session.tasks, top_k)
         table = w.rows_to_table(batch, preds, session.tasks, top_k)
-        t3 = time.perf_counter()
-        timer.add("decode", batch.decode_seconds)
-        timer.add("wait", t1 - t0)
-        timer.add("infer", t2 - t1)
-        timer.add("postprocess", t3 - t2)
+        timer.add("postprocess", time.perf_counter() - t1)
         yield batch, table
 
 
@@ -266,7 +287,8 @@ def run(config: RunConfig) -> RunSummary:
         )
         bar = stack.enter_context(tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr))
         last_log = time.perf_counter()
-        for batch, table in tag_batches(batches, session, top_k, timer):
+        inflight = config.inflight or default_inflight(session.provider)
+        for batch, table in tag_batches(batches, session, top_k, timer, inflight):
             t0 = time.perf_counter()
             work.add(table)
             assembler.write_tagged(table)

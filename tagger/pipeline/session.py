@@ -7,8 +7,10 @@ import importlib.resources
 import io
 import logging
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -19,10 +21,14 @@ from tagger.modelinfo import ModelInfo, model_info_from_session, ort_errors
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 DEVICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEFAULT_MODEL_NAME = "tagger-default.onnx"
+
+CUDA_OPTIONS: Mapping[str, str] = {}  # CUDA provider options on top of device_id
 
 _WARNING = 3  # onnxruntime logger severities
 _FATAL = 4
@@ -62,6 +68,12 @@ def default_batch_size(provider: str) -> int:
     return CUDA_BATCH_SIZE if provider == CUDA else CPU_BATCH_SIZE
 
 
+def default_inflight(provider: str) -> int:
+    """Batches in the session at once. On CUDA a second one keeps the GPU busy while the first one's input is
+    copied in and its outputs copied out; on CPU one call already uses every intra-op thread."""
+    return 2 if provider == CUDA else 1
+
+
 class Session:
     """A loaded tagger model. predict() takes uint8 [N, S, S, 3] and returns task -> float32 probabilities [N, C]."""
 
@@ -96,6 +108,26 @@ class Session:
             outs = self._sess.run(self._outputs, {INPUT_NAME: images})
         # An fp16 model may still hand back float16 probabilities; the output schema is float32.
         return {t.name: np.asarray(o, dtype=np.float32) for t, o in zip(self.tasks, outs)}
+    def predict_each(
+        self, items: Iterable[T], images: Callable[[T], np.ndarray], inflight: int = 1
+    ) -> Iterator[tuple[T, dict[str, np.ndarray]]]:
+        """predict(images(item)) for each item, yielded in order with the item; with inflight > 1, up to that many
+        calls run at once in threads (ONNX Runtime releases the GIL and sessions are safe to share)."""
+        if inflight <= 1:
+            for item in items:
+                yield item, self.predict(images(item))
+            return
+        with ThreadPoolExecutor(inflight, thread_name_prefix="tagger-infer") as pool:
+            pending: deque[tuple[T, Future[dict[str, np.ndarray]]]] = deque()
+            for item in items:
+                pending.append((item, pool.submit(self.predict, images(item))))
+                if len(pending) >= inflight:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+
     def predict_cuda(self, data_ptr: int, n: int) -> dict[str, np.ndarray]:
         """predict() for uint8 [n, S, S, 3] already in memory of GPU 0 at data_ptr (e.g. a torch tensor's
         data_ptr(), with its stream synchronised): ONNX Runtime reads it in place, with no trip through the host."""
@@ -188,7 +220,7 @@ def _try_cuda(path: Path, threads: int, strict: bool) -> ort.InferenceSession | 
     if not strict:
         ort.set_default_logger_severity(_FATAL)
     try:
-        sess = ort.InferenceSession(str(path), _session_options(threads), providers=[(CUDA, {"device_id": 0}), CPU])
+        sess = ort.InferenceSession(str(path), _session_options(threads), providers=[(CUDA, {"device_id": 0, **CUDA_OPTIONS}), CPU])
     except _ep_errors() as e:
         reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         if strict:
