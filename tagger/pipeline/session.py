@@ -28,7 +28,9 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEFAULT_MODEL_NAME = "tagger-default.onnx"
 
-CUDA_OPTIONS: Mapping[str, str] = {}  # CUDA provider options on top of device_id
+# cuDNN tunes each convolution per input shape. Measured on an H200 (Lite0 @160, batch 256): the exhaustive
+# search cost 1.9 s at the first run of each shape, the heuristic choice 0.5 s, at the same throughput.
+CUDA_OPTIONS: Mapping[str, str] = {"cudnn_conv_algo_search": "HEURISTIC"}
 
 _WARNING = 3  # onnxruntime logger severities
 _FATAL = 4
@@ -85,6 +87,7 @@ class Session:
         self.metadata: Mapping[str, str] = {k: v for k, v in meta.items() if k.startswith("tagger.")}
         self.provider: str = sess.get_providers()[0]
         self._outputs = [t.output for t in self.info.tasks]
+        self._cuda_rows = 0  # largest batch run on CUDA: smaller ones are padded to it, so cuDNN tunes one shape
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:
@@ -103,7 +106,11 @@ class Session:
             return {t.name: np.zeros((0, len(t.labels)), np.float32) for t in self.tasks}
         images = np.ascontiguousarray(images)
         if self.provider == CUDA:
-            outs = self._run_bound(images)
+            n = len(images)
+            if n < self._cuda_rows:  # e.g. the last batch of a run
+                images = np.concatenate([images, np.zeros((self._cuda_rows - n, s, s, 3), np.uint8)])
+            self._cuda_rows = max(self._cuda_rows, n)
+            outs = [o[:n] for o in self._run_bound(images)]
         else:
             outs = self._sess.run(self._outputs, {INPUT_NAME: images})
         # An fp16 model may still hand back float16 probabilities; the output schema is float32.
