@@ -98,3 +98,32 @@ def test_postprocess_top1_and_topk() -> None:
     assert postprocess(probs, tasks, top_k=10)["class"].topk_index.shape == (3, 3)  # type: ignore[union-attr]
     with pytest.raises(ValueError):
         postprocess({"class": np.zeros((2, 4), np.float32)}, tasks)
+
+
+def test_predict_each_in_flight_keeps_order_and_results(contract_onnx: Path) -> None:
+    session = open_session(contract_onnx, "cpu", 1)
+    s = session.spec.size
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8) for n in (5, 3, 7, 1, 4)]
+    one = list(session.predict_each(batches, lambda b: b, 1))
+    three = list(session.predict_each(batches, lambda b: b, 3))
+    assert [item is b for (item, _), b in zip(three, batches)] == [True] * len(batches)
+    for (_, a), (_, b), batch in zip(one, three, batches):
+        assert set(a) == set(b) == {t.name for t in session.tasks}
+        for name in a:
+            assert a[name].shape[0] == len(batch)
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_cuda_pads_a_short_batch_to_the_shape_it_runs(contract_onnx: Path) -> None:
+    if not cuda_really_works(contract_onnx):
+        pytest.skip("needs a working CUDA provider")
+    cuda, cpu = open_session(contract_onnx, "cuda", 1), open_session(contract_onnx, "cpu", 1)
+    s = cuda.spec.size
+    rng = np.random.default_rng(1)
+    full, short = (rng.integers(0, 256, (n, s, s, 3), dtype=np.uint8) for n in (6, 2))
+    cuda.predict(full)
+    got, want = cuda.predict(short), cpu.predict(short)
+    for name in want:
+        assert got[name].shape == want[name].shape
+        np.testing.assert_allclose(got[name], want[name], atol=1e-4)
