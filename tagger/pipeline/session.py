@@ -115,6 +115,7 @@ class Session:
             outs = self._sess.run(self._outputs, {INPUT_NAME: images})
         # An fp16 model may still hand back float16 probabilities; the output schema is float32.
         return {t.name: np.asarray(o, dtype=np.float32) for t, o in zip(self.tasks, outs)}
+
     def predict_each(
         self, items: Iterable[T], images: Callable[[T], np.ndarray], inflight: int = 1
     ) -> Iterator[tuple[T, dict[str, np.ndarray]]]:
