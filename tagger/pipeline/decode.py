@@ -162,6 +162,7 @@ def decode_one(
 
 
 def _rebuild_batch(images: np.ndarray, meta: list[tuple[int, int, int] | tuple[int, str]], seconds: float) -> DecodedBatch:
+    """The batch of `meta`, its Samples viewing the first rows of `images` (a buffer of at least that many)."""
     results: list[DecodeResult] = []
     k = 0
     for m in meta:
@@ -170,7 +171,7 @@ def _rebuild_batch(images: np.ndarray, meta: list[tuple[int, int, int] | tuple[i
             k += 1
         else:
             results.append(Failure(m[0], m[1]))  # type: ignore[arg-type]
-    return DecodedBatch(images, tuple(results), seconds)
+    return DecodedBatch(images[:k], tuple(results), seconds)
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,6 +197,15 @@ def decode_many(
     t0 = time.perf_counter()
     s = spec.size
     buf = np.empty((len(srcs), s, s, 3), dtype=np.uint8)
+    meta = _decode_to(buf, srcs, spec, max_pixels, start)
+    return _rebuild_batch(buf, meta, time.perf_counter() - t0)
+
+
+def _decode_to(
+    buf: np.ndarray, srcs: Sequence[Source], spec: PreprocessSpec, max_pixels: int, start: int
+) -> list[tuple[int, int, int] | tuple[int, str]]:
+    """Decode srcs, packing the ok ones in order into buf [>= len(srcs), S, S, 3]; one metadata tuple per source:
+    (index, width, height) for a Sample, (index, error) for a Failure."""
     meta: list[tuple[int, int, int] | tuple[int, str]] = []
     k = 0
     for i, src in enumerate(srcs):
@@ -206,7 +216,7 @@ def decode_many(
             k += 1
         else:
             meta.append((r.index, r.error))
-    return _rebuild_batch(buf[:k], meta, time.perf_counter() - t0)
+    return meta
 
 
 def _worker_init() -> None:
@@ -274,18 +284,9 @@ def _decode_into(
     """Worker side of decode_stream: decode srcs straight into one arena slot; return only the metadata."""
     t0 = time.perf_counter()
     n = shape[0] * shape[1] * shape[2] * shape[3]
-    meta: list[tuple[int, int, int] | tuple[int, str]] = []
     with open(arena, "r+b") as f, mmap.mmap(f.fileno(), n, offset=offset) as m:
         buf = np.frombuffer(m, np.uint8, n).reshape(shape)
-        k = 0
-        for i, src in enumerate(srcs):
-            r = decode_one(src, spec, max_pixels, start + i)
-            if isinstance(r, Sample):
-                buf[k] = r.array
-                meta.append((r.index, r.width, r.height))
-                k += 1
-            else:
-                meta.append((r.index, r.error))
+        meta = _decode_to(buf, srcs, spec, max_pixels, start)
         del buf  # the map cannot close while a view of it exists
     return meta, time.perf_counter() - t0
 
@@ -350,8 +351,7 @@ def _result(
         ) from None
     # The slot goes back to the free list now and is refilled only after the consumer asks for the next chunk.
     arena.free.append(slot)
-    k = sum(len(m) == 3 for m in meta)
-    return chunk, _rebuild_batch(arena.view(slot)[:k], meta, seconds)
+    return chunk, _rebuild_batch(arena.view(slot), meta, seconds)
 
 
 def _chunks(refs: Iterable[ImageRef], n: int) -> Iterator[tuple[ImageRef, ...]]:
