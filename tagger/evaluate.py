@@ -266,7 +266,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     errors: list[tuple[int, str]] = []  # (ref position, error)
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
     with contextlib.ExitStack() as stack:
-        decoded = decoded_batches(refs, session.spec, config.batch_size or default_batch_size(session.provider), config.workers, config.max_pixels)
+        batch_size = config.batch_size or default_batch_size(session.provider)
+        decoded = decoded_batches(refs, session.spec, batch_size, config.workers, config.max_pixels)
         batches = stack.enter_context(contextlib.closing(decoded))
         bar = stack.enter_context(
             tqdm(total=len(refs), unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr)

@@ -110,11 +110,8 @@ class Session:
             if n < self._cuda_rows:  # e.g. the last batch of a run
                 images = np.concatenate([images, np.zeros((self._cuda_rows - n, s, s, 3), np.uint8)])
             self._cuda_rows = max(self._cuda_rows, n)
-            outs = [o[:n] for o in self._run_bound(images)]
-        else:
-            outs = self._sess.run(self._outputs, {INPUT_NAME: images})
-        # An fp16 model may still hand back float16 probabilities; the output schema is float32.
-        return {t.name: np.asarray(o, dtype=np.float32) for t, o in zip(self.tasks, outs)}
+            return self._probs([o[:n] for o in self._run_bound(images)])
+        return self._probs(self._sess.run(self._outputs, {INPUT_NAME: images}))
 
     def predict_each(
         self, items: Iterable[T], images: Callable[[T], np.ndarray], inflight: int = 1
@@ -142,21 +139,25 @@ class Session:
         if self.provider != CUDA:
             raise ValueError(f"predict_cuda needs a session on {CUDA}, this one runs on {self.provider}")
         s = self.spec.size
-        io = self._sess.io_binding()
-        io.bind_input(INPUT_NAME, "cuda", 0, np.uint8, [n, s, s, 3], data_ptr)
-        for name in self._outputs:
-            io.bind_output(name, "cpu")
-        self._sess.run_with_iobinding(io)
-        return {t.name: np.asarray(o, dtype=np.float32) for t, o in zip(self.tasks, io.copy_outputs_to_cpu())}
+        binding = self._sess.io_binding()
+        binding.bind_input(INPUT_NAME, "cuda", 0, np.uint8, [n, s, s, 3], data_ptr)
+        return self._probs(self._run_binding(binding))
 
     def _run_bound(self, images: np.ndarray) -> list[np.ndarray]:
-        # IO binding: the input is copied to the GPU once and outputs land in host memory ORT allocates itself.
-        io = self._sess.io_binding()
-        io.bind_cpu_input(INPUT_NAME, images)
+        binding = self._sess.io_binding()
+        binding.bind_cpu_input(INPUT_NAME, images)  # copied to the GPU once
+        return self._run_binding(binding)
+
+    def _run_binding(self, binding: ort.IOBinding) -> list[np.ndarray]:
+        # IO binding (input already bound): outputs land in host memory that ORT allocates itself.
         for name in self._outputs:
-            io.bind_output(name, "cpu")
-        self._sess.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()
+            binding.bind_output(name, "cpu")
+        self._sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def _probs(self, outs: list[np.ndarray]) -> dict[str, np.ndarray]:
+        # An fp16 model may still hand back float16 probabilities; the output schema is float32.
+        return {t.name: np.asarray(o, dtype=np.float32) for t, o in zip(self.tasks, outs)}
 
 
 def _session_options(threads: int) -> ort.SessionOptions:
