@@ -38,7 +38,7 @@ import tagger
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError
 from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata
-from tagger.pipeline.decode import default_workers
+from tagger.pipeline.decode import default_workers, fitted_size
 from tagger.pipeline.discover import ImageRef, discover
 
 GPU_COMBINED_NOTE = (
@@ -369,8 +369,7 @@ def measure_gpu_decode(
             for k, img in enumerate(decoded):
                 by_size.setdefault((img.shape[1], img.shape[2]), []).append(k)
             for (h, w), ks in by_size.items():
-                scale = s / max(w, h)
-                nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+                nw, nh = fitted_size(w, h, s)
                 top, left = (s - nh) // 2, (s - nw) // 2
                 for c in range(0, len(ks), GPU_RESIZE_CHUNK):
                     part = ks[c : c + GPU_RESIZE_CHUNK]

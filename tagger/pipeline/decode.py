@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 _FILTERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
+def fitted_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) of a w x h image scaled to fit inside size x size, keeping its aspect ratio."""
+    scale = size / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
 def fit_and_pad(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Scale an RGB image to fit inside spec.size x spec.size keeping its aspect ratio, centre it on pad_color.
 
@@ -40,8 +46,7 @@ def fit_and_pad(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         img = img.convert("RGB")
     s = spec.size
     w, h = img.size
-    scale = s / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    nw, nh = fitted_size(w, h, s)
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), _FILTERS[spec.interpolation])
     canvas = Image.new("RGB", (s, s), spec.pad_color)
@@ -99,11 +104,6 @@ def _describe(e: BaseException, path: str | os.PathLike[str]) -> str:
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
-def _fitted_size(w: int, h: int, size: int) -> tuple[int, int]:
-    scale = size / max(w, h)
-    return max(1, round(w * scale)), max(1, round(h * scale))
-
-
 def _to_rgb(img: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image:
     """Mode policy: alpha/transparency composited onto pad_color, 16/32-bit integer scaled (not clipped) to 8 bit."""
     mode = img.mode
@@ -135,7 +135,7 @@ def load_image(path: str | os.PathLike[str], spec: PreprocessSpec, max_pixels: i
             raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         # JPEG only: decode at 1/2, 1/4 or 1/8 scale, the smallest still at least the fitted size.
-        img.draft("RGB", _fitted_size(w, h, spec.size))
+        img.draft("RGB", fitted_size(w, h, spec.size))
         img.load()
         out = ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
         out = _to_rgb(out, spec.pad_color)  # loaded pixels stay usable after the file closes
