@@ -571,7 +571,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
     Each path is warmed up once on a few images; then the rounds run every path in turn (interleaved, so a burst
     of load from elsewhere does not hit one path only) and the fastest round of each path is kept.
     """
-    from tagger.pipeline.session import default_batch_size, default_inflight, open_session
+    from tagger.pipeline.session import CUDA, default_batch_size, default_inflight, open_session
 
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     info = read_model_metadata(cfg.model)
@@ -591,12 +591,15 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
         session = open_session(cfg.model, cfg.device, cfg.threads)
         provider = session.provider
-        notes.append(COMBINED_NOTE if provider != "CUDAExecutionProvider" else GPU_COMBINED_NOTE)
+        shared_cores = provider != CUDA  # does inference run on the cores that decode?
+        combined_note = COMBINED_NOTE if shared_cores else GPU_COMBINED_NOTE
+        notes.append(combined_note)
         batch_size = cfg.batch_size or default_batch_size(provider)
         inflight = cfg.inflight or default_inflight(provider)
         cfg = replace(cfg, batch_size=batch_size, inflight=inflight)
-        torch_device = None if cfg.skip_baseline else _torch_device(provider)
-        gpu_decode = cfg.device == "cuda" and _torch_device(provider) == "cuda"
+        torch_available = _torch_device(provider)
+        torch_device = None if cfg.skip_baseline else torch_available
+        gpu_decode = cfg.device == "cuda" and torch_available == "cuda"
         if cfg.skip_baseline:
             notes.append("baseline skipped (--skip-baseline)")
         elif torch_device is None:
@@ -684,8 +687,8 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         },
         "images": {"source": str(cfg.images), "distinct": len(sources), "total": total, "catalog_links": links},
         "results": {name: m.to_dict() for name, m in results.items()},
-        "ratios": ratios(results, shared_cores=provider != "CUDAExecutionProvider"),
-        "combined_limit": notes[0],
+        "ratios": ratios(results, shared_cores),
+        "combined_limit": combined_note,
         "rss": rss,
         "notes": notes,
     }
