@@ -147,7 +147,7 @@ def keep_best(results: dict[str, Measurement], m: Measurement) -> None:
 
 def source_images(root: Path, limit: int | None) -> list[ImageRef]:
     """The image files under `root` in discover order, the first `limit` of them when given."""
-    refs = []
+    refs: list[ImageRef] = []
     for ref in discover(root):
         if limit is not None and len(refs) >= limit:
             break
@@ -315,8 +315,8 @@ def measure_baseline(
         transform = transforms.Compose(
             [transforms.Resize((s, s)), transforms.ToTensor(), transforms.Normalize(bm.spec.mean, bm.spec.std)]
         )
-        loader = DataLoader(
-            _NotebookDataset([r.abspath for r in refs], transform),
+        loader: DataLoader[Any] = DataLoader(
+            _NotebookDataset([r.abspath for r in refs], transform),  # type: ignore[arg-type]  # duck-typed map-style
             batch_size=cfg.batch_size,
             num_workers=cfg.workers if cfg.workers > 1 else 0,
             shuffle=False,
@@ -620,9 +620,10 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 notes.append(f"baseline skipped: {e}")
                 torch_device = None
         if gpu_decode:
+            gpu_errors: tuple[type[BaseException], ...] = (ValueError, *ort_errors())
             try:
                 measure_gpu_decode(refs[:WARMUP_IMAGES], session, batch_size)
-            except (ValueError, *ort_errors()) as e:  # an optional row: report why and measure the rest
+            except gpu_errors as e:  # an optional row: report why and measure the rest
                 notes.append(f"gpu-decode skipped: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
                 gpu_decode = False
 

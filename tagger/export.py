@@ -203,6 +203,9 @@ def _load(ckpt_path: Path) -> LoadedCheckpoint:
 class _ServingGraph(nn.Module):
     """The whole contract as one module: uint8 [N, H, W, 3] RGB -> one softmax [N, C_task] float32 per task."""
 
+    shift: torch.Tensor  # [1, 3, 1, 1] buffers
+    scale: torch.Tensor
+
     def __init__(self, model: MultiTaskNet, preprocess: PreprocessSpec, compute_dtype: torch.dtype) -> None:
         super().__init__()
         self.backbone = model.backbone

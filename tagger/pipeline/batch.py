@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Iterator, TypeVar
+from typing import Generator, Iterable, Iterator, TypeVar
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class _Raised:
         self.error = error
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
     """Iterate `items` in a background thread, at most `depth` items ahead of the consumer.
 
     Decoding (and the pool feeding) then overlaps with inference, and memory stays bounded. An exception in the

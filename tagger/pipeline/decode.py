@@ -167,10 +167,10 @@ def _rebuild_batch(images: np.ndarray, meta: list[tuple[int, int, int] | tuple[i
     k = 0
     for m in meta:
         if len(m) == 3:
-            results.append(Sample(m[0], images[k], m[1], m[2]))  # type: ignore[arg-type]
+            results.append(Sample(m[0], images[k], m[1], m[2]))
             k += 1
         else:
-            results.append(Failure(m[0], m[1]))  # type: ignore[arg-type]
+            results.append(Failure(m[0], m[1]))
     return DecodedBatch(images[:k], tuple(results), seconds)
 
 

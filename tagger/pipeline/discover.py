@@ -79,12 +79,12 @@ def _walk(abs_dir: str, rel_dir: str, exts: frozenset[str], seen: set[tuple[int,
         return
     # A folder sorts as name + '/', which makes the depth-first walk emit paths in global string order.
     keyed: list[tuple[str, os.DirEntry[str], bool]] = []
-    for e in entries:
+    for entry in entries:
         try:
-            is_dir = e.is_dir()  # follows symlinks
+            is_dir = entry.is_dir()  # follows symlinks
         except OSError:
             is_dir = False
-        keyed.append((e.name + "/" if is_dir else e.name, e, is_dir))
+        keyed.append((entry.name + "/" if is_dir else entry.name, entry, is_dir))
     keyed.sort(key=lambda k: k[0])
     for _, entry, is_dir in keyed:
         rel = f"{rel_dir}{entry.name}"

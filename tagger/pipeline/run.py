@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Generator, Iterable, Iterator, Mapping
 
 import pyarrow as pa
 from tqdm import tqdm
@@ -150,7 +150,7 @@ def decoded_batches(
     batch_size: int = CPU_BATCH_SIZE,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> Iterator[Batch]:
+) -> Generator[Batch, None, None]:
     """discover's refs -> fixed-size decoded Batches, in order, decoded ahead in a bounded background thread."""
     workers = default_workers() if workers is None else workers
     # Chunks of a batch keep IPC to one array per task; smaller ones keep every worker busy on small runs.
@@ -278,8 +278,9 @@ def run(config: RunConfig) -> RunSummary:
         parts = (work.rows, work.index) if work.rows is not None and work.index is not None else None
         assembler = Assembler(writer, previous, parts, config.retry_errors, incremental=config.incremental)
         refs_all: Iterator[ImageRef] = itertools.chain([first], refs)
-        if config.shard is not None:
-            refs_all = filter(lambda r: config.shard.holds(r.path), refs_all)  # type: ignore[union-attr]
+        shard = config.shard
+        if shard is not None:
+            refs_all = filter(lambda r: shard.holds(r.path), refs_all)
         batches = stack.enter_context(
             contextlib.closing(
                 decoded_batches(assembler.plan(refs_all), session.spec, batch_size, workers, config.max_pixels)

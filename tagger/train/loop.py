@@ -63,7 +63,7 @@ class TrainConfig:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-class CachedImages(Dataset):  # type: ignore[type-arg]
+class CachedImages(Dataset):
     """Decoded uint8 [N, S, S, 3] images plus int64 labels [N, T], transformed per sample."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, transform: nn.Module) -> None:
@@ -126,7 +126,7 @@ def task_losses(
 
 def train_one_epoch(
     model: MultiTaskNet,
-    loader: DataLoader,  # type: ignore[type-arg]
+    loader: DataLoader,
     criteria: dict[str, nn.Module],
     task_weights: dict[str, float],
     optimizer: torch.optim.Optimizer,
@@ -313,7 +313,7 @@ def fit(cfg: TrainConfig) -> Path:
             " | ".join(f"val {t.name} {val[t.name]['top1']:.2%}" for t in tasks),
             train_stats["loss"], seconds,
         )
-        record = {"epoch": epoch, "train_loss": train_stats["loss"], "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": train_stats["loss"], "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
         record.update({f"train_acc_{t.name}": train_stats["acc_" + t.name] for t in tasks})
         record.update({"val": val})
         with open(cfg.out / "metrics.jsonl", "a") as f:
