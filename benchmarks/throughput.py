@@ -697,7 +697,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--images", type=click.Path(path_type=Path, file_okay=False), default=DEFAULT_IMAGES, show_default="the repo's sample_images/", help="Image folder, walked recursively.")
-@click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=None, help="ONNX model [default: the shipped default model].")
+@click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=None, help="ONNX model, or a shipped one: default, default-int8 [default: default].")
 @click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Trainer checkpoint for the baseline [default: the model's backbone with random weights].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Images per inference call, for every path [default: tagger run's].")
@@ -731,12 +731,12 @@ def main(
     """Measure `tagger run` against an eager-PyTorch baseline and its decode and inference limits."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("tagger").setLevel(logging.INFO if verbose else logging.WARNING)
-    from tagger.pipeline.session import default_model_path, default_threads
+    from tagger.pipeline.session import default_threads, resolve_model
 
     try:
         cfg = BenchConfig(
             images=images,
-            model=model if model is not None else default_model_path(),
+            model=resolve_model(model),
             checkpoint=checkpoint,
             device=device,
             batch_size=batch_size,

@@ -47,7 +47,7 @@ class EvalConfig:
     """What `tagger eval` needs. `tasks` overrides task -> styles.csv column (defaults: contract.DEFAULT_TASKS)."""
 
     data: Path  # folder with styles.csv and images/<id>.jpg
-    model: Path | None = None  # None: the shipped default model
+    model: Path | None = None  # None: the shipped default model; a shipped model by name, e.g. "default-int8"
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
     workers: int | None = None  # decode processes; None: one per core; 0 or 1: decode in this process

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -40,6 +39,7 @@ from tagger.contract import (
     TaskSpec,
     tasks_to_json,
 )
+from tagger.atomic import publish, reserve_temp
 from tagger.errors import TaggerError
 from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata, sha256_file
 from tagger.pipeline.decode import Failure, decode_one, fit_and_pad
@@ -125,7 +125,7 @@ def export_checkpoint(
     image_paths = _check_image_paths(check_images)
     precision = "fp16" if fp16 else "fp32"
 
-    tmp = _reserve_temp(out)  # fails fast on an unwritable destination, before any expensive work
+    tmp = reserve_temp(out)  # fails fast on an unwritable destination, before any expensive work
     try:
         ckpt = _load(ckpt_path)
         images = _check_batch(ckpt.preprocess, image_paths)  # uint8 [K, S, S, 3]
@@ -133,10 +133,9 @@ def export_checkpoint(
         _set_metadata(proto, ckpt, sha256_file(ckpt_path), ckpt_path.name, precision, opset)
         _check_graph(proto, ckpt.tasks, ckpt.preprocess.size, opset)
         tmp.write_bytes(proto.SerializeToString())
-        tmp.chmod(0o666 & ~_umask())  # mkstemp made it owner-only; the runtime may run as another user
         info = read_model_metadata(tmp)
         diffs, agreement, batch_sizes = _check_parity(tmp, ckpt, images, precision)
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -168,22 +167,6 @@ def _check_image_paths(check_images: Sequence[str | os.PathLike[str]] | None) ->
         if not p.is_file():
             raise TaggerError(f"check image {p} is not a file")
     return paths
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _reserve_temp(out: Path) -> Path:
-    """Create the temp file next to `out` now, so os.replace stays on one filesystem and permissions fail early."""
-    try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    except OSError as e:
-        raise TaggerError(f"cannot write {out}: {e.strerror or e}") from None
-    os.close(fd)
-    return Path(name)
 
 
 def _load(ckpt_path: Path) -> LoadedCheckpoint:

@@ -209,6 +209,12 @@ def describe(info: ModelInfo, max_labels: int = 12) -> str:
     metrics = m.get("metrics") or {}
     if metrics:
         lines.append("metrics     " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+    quantization = m.get("quantization")
+    if isinstance(quantization, dict):
+        lines.append(
+            f"quantized   {quantization.get('method', '?')}; calibrated on {quantization.get('calibration_images', '?')} "
+            f"photos; from the model with sha256 {quantization.get('source_sha256', '?')} (metrics above are its own)"
+        )
     lines.append("tasks")
     for t in info.tasks:
         shown = t.labels if max_labels <= 0 else t.labels[:max_labels]

@@ -1,4 +1,4 @@
-"""The shipped default model is found without --model and is packaged into the wheel."""
+"""The shipped default model is found without --model, and the shipped models are packaged into the wheel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tagger.pipeline.session import DEFAULT_MODEL_NAME, default_model_path
+from tagger.pipeline.session import DEFAULT_MODEL_NAME, SHIPPED_MODELS, default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def test_default_model_is_found_in_a_source_checkout() -> None:
 
 
 @pytest.mark.slow
-def test_built_wheel_carries_the_default_model(tmp_path: Path) -> None:
+def test_built_wheel_carries_the_shipped_models(tmp_path: Path) -> None:
     if not (ROOT / "export" / DEFAULT_MODEL_NAME).is_file():
         pytest.skip("no default model in export/")
     subprocess.run(
@@ -30,5 +30,5 @@ def test_built_wheel_carries_the_default_model(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("tagger-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert f"tagger/_default_model/{DEFAULT_MODEL_NAME}" in names
+    assert {f"tagger/_default_model/{file}" for file in SHIPPED_MODELS.values()} <= set(names)
     assert "tagger/py.typed" in names

@@ -27,7 +27,7 @@ from tagger.pipeline.batch import Batch
 from tagger.pipeline.decode import DecodeResult, Failure, Sample, decode_many
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.run import RunConfig, RunSummary, list_refs, run_identity, tag_batches
-from tagger.pipeline.session import CPU, CUDA, default_batch_size, open_session
+from tagger.pipeline.session import CPU, CUDA, default_batch_size, is_shipped_name, open_session
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -366,7 +366,10 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
         raise TaggerError(f"no image files {what} in {config.catalog}")
     if config.shard is not None:
         refs = [r for r in refs if config.shard.holds(r.path)]
-    model = os.path.abspath(config.model) if config.model is not None else None
+    # The default and shipped models' names travel as they are, so each worker finds them in its own install.
+    model = None if config.model is None else os.fspath(config.model)
+    if model is not None and not is_shipped_name(model):
+        model = os.path.abspath(model)
     with _connected(ray, options), _unwrapped_errors(ray), _data_context(ray, config.progress):
         actors, gpus = _actor_shape(ray, config.device, options)
         probe = ray.remote(num_cpus=1, num_gpus=gpus)(probe_model)
@@ -421,7 +424,7 @@ def tag_dataset(
 ) -> Any:
     """refs -> Ray dataset of output rows (the local engine's rows plus INDEX, in no particular order), lazy.
 
-    Needs a connected Ray. model: an absolute path, or None for the default model of the workers' install.
+    Needs a connected Ray. model: an absolute path, a shipped model's name, or None for the workers' default model.
     """
     ray = import_ray()
     batch_size = config.batch_size or default_batch_size(CUDA if gpus else CPU)

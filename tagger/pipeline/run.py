@@ -63,7 +63,7 @@ class RunConfig:
 
     catalog: Path
     out: Path
-    model: Path | None = None  # None: the shipped default model
+    model: Path | None = None  # None: the shipped default model; a shipped model by name, e.g. "default-int8"
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int | None = None  # images per inference call; None: 64 on CPU, 256 on CUDA
     workers: int | None = None  # decode processes; None: one per core; 0 or 1: decode in this process

@@ -27,6 +27,8 @@ DEVICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEFAULT_MODEL_NAME = "tagger-default.onnx"
+# Models shipped with the package, by the name `--model` accepts for them.
+SHIPPED_MODELS: Mapping[str, str] = {"default": DEFAULT_MODEL_NAME, "default-int8": "tagger-default.int8.onnx"}
 
 # cuDNN tunes each convolution per input shape. Measured on an H200 (Lite0 @160, batch 256): the exhaustive
 # search cost 1.9 s at the first run of each shape, the heuristic choice 0.5 s, at the same throughput.
@@ -37,17 +39,35 @@ _FATAL = 4
 
 
 def default_model_path() -> Path:
-    """The shipped default model: package data tagger/_default_model/, else export/ of a source checkout."""
+    """The shipped default model."""
+    return shipped_model_path("default")
+
+
+def shipped_model_path(name: str) -> Path:
+    """A model shipped with the package: package data tagger/_default_model/, else export/ of a source checkout."""
+    file = SHIPPED_MODELS[name]
     try:
-        packaged = importlib.resources.files("tagger._default_model") / DEFAULT_MODEL_NAME
+        packaged = importlib.resources.files("tagger._default_model") / file
         if packaged.is_file():
             return Path(str(packaged))
     except ModuleNotFoundError:
         pass
-    checkout = Path(__file__).resolve().parents[2] / "export" / DEFAULT_MODEL_NAME
+    checkout = Path(__file__).resolve().parents[2] / "export" / file
     if checkout.is_file():
         return checkout
-    raise TaggerError(f"no default model is installed ({DEFAULT_MODEL_NAME} not found); pass --model MODEL.onnx")
+    raise TaggerError(f"the shipped model {name!r} is not installed ({file} not found); pass --model MODEL.onnx")
+
+
+def is_shipped_name(model: str | os.PathLike[str]) -> bool:
+    """Whether `model` names a shipped model; a file of that name in the working folder wins."""
+    return os.fspath(model) in SHIPPED_MODELS and not Path(model).exists()
+
+
+def resolve_model(model: str | os.PathLike[str] | None) -> Path:
+    """A model file: None is the default model, a shipped model's name is that model, anything else a path."""
+    if model is None:
+        return default_model_path()
+    return shipped_model_path(os.fspath(model)) if is_shipped_name(model) else Path(model)
 
 
 def default_threads() -> int:
@@ -194,7 +214,7 @@ def open_session(model: str | os.PathLike[str] | None = None, device: str = "aut
     """
     if device not in DEVICES:
         raise TaggerError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
-    path = Path(model) if model is not None else default_model_path()
+    path = resolve_model(model)
     if not path.is_file():
         raise TaggerError(f"model {path} is not a file")
     threads = threads if threads is not None else default_threads()
