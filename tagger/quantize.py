@@ -21,13 +21,13 @@ from tagger.errors import TaggerError
 from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata, sha256_file
 from tagger.pipeline.decode import decode_many
 from tagger.pipeline.discover import ImageRef, discover
-from tagger.pipeline.session import open_session, resolve_model
+from tagger.pipeline.session import is_shipped_name, open_session, resolve_model
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGES = 512
 DEFAULT_MIN_AGREEMENT = 0.95
-CHECK_FRACTION = 0.25  # of the sampled photos, held out of calibration to check the result on
+CHECK_EVERY = 4  # every 4th sampled photo is held out of calibration to check the result on
 CALIBRATION_BATCH = 32
 MIN_IMAGES = 48  # 36 to calibrate, 12 to check: fewer says little about either
 # Convolutions, the heads, and the Add/Clip between them, so activations stay int8 from block to block; the
@@ -74,15 +74,17 @@ def quantize_model(
     """Quantize an exported fp32 model to int8 for CPUs; on any failure nothing is left at `out`.
 
     images: a folder of photos like the ones the model will tag (a few hundred suffice). A seeded random sample of
-    `n_images` is decoded exactly as `tagger run` decodes; three quarters calibrate the activation ranges, the
-    rest check the result. Raises TaggerError when any task's top-1 agreement there is below `min_agreement`.
+    `n_images` is decoded exactly as `tagger run` decodes; every 4th photo checks the result, the others calibrate
+    the activation ranges. Raises TaggerError when any task's top-1 agreement there is below `min_agreement`.
     """
     t0 = time.perf_counter()
     quantization = _quantization_module()
     info = read_model_metadata(resolve_model(model))
     if info.precision != "fp32":
         raise TaggerError(f"{info.path} is {info.precision}; quantize the fp32 model")
-    out_path = Path(out) if out is not None else default_output_path(info.path)
+    if out is None:  # beside the model, or in the working folder for a shipped one
+        out = default_output_path(Path(info.path.name) if is_shipped_name(model) else info.path)
+    out_path = Path(out)
     if out_path.is_dir():
         raise TaggerError(f"output {out_path} is a directory; give a file name such as {out_path / 'model.int8.onnx'}")
     if out_path.exists() and out_path.resolve() == info.path.resolve():
@@ -95,8 +97,8 @@ def quantize_model(
         log.warning("%d of %d sampled files did not decode and were left out", skipped, len(refs))
     if len(decoded.images) < MIN_IMAGES:
         raise TaggerError(f"{len(decoded.images)} photos decoded from {images}; quantization needs at least {MIN_IMAGES}")
-    n_check = int(len(decoded.images) * CHECK_FRACTION)
-    calibration, check = decoded.images[n_check:], decoded.images[:n_check]
+    check = decoded.images[::CHECK_EVERY]
+    calibration = np.delete(decoded.images, np.s_[::CHECK_EVERY], axis=0)
 
     tmp = reserve_temp(out_path)
     try:
@@ -120,7 +122,7 @@ def quantize_model(
         size_bytes=out_path.stat().st_size,
         source_size_bytes=info.path.stat().st_size,
         calibration_images=len(calibration),
-        check_images=n_check,
+        check_images=len(check),
         skipped_images=skipped,
         top1_agreement=agreement,
         seconds=time.perf_counter() - t0,
