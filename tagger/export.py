@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from tagger import __version__
+from tagger.atomic import publish, reserve_temp
 from tagger.contract import (
     FORMAT_VERSION,
     INPUT_NAME,
@@ -39,7 +40,6 @@ from tagger.contract import (
     TaskSpec,
     tasks_to_json,
 )
-from tagger.atomic import publish, reserve_temp
 from tagger.errors import TaggerError
 from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata, sha256_file
 from tagger.pipeline.decode import Failure, decode_one, fit_and_pad
