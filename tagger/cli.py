@@ -103,7 +103,7 @@ def train(**kw: Any) -> None:
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes; 0 or 1 decodes in-process [default: one per core].")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads [default: one per core, shared with the decode workers].")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="Also write the K best labels per task as <task>_topk.")
-@click.option("--ext", default=None, metavar="LIST", help="Extensions to tag, comma-separated [default: jpg,jpeg,png,webp,bmp,gif,tif,tiff].")
+@click.option("--ext", default=None, metavar="LIST", help="Extensions to tag, comma-separated [default: jpg,jpeg,jfif,png,webp,avif,bmp,gif,tif,tiff].")
 @click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images with more pixels (error row) [default: 150000000].")
 @click.option("--files-from", type=click.Path(path_type=Path), default=None, help="Tag the paths listed in this file (relative to CATALOG or absolute) instead of walking CATALOG.")
 @click.option("--incremental", is_flag=True, help="Reuse the rows of --out for unchanged files (same path, size and mtime, same model); tag new and changed ones; drop deleted ones.")

@@ -190,3 +190,17 @@ def test_decode_stream_closed_early_removes_its_shared_buffers(tmp_path: Path) -
     assert len(_arena_files() - before) == 1
     stream.close()
     assert _arena_files() == before
+
+
+@pytest.mark.parametrize("ext", ["avif", "jfif"])
+def test_default_extensions_include_modern_and_alias_formats(tmp_path: Path, ext: str) -> None:
+    from PIL import features
+
+    if ext == "avif" and not features.check("avif"):
+        pytest.skip("this Pillow has no AVIF support")
+    quadrant_image(48, 64).save(tmp_path / f"photo.{ext}", format="AVIF" if ext == "avif" else "JPEG", quality=95)
+    (ref,) = discover(tmp_path)
+    sample = ok(decode_one(ref, SPEC))
+    assert (sample.width, sample.height) == (48, 64)
+    reference = fit_and_pad(quadrant_image(48, 64), SPEC)
+    assert np.abs(sample.array.astype(int) - reference).mean() < 6  # lossy, but the same picture

@@ -13,7 +13,10 @@ from tagger.errors import TaggerError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXTENSIONS: frozenset[str] = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"})
+# AVIF decodes where Pillow was built with it (PIL.features.check('avif')); elsewhere such files become error rows.
+DEFAULT_EXTENSIONS: frozenset[str] = frozenset(
+    {"jpg", "jpeg", "jfif", "png", "webp", "avif", "bmp", "gif", "tif", "tiff"}
+)
 
 MISSING_SIZE = -1  # ImageRef.size of a listed file that could not be stat'ed; it becomes an error row
 
