@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import html
+import importlib
 import io
 import logging
 import os
@@ -15,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -365,7 +366,7 @@ def _score_task(
 def check_report_dependencies() -> None:
     """Raise TaggerError (one line, with the install command) when matplotlib, needed for the report, is missing."""
     try:
-        import matplotlib  # noqa: F401
+        importlib.import_module("matplotlib")
     except ImportError:
         raise TaggerError(f"the HTML report needs matplotlib: {REPORT_EXTRA}") from None
 

@@ -18,7 +18,7 @@ import numpy as np
 from tagger.atomic import publish, reserve_temp
 from tagger.contract import INPUT_NAME, META_MODEL
 from tagger.errors import TaggerError
-from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata, sha256_file
+from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata
 from tagger.pipeline.decode import decode_many
 from tagger.pipeline.discover import ImageRef, discover
 from tagger.pipeline.session import is_shipped_name, open_session, resolve_model
@@ -96,7 +96,9 @@ def quantize_model(
     if skipped:
         log.warning("%d of %d sampled files did not decode and were left out", skipped, len(refs))
     if len(decoded.images) < MIN_IMAGES:
-        raise TaggerError(f"{len(decoded.images)} photos decoded from {images}; quantization needs at least {MIN_IMAGES}")
+        raise TaggerError(
+            f"{len(decoded.images)} photos decoded from {images}; quantization needs at least {MIN_IMAGES}"
+        )
     check = decoded.images[::CHECK_EVERY]
     calibration = np.delete(decoded.images, np.s_[::CHECK_EVERY], axis=0)
 
@@ -224,7 +226,8 @@ def _set_quantization_metadata(path: Path, source: ModelInfo, n_calibration: int
         "calibration_images": n_calibration,
         "source_sha256": source.sha256,
     }
-    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, META_MODEL: json.dumps(model)})
+    props = {p.key: p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**props, META_MODEL: json.dumps(model)})
     onnx.save(proto, str(path))
 
 

@@ -192,6 +192,8 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
 
 
 if typing.TYPE_CHECKING:
+    from PIL import Image
+
     from tagger.export import ExportReport
 
 TINY_TASKS: Mapping[str, Sequence[str]] = {"class": ("Tshirts", "Shirts", "Watches"), "color": ("Black", "White", "Blue", "Red")}

@@ -139,7 +139,8 @@ def test_run_with_the_shipped_int8_model(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     out = tmp_path / "tags.parquet"
-    result = CliRunner().invoke(main, ["run", str(SAMPLES), "--out", str(out), "--model", "default-int8", "--workers", "0"])
+    args = ["run", str(SAMPLES), "--out", str(out), "--model", "default-int8", "--workers", "0"]
+    result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     table = pq.read_table(out)
     assert table.num_rows == len(list(SAMPLES.glob("*.jpg")))

@@ -19,7 +19,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tagger import __version__
 from tagger.contract import DEFAULT_TASKS, PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError
 from tagger.metrics import IGNORE, summarize
