@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from tagger.contract import DEFAULT_TASKS, PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError
-from tagger.metrics import IGNORE, confusion_matrix, per_class, summarize
+from tagger.metrics import IGNORE, calibration_error, confusion_matrix, per_class, summarize
 from tagger.pipeline.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, Failure, load_image
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.run import check_stage_options, decoded_batches, tag_batches
@@ -89,6 +89,8 @@ class TaskResult:
     correct: int
     macro_f1: float  # over scored rows, classes seen in truth or predictions
     balanced_acc: float  # mean recall over classes present in truth
+    calibration_error: float  # ECE of the top-1 score over scored rows (tagger.metrics.calibration_error)
+    mean_score: float  # mean top-1 score over scored rows; compare with top1_known
     confusion: np.ndarray  # int64 [C, C], rows = true, columns = predicted; scored rows only
     unknown_labels: Mapping[str, int] = field(default_factory=dict)  # label -> rows, most frequent first
     mistakes: tuple[Mistake, ...] = ()  # most confident first
@@ -119,7 +121,8 @@ class TaskResult:
         return (
             f"{self.name} ({self.column}): top-1 {_fmt(self.top1_all)} all ({self.correct}/{self.labelled}), "
             f"{_fmt(self.top1_known)} known labels ({self.correct}/{self.scored}); macro-F1 {_fmt(self.macro_f1)}, "
-            f"balanced acc {_fmt(self.balanced_acc)}; rows {self.labelled}, scored {self.scored}, "
+            f"balanced acc {_fmt(self.balanced_acc)}; calibration error {_fmt(self.calibration_error)} (mean score "
+            f"{_fmt(self.mean_score)}); rows {self.labelled}, scored {self.scored}, "
             f"unknown labels {self.unknown}, unlabelled {self.unlabelled}"
         )
 
@@ -357,6 +360,8 @@ def _score_task(
         correct=int(correct.sum()),
         macro_f1=summary["macro_f1"],
         balanced_acc=summary["balanced_acc"],
+        calibration_error=calibration_error(score[scored], correct[scored]),
+        mean_score=float(score[scored].mean()) if scored.any() else float("nan"),
         confusion=cm,
         unknown_labels=dict(unknown_labels.most_common()),
         mistakes=mistakes,
@@ -464,6 +469,7 @@ def _task_section(t: TaskResult, max_classes: int) -> str:
         _card(_fmt(t.top1_known), f"top-1, {t.scored} known labels"),
         _card(_fmt(t.macro_f1), "macro-F1"),
         _card(_fmt(t.balanced_acc), "balanced accuracy"),
+        _card(_fmt(t.calibration_error), f"calibration error (mean score {_fmt(t.mean_score)})"),
         _card(t.unknown, "unknown labels"),
         _card(t.unlabelled, "unlabelled"),
         "</div>",

@@ -1,4 +1,4 @@
-"""Classification metrics in numpy (top-1, macro-F1, balanced accuracy), shared by training and `tagger eval`."""
+"""Classification metrics in numpy (top-1, macro-F1, balanced accuracy, calibration), for training and evaluation."""
 
 from __future__ import annotations
 
@@ -40,3 +40,21 @@ def summarize(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict[st
         "balanced_acc": float(pc["recall"][pc["support"] > 0].mean()),
         "n": n,
     }
+
+
+CALIBRATION_BINS = 15
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error: |accuracy - mean confidence| per equal-width confidence bin, weighted by size.
+
+    confidence: float [N], the top-1 score; correct: bool [N]. 0 means a score of 0.8 is right 80% of the time.
+    """
+    if len(confidence) == 0:
+        return float("nan")
+    conf = np.asarray(confidence, dtype=np.float64)
+    hit = np.asarray(correct, dtype=np.float64)
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)  # bin i holds [i/bins, (i+1)/bins)
+    n = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, hit, minlength=bins) - np.bincount(which, conf, minlength=bins))
+    return float(gap.sum() / n.sum())

@@ -19,6 +19,7 @@ from conftest import CONTRACT_TASKS, quadrant_image
 from tagger.cli import main
 from tagger.errors import TaggerError
 from tagger.evaluate import EvalConfig, EvalResult, evaluate, write_report
+from tagger.metrics import calibration_error
 from tagger.pipeline.run import RunConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,6 +146,31 @@ def test_counts_and_metrics_match_a_hand_computation_from_tagger_run(
     assert (cls.unknown, cls.unlabelled, cls.unknown_labels) == (6, 1, {"Kurtas": 3, "Sarees": 3})
     assert (cls.correct, cls.scored) == (11, 17)
     assert (color.unknown, color.correct, color.scored, color.unlabelled) == (8, 8, 16, 0)
+
+
+def test_calibration_error_by_hand() -> None:
+    conf = np.array([0.95, 0.9, 0.55, 0.52, 0.1, 1.0])
+    hit = np.array([True, True, False, True, False, True])
+    # 10 bins: [0.9, 1.0] holds 0.95, 0.9, 1.0 (all right, mean 0.95); [0.5, 0.6) holds 0.55, 0.52 (half right,
+    # mean 0.535); [0.1, 0.2) holds 0.1 (wrong).
+    expected = (3 * 0.05 + 2 * 0.035 + 1 * 0.1) / 6
+    assert calibration_error(conf, hit, bins=10) == pytest.approx(expected)
+    assert calibration_error(np.full(4, 0.75), np.array([True, True, True, False])) == pytest.approx(0.0)
+    assert np.isnan(calibration_error(np.zeros(0), np.zeros(0, bool)))
+
+
+def test_eval_reports_the_calibration_of_the_top1_score(labelled: Labelled, result: EvalResult) -> None:
+    root, _ = labelled
+    tagged = {r["path"].removesuffix(".jpg"): r for r in pq.read_table(root.parent / "preds.parquet").to_pylist()}
+    for task, column in (("class", "articleType"), ("color", "baseColour")):
+        truth = _truth(root, column)
+        known = [i for i in tagged if truth[i] in CONTRACT_TASKS[task]]
+        scores = np.array([tagged[i][f"{task}_score"] for i in known])
+        hits = np.array([tagged[i][task] == truth[i] for i in known])
+        t = result.task(task)
+        assert t.calibration_error == pytest.approx(calibration_error(scores, hits), abs=1e-6)
+        assert t.mean_score == pytest.approx(scores.mean(), abs=1e-6)
+        assert f"calibration error {t.calibration_error:.3f}" in t.line()
 
 
 def test_decode_workers_and_batch_size_do_not_change_the_result(
