@@ -214,6 +214,23 @@ def quantize_command(model: Path, images: Path, out: Path | None, n_images: int,
     click.echo(report.summary())
 
 
+@main.command("calibrate")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--data", "data", type=click.Path(path_type=Path), required=True, help="Labelled folder (styles.csv and images/<id>.jpg) the model did not train on.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help="ONNX file to write [default: MODEL with suffix .calibrated.onnx].")
+@click.option("--task", "tasks", multiple=True, metavar="NAME=COLUMN", help="Fit model task NAME on styles.csv COLUMN [default: class=articleType, color=baseColour]; repeatable.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes; 0 or 1 decodes in-process [default: one per core].")
+@click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads [default: one per core].")
+@_friendly
+def calibrate_command(model: Path, data: Path, out: Path | None, tasks: tuple[str, ...], **kw: Any) -> None:
+    """Rescale a model's scores so they match how often its top-1 label is right; no label changes."""
+    from tagger.calibrate import calibrate_model
+
+    report = calibrate_model(model, data, out, task_columns=_pairs(tasks, "--task"), **kw)
+    click.echo(report.summary())
+
+
 @main.command("info")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")

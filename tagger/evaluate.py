@@ -195,7 +195,7 @@ def _image_ref(root: Path, row_id: str) -> ImageRef | None:
     return ImageRef(f"images/{row_id}.jpg", abspath, st.st_size, st.st_mtime)
 
 
-def _resolve_tasks(
+def resolve_tasks(
     model_tasks: Sequence[TaskSpec], overrides: Sequence[tuple[str, str]], columns: set[str], csv_path: Path
 ) -> list[tuple[TaskSpec, str]]:
     """The model's tasks paired with their styles.csv columns; a default column absent from the csv skips its task."""
@@ -225,14 +225,25 @@ def _resolve_tasks(
     return out
 
 
-def evaluate(config: EvalConfig) -> EvalResult:
-    """Tag every images/<id>.jpg listed in config.data/styles.csv with the `tagger run` stages and score each task.
+@dataclass(frozen=True)
+class LabelledFolder:
+    """A styles.csv and the images/<id>.jpg files found for its rows."""
 
-    Rows without an image file and images that fail to decode are counted, not scored. A label the model does not
-    know counts as wrong in the all-rows accuracy and is left out of everything else.
-    """
-    t_start = time.perf_counter()
-    root = config.data
+    root: Path
+    csv_path: Path
+    rows: list[dict[str, str]]
+    columns: set[str]
+    refs: list[ImageRef]  # one per row with an image file, in csv order
+    ref_rows: list[int]  # the csv row of each ref
+    missing_ids: list[str]  # ids of the rows without an image file
+
+    def truth(self, column: str) -> list[str]:
+        """The column's label of each ref's row ('' where empty)."""
+        return [self.rows[i].get(column, "") for i in self.ref_rows]
+
+
+def load_labelled_folder(root: Path) -> LabelledFolder:
+    """Read root/styles.csv and find images/<id>.jpg for each row; TaggerError when nothing can be scored."""
     csv_path = root / "styles.csv"
     if not root.is_dir():
         raise TaggerError(f"data folder {root} does not exist")
@@ -244,12 +255,8 @@ def evaluate(config: EvalConfig) -> EvalResult:
     columns = set(rows[0])
     if "id" not in columns:
         raise TaggerError(f"{csv_path} has no 'id' column")
-
-    session = open_session(config.model, config.device, config.threads)
-    tasks = _resolve_tasks(session.tasks, config.tasks, columns, csv_path)
-
     refs: list[ImageRef] = []
-    ref_rows: list[int] = []  # csv row of each ref
+    ref_rows: list[int] = []
     missing_ids: list[str] = []
     for i, r in enumerate(rows):
         ref = _image_ref(root, r.get("id", ""))
@@ -264,7 +271,21 @@ def evaluate(config: EvalConfig) -> EvalResult:
         log.warning(
             "%d of %d rows have no image file (first: images/%s.jpg)", len(missing_ids), len(rows), missing_ids[0]
         )
-    log.info("evaluating %s on %d images of %s (%s)", session.path.name, len(refs), root, session.provider)
+    return LabelledFolder(root, csv_path, rows, columns, refs, ref_rows, missing_ids)
+
+
+def evaluate(config: EvalConfig) -> EvalResult:
+    """Tag every images/<id>.jpg listed in config.data/styles.csv with the `tagger run` stages and score each task.
+
+    Rows without an image file and images that fail to decode are counted, not scored. A label the model does not
+    know counts as wrong in the all-rows accuracy and is left out of everything else.
+    """
+    t_start = time.perf_counter()
+    folder = load_labelled_folder(config.data)
+    refs = folder.refs
+    session = open_session(config.model, config.device, config.threads)
+    tasks = resolve_tasks(session.tasks, config.tasks, folder.columns, folder.csv_path)
+    log.info("evaluating %s on %d images of %s (%s)", session.path.name, len(refs), folder.root, session.provider)
 
     got = _Collected(index={t.name: [] for t, _ in tasks}, score={t.name: [] for t, _ in tasks})
     errors: list[tuple[int, str]] = []  # (ref position, error)
@@ -288,25 +309,25 @@ def evaluate(config: EvalConfig) -> EvalResult:
             bar.update(len(batch))
 
     ok = np.concatenate(got.ok)  # [M]
-    truth_rows = [rows[i] for i in ref_rows]
+    truth_rows = [folder.rows[i] for i in folder.ref_rows]
     results = tuple(
         _score_task(
-            t, column, [r.get(column, "") for r in truth_rows], ok, np.concatenate(got.index[t.name]),
+            t, column, folder.truth(column), ok, np.concatenate(got.index[t.name]),
             np.concatenate(got.score[t.name]), refs, truth_rows, config.mistakes,
         )
         for t, column in tasks
     )  # fmt: skip
     result = EvalResult(
-        data=root,
+        data=folder.root,
         model=session.path,
         model_sha256=session.info.sha256,
         provider=session.provider,
-        rows=len(rows),
-        missing=len(missing_ids),
+        rows=len(folder.rows),
+        missing=len(folder.missing_ids),
         decode_errors=len(errors),
         tasks=results,
         elapsed_s=time.perf_counter() - t_start,
-        missing_ids=tuple(missing_ids[:EXAMPLES_KEPT]),
+        missing_ids=tuple(folder.missing_ids[:EXAMPLES_KEPT]),
         error_examples=tuple((truth_rows[p].get("id", ""), e) for p, e in errors[:EXAMPLES_KEPT]),
     )
     log.info("evaluated %d rows in %.1f s", result.rows, result.elapsed_s)

@@ -209,6 +209,11 @@ def describe(info: ModelInfo, max_labels: int = 12) -> str:
     metrics = m.get("metrics") or {}
     if metrics:
         lines.append("metrics     " + ", ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()))
+    temperature = m.get("temperature")
+    if isinstance(temperature, dict):
+        fitted = (m.get("calibration") or {}).get("data", "?")
+        per_task = ", ".join(f"{k} {_fmt(v)}" for k, v in temperature.items())
+        lines.append(f"calibrated  temperature {per_task} (softmax input divided by it; last fitted on {fitted})")
     quantization = m.get("quantization")
     if isinstance(quantization, dict):
         lines.append(

@@ -138,7 +138,7 @@ def _quantization_module() -> Any:
     try:
         from onnxruntime import quantization
     except ImportError as e:
-        raise TaggerError(f"quantization needs the onnx package ({e}): pip install 'tagger[quantize]'") from None
+        raise TaggerError(f"quantization needs the onnx package ({e}): pip install 'tagger[onnx]'") from None
     return quantization
 
 
