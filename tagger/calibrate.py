@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -199,37 +199,47 @@ def _predict(
     return probs, np.array(ok), np.concatenate(sample)[:CHECK_IMAGES]
 
 
+def set_temperatures(graph: Any, temperatures: Mapping[str, float], where: str) -> None:
+    """Make each task's softmax divide its input by the given temperature, in an onnx GraphProto.
+
+    The temperature lives in an initializer named TEMPERATURE_PREFIX + task: set in place when the graph has one
+    (from the exporter or an earlier fit), else added with a Div in front of the softmax.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {init.name: init for init in graph.initializer}
+    for task, temperature in temperatures.items():
+        softmax = producers.get(output_name(task))
+        if softmax is None or softmax.op_type != "Softmax":
+            raise TaggerError(f"{where}: output {output_name(task)} does not come from a Softmax; cannot rescale it")
+        name = TEMPERATURE_PREFIX + task
+        value = numpy_helper.from_array(np.array(temperature, np.float32), name)
+        if name in inits:
+            inits[name].CopyFrom(value)
+            continue
+        graph.initializer.append(value)
+        scaled = f"{softmax.input[0]}_over_temperature"
+        div = onnx.helper.make_node("Div", [softmax.input[0], name], [scaled], name=f"{name}_div")
+        graph.node.insert(list(graph.node).index(softmax), div)  # keep the topological order
+        softmax.input[0] = scaled
+
+
 def _write_rescaled(
     source: Path, target: Path, temperatures: dict[str, float], data_name: str, fits: list[TaskCalibration]
 ) -> None:
-    """Divide each task's softmax input by its temperature: in place when an earlier fit left one, else a new Div."""
+    """The source model with each task's temperature multiplied by this fit's, and the fit recorded."""
     try:
         import onnx
-        from onnx import numpy_helper
     except ImportError as e:
         raise TaggerError(f"calibration needs the onnx package ({e}): pip install 'tagger[onnx]'") from None
 
     proto = onnx.load(str(source))
-    graph = proto.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    inits = {init.name: init for init in graph.initializer}
     model: dict[str, Any] = json.loads({p.key: p.value for p in proto.metadata_props}[META_MODEL])
-    totals = dict(model.get("temperature") or {})
-    for task, temperature in temperatures.items():
-        softmax = producers.get(output_name(task))
-        if softmax is None or softmax.op_type != "Softmax":
-            raise TaggerError(f"{source}: output {output_name(task)} does not come from a Softmax; cannot rescale it")
-        name = TEMPERATURE_PREFIX + task
-        total = float(totals.get(task, 1.0)) * temperature
-        if name in inits:
-            inits[name].CopyFrom(numpy_helper.from_array(np.array(total, np.float32), name))
-        else:
-            graph.initializer.append(numpy_helper.from_array(np.array(total, np.float32), name))
-            scaled = f"{softmax.input[0]}_over_temperature"
-            div = onnx.helper.make_node("Div", [softmax.input[0], name], [scaled], name=f"{name}_div")
-            graph.node.insert(list(graph.node).index(softmax), div)  # keep the topological order
-            softmax.input[0] = scaled
-        totals[task] = total
+    totals = {str(k): float(v) for k, v in (model.get("temperature") or {}).items()}
+    totals.update({task: totals.get(task, 1.0) * temperature for task, temperature in temperatures.items()})
+    set_temperatures(proto.graph, {task: totals[task] for task in temperatures}, str(source))
     model["temperature"] = totals
     model["calibration"] = {
         "data": data_name,

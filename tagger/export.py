@@ -28,6 +28,7 @@ from torch import nn
 
 from tagger import __version__
 from tagger.atomic import publish, reserve_temp
+from tagger.calibrate import set_temperatures
 from tagger.contract import (
     FORMAT_VERSION,
     INPUT_NAME,
@@ -130,6 +131,8 @@ def export_checkpoint(
         ckpt = _load(ckpt_path)
         images = _check_batch(ckpt.preprocess, image_paths)  # uint8 [K, S, S, 3]
         proto = _to_onnx(ckpt, images[:2], fp16, opset)
+        if _temperatures(ckpt):
+            set_temperatures(proto.graph, _temperatures(ckpt), str(ckpt_path))
         _set_metadata(proto, ckpt, sha256_file(ckpt_path), ckpt_path.name, precision, opset)
         _check_graph(proto, ckpt.tasks, ckpt.preprocess.size, opset)
         tmp.write_bytes(proto.SerializeToString())
@@ -296,6 +299,11 @@ def _jsonable(obj: Any) -> Any:
     return str(obj)
 
 
+def _temperatures(ckpt: LoadedCheckpoint) -> dict[str, float]:
+    """Task -> the temperature the trainer fitted on validation (none in checkpoints from before it did)."""
+    return {str(k): float(v) for k, v in (ckpt.raw.get("temperature") or {}).items()}
+
+
 def _set_metadata(
     proto: onnx.ModelProto, ckpt: LoadedCheckpoint, ckpt_sha256: str, ckpt_name: str, precision: str, opset: int
 ) -> None:
@@ -312,6 +320,9 @@ def _set_metadata(
         "exporter": EXPORTER,
         "trained_with": raw.get("tagger_version"),
     }
+    if _temperatures(ckpt):
+        model["temperature"] = _temperatures(ckpt)
+        model["calibration"] = {"data": "the checkpoint's validation split"}
     values = {
         META_TASKS: tasks_to_json(ckpt.tasks),
         META_PREPROCESS: json.dumps(ckpt.preprocess.to_dict()),
@@ -428,17 +439,18 @@ def _product_shot(rng: np.random.Generator, w: int, h: int, kind: int) -> np.nda
 
 
 def _torch_probs(ckpt: LoadedCheckpoint, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Reference: the contract's preprocessing written out independently, then the fp32 model: task -> [K, C]."""
+    """Reference: the contract's preprocessing written out independently, then the fp32 model and its temperatures."""
     spec = ckpt.preprocess
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
     chunks: dict[str, list[np.ndarray]] = {t.name: [] for t in ckpt.tasks}
+    temperature = _temperatures(ckpt)
     with torch.inference_mode():
         for i in range(0, len(images), CHUNK):
             x = torch.from_numpy(images[i : i + CHUNK]).permute(0, 3, 1, 2).float() / 255  # [n, 3, S, S]
             logits = ckpt.model((x - mean) / std)
             for t in ckpt.tasks:
-                chunks[t.name].append(torch.softmax(logits[t.name], dim=1).numpy())
+                chunks[t.name].append(torch.softmax(logits[t.name] / temperature.get(t.name, 1.0), dim=1).numpy())
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 

@@ -162,6 +162,26 @@ def test_report_describes_the_checks(tiny_export: ExportReport) -> None:
     assert all(a == 1.0 for a in tiny_export.top1_agreement.values())
 
 
+def test_trainer_temperature_is_applied_inside_the_graph(
+    tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, photos: list[Path]
+) -> None:
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    raw["temperature"] = {"class": 2.0, "color": 0.5}
+    calibrated = tmp_path / "calibrated.pt"
+    torch.save(raw, calibrated)
+    report = export_checkpoint(calibrated, tmp_path / "calibrated.onnx")  # its parity check rescales PyTorch too
+    images = decoded(photos, PreprocessSpec(size=32))
+    plain, scaled = run_onnx(tiny_onnx, images), run_onnx(report.path, images)
+    for task, temperature in raw["temperature"].items():
+        logits = np.log(plain[f"{task}_probs"].astype(np.float64))
+        expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum(1, keepdims=True)
+        np.testing.assert_allclose(scaled[f"{task}_probs"], expected, atol=1e-5)
+        np.testing.assert_array_equal(scaled[f"{task}_probs"].argmax(1), plain[f"{task}_probs"].argmax(1))
+    assert report.info is not None and report.info.model["temperature"] == raw["temperature"]
+    divs = sorted(n.name for n in onnx.load(str(report.path)).graph.node if n.op_type == "Div" and "temperature" in n.name)
+    assert divs == ["tagger_temperature_class_div", "tagger_temperature_color_div"]  # where tagger calibrate looks
+
+
 def test_fp16_export_via_cli(tiny_checkpoint: Path, tmp_path: Path, photos: list[Path]) -> None:
     ckpt = shutil.copy(tiny_checkpoint, tmp_path / "model.pt")
     result = invoke("export", str(ckpt), "--fp16", "--opset", "20", "--check-image", str(photos[0]))

@@ -136,7 +136,7 @@ def test_training_learns_and_writes_the_run_directory(trained: tuple[Path, Train
     final = max(records, key=lambda r: r["val"]["class"]["top1"] + r["val"]["color"]["top1"])["val"]
     # Chance is 1/3 per task; the shapes are easy, so a few epochs must clearly beat it.
     assert final["class"]["top1"] > 0.6 and final["color"]["top1"] > 0.6
-    assert {"top1", "macro_f1", "balanced_acc"} <= set(final["color"])
+    assert {"top1", "macro_f1", "balanced_acc", "temperature"} <= set(final["color"])
     weights = torch.load(cfg.out / "class_weights.pt")
     assert set(weights) == {"class", "color"} and weights["class"].shape == (3,)
 
@@ -149,6 +149,9 @@ def test_checkpoint_round_trips(trained: tuple[Path, TrainConfig], catalog: Path
     raw = loaded.raw
     assert raw["backbone"] == "test_efficientnet" and raw["args"]["epochs"] == 8
     assert set(raw["class_weights"]) == {"class", "color"} and "metrics" in raw and "tagger_version" in raw
+    # The temperature that calibrates the best epoch's scores on validation, which the exporter applies.
+    assert set(raw["temperature"]) == {"class", "color"}
+    assert all(0.05 <= v <= 20 and v == raw["metrics"][k]["temperature"] for k, v in raw["temperature"].items())
     from tagger.pipeline.decode import fit_and_pad
     from tagger.train.augment import eval_transform
 

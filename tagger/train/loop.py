@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from tagger.calibrate import fit_temperature
 from tagger.contract import DEFAULT_TASKS, PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError
 from tagger.metrics import IGNORE, summarize
@@ -175,10 +176,11 @@ def evaluate(
     device: torch.device,
     batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """Per-task top-1, macro-F1 and balanced accuracy on fitted-and-padded uint8 images, as the runtime sees them."""
+    """Per task on fitted-and-padded uint8 images, as the runtime sees them: top-1, macro-F1, balanced accuracy,
+    and the temperature that calibrates the scores on these images (tagger.calibrate.fit_temperature)."""
     model.eval()
     norm = eval_transform(spec)
-    preds: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
+    probs: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
     cuda = device.type == "cuda"
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2)  # [B,3,S,S] uint8
@@ -186,10 +188,14 @@ def evaluate(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             logits = model(x)
         for t in tasks:
-            preds[t.name].append(logits[t.name].argmax(1).cpu().numpy())
-    return {
-        t.name: summarize(labels[:, i], np.concatenate(preds[t.name]), len(t.labels)) for i, t in enumerate(tasks)
-    }
+            probs[t.name].append(torch.softmax(logits[t.name].float(), dim=1).cpu().numpy())  # [B, C]
+    out: dict[str, dict[str, float]] = {}
+    for i, t in enumerate(tasks):
+        p, y = np.concatenate(probs[t.name]), labels[:, i]  # [N, C], [N]
+        out[t.name] = dict(summarize(y, p.argmax(1), len(t.labels)))
+        known = y != IGNORE
+        out[t.name]["temperature"] = fit_temperature(p[known], y[known]) if known.any() else 1.0
+    return out
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -321,6 +327,7 @@ def fit(cfg: TrainConfig) -> Path:
         extra = {
             "class_weights": weights,
             "metrics": val,
+            "temperature": {t.name: val[t.name]["temperature"] for t in tasks},  # export divides logits by it
             "epoch": epoch,
             "args": cfg.to_dict(),
             "data": data_info,
