@@ -131,8 +131,7 @@ def export_checkpoint(
         ckpt = _load(ckpt_path)
         images = _check_batch(ckpt.preprocess, image_paths)  # uint8 [K, S, S, 3]
         proto = _to_onnx(ckpt, images[:2], fp16, opset)
-        if _temperatures(ckpt):
-            set_temperatures(proto.graph, _temperatures(ckpt), str(ckpt_path))
+        set_temperatures(proto.graph, _temperatures(ckpt), str(ckpt_path))  # none for older checkpoints
         _set_metadata(proto, ckpt, sha256_file(ckpt_path), ckpt_path.name, precision, opset)
         _check_graph(proto, ckpt.tasks, ckpt.preprocess.size, opset)
         tmp.write_bytes(proto.SerializeToString())
