@@ -9,6 +9,14 @@ from pathlib import Path
 from tagger.errors import TaggerError
 
 
+def check_destination(out: Path, source: Path, source_kind: str = "model") -> None:
+    """TaggerError unless a file derived from `source` may be written at `out`: not a folder, not `source` itself."""
+    if out.is_dir():
+        raise TaggerError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    if out.exists() and out.resolve() == source.resolve():
+        raise TaggerError(f"output {out} is the {source_kind} itself; choose another name")
+
+
 def reserve_temp(out: Path) -> Path:
     """Create the temp file next to `out` now, so os.replace stays on one filesystem and permissions fail early."""
     try:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tagger.atomic import publish, reserve_temp
+from tagger.atomic import check_destination, publish, reserve_temp
 from tagger.contract import META_MODEL, TaskSpec, output_name
 from tagger.errors import TaggerError
 from tagger.evaluate import LabelledFolder, load_labelled_folder, resolve_tasks
@@ -87,10 +87,7 @@ def calibrate_model(
     if out is None:  # beside the model, or in the working folder for a shipped one
         out = default_output_path(Path(source.name) if model is not None and is_shipped_name(model) else source)
     out_path = Path(out)
-    if out_path.is_dir():
-        raise TaggerError(f"output {out_path} is a directory; give a file name such as {out_path / 'model.onnx'}")
-    if out_path.exists() and out_path.resolve() == source.resolve():
-        raise TaggerError(f"output {out_path} is the model itself; choose another name")
+    check_destination(out_path, source)
     tasks = resolve_tasks(session.tasks, task_columns, folder.columns, folder.csv_path)
     probs, ok, sample = _predict(session, folder, workers)
 

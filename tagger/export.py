@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from tagger import __version__
-from tagger.atomic import publish, reserve_temp
+from tagger.atomic import check_destination, publish, reserve_temp
 from tagger.calibrate import set_temperatures
 from tagger.contract import (
     FORMAT_VERSION,
@@ -119,10 +119,7 @@ def export_checkpoint(
     opset = DEFAULT_OPSET if opset is None else int(opset)
     if opset < MIN_OPSET:
         raise TaggerError(f"opset {opset} is too old: the exporter needs opset {MIN_OPSET} or newer")
-    if out.is_dir():
-        raise TaggerError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
-    if out.exists() and out.resolve() == ckpt_path.resolve():
-        raise TaggerError(f"output {out} is the checkpoint itself; choose another name")
+    check_destination(out, ckpt_path, "checkpoint")
     image_paths = _check_image_paths(check_images)
     precision = "fp16" if fp16 else "fp32"
 

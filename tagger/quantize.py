@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from tagger.atomic import publish, reserve_temp
+from tagger.atomic import check_destination, publish, reserve_temp
 from tagger.contract import INPUT_NAME, META_MODEL
 from tagger.errors import TaggerError
 from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata
@@ -85,10 +85,7 @@ def quantize_model(
     if out is None:  # beside the model, or in the working folder for a shipped one
         out = default_output_path(Path(info.path.name) if is_shipped_name(model) else info.path)
     out_path = Path(out)
-    if out_path.is_dir():
-        raise TaggerError(f"output {out_path} is a directory; give a file name such as {out_path / 'model.int8.onnx'}")
-    if out_path.exists() and out_path.resolve() == info.path.resolve():
-        raise TaggerError(f"output {out_path} is the model itself; choose another name")
+    check_destination(out_path, info.path)
 
     refs = _sample(images, n_images, seed)
     decoded = decode_many(refs, info.preprocess)  # uint8 [k, S, S, 3], the runtime's own pixels
