@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MISTAKES = 24  # most confident mistakes kept per task for the report
 DEFAULT_MAX_CLASSES = 30  # classes drawn in a report's confusion matrix
 EXAMPLES_KEPT = 20  # decode errors / missing ids listed by id
+SCORE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # top-1 scores at which a report shows coverage and accuracy
 THUMB_SIZE = 160
 REPORT_EXTRA = 'pip install "tagger[report]"'
 
@@ -91,6 +92,9 @@ class TaskResult:
     balanced_acc: float  # mean recall over classes present in truth
     calibration_error: float  # ECE of the top-1 score over scored rows (tagger.metrics.calibration_error)
     mean_score: float  # mean top-1 score over scored rows; compare with top1_known
+    # (threshold, coverage, accuracy) over scored rows: the share whose top-1 score is >= threshold, and how many of
+    # those are right; what auto-accepting rows above a score would give.
+    by_threshold: tuple[tuple[float, float, float], ...]
     confusion: np.ndarray  # int64 [C, C], rows = true, columns = predicted; scored rows only
     unknown_labels: Mapping[str, int] = field(default_factory=dict)  # label -> rows, most frequent first
     mistakes: tuple[Mistake, ...] = ()  # most confident first
@@ -383,10 +387,20 @@ def _score_task(
         balanced_acc=summary["balanced_acc"],
         calibration_error=calibration_error(score[scored], correct[scored]),
         mean_score=float(score[scored].mean()) if scored.any() else float("nan"),
+        by_threshold=_by_threshold(score[scored], correct[scored]),
         confusion=cm,
         unknown_labels=dict(unknown_labels.most_common()),
         mistakes=mistakes,
     )
+
+
+def _by_threshold(score: np.ndarray, correct: np.ndarray) -> tuple[tuple[float, float, float], ...]:
+    out = []
+    for threshold in SCORE_THRESHOLDS:
+        above = score >= threshold
+        accuracy = float(correct[above].mean()) if above.any() else float("nan")
+        out.append((threshold, float(above.mean()) if len(score) else float("nan"), accuracy))
+    return tuple(out)
 
 
 def check_report_dependencies() -> None:
@@ -508,6 +522,7 @@ def _task_section(t: TaskResult, max_classes: int) -> str:
         f'<p class="sub">{_e(caption)}</p>',
         "<h3>Per class</h3>",
         _class_table(t),
+        _threshold_table(t),
         _mistakes(t),
         "</section>",
     ]
@@ -531,6 +546,19 @@ def _class_table(t: TaskResult) -> str:
     return (
         '<div class="scroll"><table><thead><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th>'
         f"<th>support</th><th>predicted</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>{note}"
+    )
+
+
+def _threshold_table(t: TaskResult) -> str:
+    rows = "".join(
+        f"<tr><td>&ge; {th:.2f}</td><td>{_fmt(cov)}</td><td>{_fmt(acc)}</td></tr>" for th, cov, acc in t.by_threshold
+    )
+    return (
+        "<h3>Accepting rows above a score</h3>"
+        f'<p class="sub">Of the {t.scored} rows with a known label: the share whose top-1 score reaches the threshold, '
+        "and the top-1 accuracy among them.</p>"
+        f"<table><thead><tr><th>{_e(t.name)}_score</th><th>rows</th><th>top-1 among them</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
     )
 
 

@@ -171,6 +171,10 @@ def test_eval_reports_the_calibration_of_the_top1_score(labelled: Labelled, resu
         assert t.calibration_error == pytest.approx(calibration_error(scores, hits), abs=1e-6)
         assert t.mean_score == pytest.approx(scores.mean(), abs=1e-6)
         assert f"calibration error {t.calibration_error:.3f}" in t.line()
+        for threshold, coverage, accuracy in t.by_threshold:
+            above = scores >= threshold
+            assert coverage == pytest.approx(above.mean())
+            assert accuracy == pytest.approx(hits[above].mean()) if above.any() else np.isnan(accuracy)
 
 
 def test_decode_workers_and_batch_size_do_not_change_the_result(
@@ -227,6 +231,8 @@ def test_report_is_one_self_contained_page(result: EvalResult, tmp_path: Path) -
     assert f"{CORRUPT_ID}: UnidentifiedImageError" in page and MISSING_ID in page
     m = cls.mistakes[0]
     assert f"predicted: {m.predicted} ({m.score:.2f})" in page
+    threshold, coverage, accuracy = cls.by_threshold[0]
+    assert f"<tr><td>&ge; {threshold:.2f}</td><td>{coverage:.3f}</td><td>{accuracy:.3f}</td></tr>" in page
     assert "All " in page and "most frequent" not in page
 
 
