@@ -226,6 +226,8 @@ def open_session(model: str | os.PathLike[str] | None = None, device: str = "aut
         sess = _create(path, threads, [CPU])
     session = Session(sess, path)
     log.info("model %s on %s (%d intra-op threads)", path.name, session.provider, threads)
+    if session.provider == CUDA and session.info.precision == "int8":
+        log.warning("%s is an int8 model, made for CPUs; on a GPU, serve the fp32 model", path.name)
     return session
 
 
