@@ -14,14 +14,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tagger.atomic import check_destination, publish, reserve_temp
-from tagger.contract import META_MODEL, TaskSpec, output_name
+from tagger.contract import META_MODEL, output_name
 from tagger.errors import TaggerError
-from tagger.evaluate import LabelledFolder, load_labelled_folder, resolve_tasks
-from tagger.metrics import calibration_error
+from tagger.evaluate import LabelledFolder, load_labelled_folder, resolve_tasks, truth_indices
+from tagger.metrics import IGNORE, calibration_error
 from tagger.modelinfo import read_model_metadata
 from tagger.pipeline.decode import Failure
 from tagger.pipeline.run import decoded_batches
-from tagger.pipeline.session import Session, default_batch_size, is_shipped_name, open_session
+from tagger.pipeline.session import Session, default_batch_size, derived_model_path, open_session
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +60,6 @@ class CalibrationReport:
         return f"wrote {self.path}; {per_task}; {self.seconds:.0f} s"
 
 
-def default_output_path(model: str | os.PathLike[str]) -> Path:
-    """MODEL.onnx -> MODEL.calibrated.onnx."""
-    return Path(model).with_suffix(".calibrated.onnx")
-
-
 def calibrate_model(
     model: str | os.PathLike[str] | None,
     data: str | os.PathLike[str],
@@ -84,17 +79,15 @@ def calibrate_model(
     folder = load_labelled_folder(Path(data))
     session = open_session(model, device, threads)
     source = session.path
-    if out is None:  # beside the model, or in the working folder for a shipped one
-        out = default_output_path(Path(source.name) if model is not None and is_shipped_name(model) else source)
-    out_path = Path(out)
+    out_path = Path(out) if out is not None else derived_model_path(model, source, ".calibrated.onnx")
     check_destination(out_path, source)
     tasks = resolve_tasks(session.tasks, task_columns, folder.columns, folder.csv_path)
     probs, ok, sample = _predict(session, folder, workers)
 
     fits, temperatures = [], {}
     for task, column in tasks:
-        y = _label_indices(task, folder.truth(column))[ok]  # [n_ok], -1 where unknown or empty
-        known = y >= 0
+        y = truth_indices(task, folder.truth(column))[ok]  # [n_ok], IGNORE where unknown or empty
+        known = y != IGNORE
         if known.sum() < MIN_IMAGES:
             raise TaggerError(
                 f"task {task.name}: {int(known.sum())} decoded photos carry a label the model knows in column "
@@ -165,11 +158,6 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
 
 def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], UNDERFLOW, None)).mean())
-
-
-def _label_indices(task: TaskSpec, truth: list[str]) -> np.ndarray:
-    lookup = {label: i for i, label in enumerate(task.labels)}
-    return np.array([lookup.get(x, -1) for x in truth], dtype=np.int64)
 
 
 def _predict(

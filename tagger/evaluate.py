@@ -346,6 +346,12 @@ def _label_indices(table: pa.Table, task: TaskSpec) -> np.ndarray:
     return remap[col.indices.fill_null(-1).to_numpy(zero_copy_only=False)]
 
 
+def truth_indices(task: TaskSpec, truth: Sequence[str]) -> np.ndarray:
+    """Labels -> int64 indices into task.labels; IGNORE for a label the model does not know or an empty one."""
+    lookup = {label: i for i, label in enumerate(task.labels)}
+    return np.array([lookup.get(x, IGNORE) for x in truth], dtype=np.int64)
+
+
 def _score_task(
     task: TaskSpec,
     column: str,
@@ -357,8 +363,7 @@ def _score_task(
     rows: Sequence[Mapping[str, str]],
     n_mistakes: int,
 ) -> TaskResult:
-    lookup = {label: i for i, label in enumerate(task.labels)}
-    true = np.array([lookup.get(x, IGNORE) for x in truth], dtype=np.int64)  # [M]
+    true = truth_indices(task, truth)  # [M]
     has_label = np.array([bool(x) for x in truth], dtype=bool)
     labelled = ok & has_label
     scored = labelled & (true != IGNORE)

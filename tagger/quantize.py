@@ -21,7 +21,7 @@ from tagger.errors import TaggerError
 from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata
 from tagger.pipeline.decode import decode_many
 from tagger.pipeline.discover import ImageRef, discover
-from tagger.pipeline.session import is_shipped_name, open_session, resolve_model
+from tagger.pipeline.session import derived_model_path, open_session, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,6 @@ class QuantizeReport:
         )
 
 
-def default_output_path(model: str | os.PathLike[str]) -> Path:
-    """MODEL.onnx -> MODEL.int8.onnx."""
-    return Path(model).with_suffix(".int8.onnx")
-
-
 def quantize_model(
     model: str | os.PathLike[str],
     images: str | os.PathLike[str],
@@ -82,9 +77,7 @@ def quantize_model(
     info = read_model_metadata(resolve_model(model))
     if info.precision != "fp32":
         raise TaggerError(f"{info.path} is {info.precision}; quantize the fp32 model")
-    if out is None:  # beside the model, or in the working folder for a shipped one
-        out = default_output_path(Path(info.path.name) if is_shipped_name(model) else info.path)
-    out_path = Path(out)
+    out_path = Path(out) if out is not None else derived_model_path(model, info.path, ".int8.onnx")
     check_destination(out_path, info.path)
 
     refs = _sample(images, n_images, seed)

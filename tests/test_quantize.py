@@ -16,7 +16,14 @@ from tagger.errors import TaggerError
 from tagger.modelinfo import read_model_metadata
 from tagger.pipeline.decode import decode_many
 from tagger.pipeline.discover import discover
-from tagger.pipeline.session import SHIPPED_MODELS, default_model_path, open_session, resolve_model, shipped_model_path
+from tagger.pipeline.session import (
+    SHIPPED_MODELS,
+    default_model_path,
+    derived_model_path,
+    open_session,
+    resolve_model,
+    shipped_model_path,
+)
 
 onnx = pytest.importorskip("onnx")
 from tagger.quantize import MIN_IMAGES, quantize_model  # noqa: E402
@@ -132,6 +139,15 @@ def test_shipped_models_resolve_by_name(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.chdir(tmp_path)
     (tmp_path / "default-int8").write_bytes(b"a file of that name")
     assert resolve_model("default-int8") == Path("default-int8")  # an existing file wins
+
+
+@needs_default_models
+def test_derived_files_go_beside_a_model_or_into_the_working_folder_for_a_shipped_one(tmp_path: Path) -> None:
+    model = tmp_path / "mine.onnx"
+    assert derived_model_path(model, model, ".int8.onnx") == tmp_path / "mine.int8.onnx"
+    shipped = resolve_model("default-int8")
+    assert derived_model_path("default-int8", shipped, ".calibrated.onnx") == Path("tagger-default.int8.calibrated.onnx")
+    assert derived_model_path(None, default_model_path(), ".x.onnx") == default_model_path().with_suffix(".x.onnx")
 
 
 @needs_default_models

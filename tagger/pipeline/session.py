@@ -63,6 +63,12 @@ def is_shipped_name(model: str | os.PathLike[str]) -> bool:
     return os.fspath(model) in SHIPPED_MODELS and not Path(model).exists()
 
 
+def derived_model_path(model: str | os.PathLike[str] | None, resolved: Path, suffix: str) -> Path:
+    """Default path of a file made from `model`: beside it with `suffix`, or in the working folder for a shipped one."""
+    base = Path(resolved.name) if model is not None and is_shipped_name(model) else resolved
+    return base.with_suffix(suffix)
+
+
 def resolve_model(model: str | os.PathLike[str] | None) -> Path:
     """A model file: None is the default model, a shipped model's name is that model, anything else a path."""
     if model is None:
