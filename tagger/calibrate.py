@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from tagger.atomic import check_destination, publish, reserve_temp
+from tagger.storage import check_destination, publish, reserve_temp
 from tagger.contract import META_MODEL, output_name
 from tagger.errors import TaggerError
 from tagger.evaluate import LabelledFolder, load_labelled_folder, resolve_tasks, truth_indices

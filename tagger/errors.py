@@ -1,7 +1,32 @@
-"""User-facing errors: the CLI prints their message on one line and exits non-zero."""
+"""User-facing errors and the one-line rendering of any exception, for messages, logs and error rows."""
+
+from __future__ import annotations
+
+import os
+
+MAX_MESSAGE = 300  # characters of an exception's message kept in one line
 
 
 class TaggerError(Exception):
-    """A problem with the user's input or environment, worth one clear line rather than a traceback."""
+    """A job that could not be done (bad model, unwritable output, ...): one clear line and exit code 1.
 
-    exit_code = 2
+    Bad arguments are Click's usage errors (exit code 2); bad files are error rows, not exceptions.
+    """
+
+    exit_code = 1
+
+
+def one_line(e: BaseException, path: str | os.PathLike[str] | None = None, named: bool = False) -> str:
+    """An exception's message on one line, at most MAX_MESSAGE characters.
+
+    An OSError gives its strerror (no file name: the caller says which file). `path`, when given, is cut out of the
+    message (rows hold the path relative to the catalog). named: prefix the exception's class, 'Class: message'.
+    """
+    msg = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    if path is not None:
+        p = os.fspath(path)
+        msg = str(msg).replace(f" {p!r}", "").replace(p, "")
+    text = " ".join(str(msg).split())[:MAX_MESSAGE]
+    if not named:
+        return text or type(e).__name__
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

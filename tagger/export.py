@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from tagger import __version__
-from tagger.atomic import check_destination, publish, reserve_temp
+from tagger.storage import check_destination, publish, reserve_temp
 from tagger.calibrate import set_temperatures
 from tagger.contract import (
     FORMAT_VERSION,

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from tagger.atomic import check_destination, publish, reserve_temp
+from tagger.storage import check_destination, publish, reserve_temp
 from tagger.contract import INPUT_NAME, META_MODEL
 from tagger.errors import TaggerError
 from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata

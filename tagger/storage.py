@@ -1,0 +1,134 @@
+"""Where files live, and the one way tagger publishes a file: temp file beside it, fsync, rename, fsync the folder."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from tagger.errors import TaggerError, one_line
+
+
+def check_destination(out: Path, source: Path, source_kind: str = "model") -> None:
+    """TaggerError unless a file derived from `source` may be written at `out`: not a folder, not `source` itself."""
+    if out.is_dir():
+        raise TaggerError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
+    if out.exists() and out.resolve() == source.resolve():
+        raise TaggerError(f"output {out} is the {source_kind} itself; choose another name")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename in `path` durable: without this a power loss can undo it, or keep the name but not the data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def reserve_temp(out: Path, tmp_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Create the temp file for `out` now (beside it, or in tmp_dir on the same file system), so the final rename
+    stays on one file system and an unwritable destination fails before any expensive work."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=tmp_dir or out.parent)
+    except OSError as e:
+        raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
+    os.close(fd)
+    return Path(name)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a complete temp file (file or folder) onto `out` durably, with the mode a new one would get.
+
+    Files are fsynced before the rename and the folder after it, so after a power loss `out` is either what it was
+    or the complete new one. mkstemp/mkdtemp create owner-only entries; the runtime may run as another user, so
+    the umask decides, as for any new file.
+    """
+    try:
+        if tmp.is_dir():
+            tmp.chmod(0o777 & ~_umask())
+            for entry in tmp.iterdir():
+                _fsync_file(entry)
+            fsync_dir(tmp)
+            if out.is_dir():
+                out.rmdir()  # only an empty folder can be replaced; callers check that before the run
+        else:
+            tmp.chmod(0o666 & ~_umask())
+            _fsync_file(tmp)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except OSError as e:
+        discard(tmp)
+        raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def discard(tmp: Path) -> None:
+    """Remove a temp file or folder that will not be published."""
+    if tmp.is_dir():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def publishing(out: str | os.PathLike[str], tmp_dir: str | os.PathLike[str] | None = None) -> Iterator[Path]:
+    """Yield a temp path to write `out` to; publish it when the block ends normally, remove it otherwise."""
+    out = Path(out)
+    tmp = reserve_temp(out, tmp_dir)
+    try:
+        yield tmp
+    except BaseException:
+        discard(tmp)
+        raise
+    publish(tmp, out)
+
+
+def publish_bytes(out: str | os.PathLike[str], data: bytes, tmp_dir: str | os.PathLike[str] | None = None) -> None:
+    """Write `data` as the whole of `out`, atomically and durably."""
+    with publishing(out, tmp_dir) as tmp:
+        try:
+            tmp.write_bytes(data)
+        except OSError as e:
+            raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
+
+
+@contextlib.contextmanager
+def publishing_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a hidden temp folder beside `out` to fill; it becomes `out` (an absent or empty folder) on success."""
+    out = Path(out)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
+    try:
+        yield tmp
+    except BaseException:
+        discard(tmp)
+        raise
+    publish(tmp, out)
+
+
+__all__ = [
+    "check_destination",
+    "discard",
+    "fsync_dir",
+    "publish",
+    "publish_bytes",
+    "publishing",
+    "publishing_dir",
+    "reserve_temp",
+]
