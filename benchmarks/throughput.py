@@ -4,7 +4,7 @@
 
 One run, one machine, the same images for every path:
 
-    tagger     tagger.pipeline.run.run(): folder -> Parquet, end to end (model load included)
+    tagger     tagger.run(): folder -> Parquet, end to end (model load included)
     baseline   what a notebook does: PIL full decode + torchvision Resize/ToTensor/Normalize in a DataLoader,
                eager PyTorch under inference_mode, pyarrow at the end (model load included)
     decode     discover + decode + batch of the pipeline, no inference (all workers)
@@ -37,7 +37,7 @@ import numpy as np
 import tagger
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError
-from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata
+from tagger.model.info import ModelInfo, ort_errors, read_model_metadata
 from tagger.pipeline.decode import default_workers, fitted_size
 from tagger.pipeline.discover import ImageRef, discover
 
@@ -186,7 +186,7 @@ def measure_tagger(catalog: Path, cfg: BenchConfig, out: Path) -> Measurement:
     """`tagger run` in this process: folder -> Parquet, session creation and worker start-up included."""
     import pyarrow.parquet as pq
 
-    from tagger.pipeline.run import RunConfig, run
+    from tagger import RunConfig, run
 
     config = RunConfig(
         catalog=catalog,
@@ -220,7 +220,7 @@ def measure_decode(
     catalog: Path, spec: PreprocessSpec, cfg: BenchConfig, batch_size: int, keep: int
 ) -> tuple[Measurement, np.ndarray]:
     """discover -> decode -> batch with no inference; also returns the first `keep` decoded images [k, S, S, 3]."""
-    from tagger.pipeline.run import decoded_batches
+    from tagger.pipeline.compose import decoded_batches
 
     kept: list[np.ndarray] = []
     n_kept = files = 0
@@ -731,7 +731,8 @@ def main(
     """Measure `tagger run` against an eager-PyTorch baseline and its decode and inference limits."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     logging.getLogger("tagger").setLevel(logging.INFO if verbose else logging.WARNING)
-    from tagger.pipeline.session import default_threads, resolve_model
+    from tagger.model.registry import resolve_model
+    from tagger.pipeline.session import default_threads
 
     try:
         cfg = BenchConfig(

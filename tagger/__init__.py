@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from tagger.engines.local import run
+    from tagger.engines.plan import RunConfig, RunSummary
     from tagger.train.checkpoint import LoadedCheckpoint
+
+# Serving entry points are imported on first use, so `import tagger` stays cheap and torch-free.
+_LAZY = {"run": "tagger.engines.local", "RunConfig": "tagger.engines.plan", "RunSummary": "tagger.engines.plan"}
 
 
 def load_checkpoint(path: str, map_location: str = "cpu") -> "LoadedCheckpoint":
@@ -18,12 +23,11 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> "LoadedCheckpoint":
 
 
 def __getattr__(name: str) -> Any:
-    # Serving entry points are imported lazily so `import tagger` stays cheap and torch-free.
-    if name == "run":
-        from tagger.pipeline.run import run
+    if name in _LAZY:
+        import importlib
 
-        return run
-    raise AttributeError(name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tagger' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "load_checkpoint", "run"]
+__all__ = ["RunConfig", "RunSummary", "__version__", "load_checkpoint", "run"]

@@ -18,10 +18,11 @@ from tagger.contract import META_MODEL, output_name
 from tagger.errors import TaggerError
 from tagger.evaluate import LabelledFolder, load_labelled_folder, resolve_tasks, truth_indices
 from tagger.metrics import IGNORE, calibration_error
-from tagger.modelinfo import read_model_metadata
+from tagger.model.info import read_model_metadata
 from tagger.pipeline.decode import Failure
-from tagger.pipeline.run import decoded_batches
-from tagger.pipeline.session import Session, default_batch_size, derived_model_path, open_session
+from tagger.pipeline.compose import decoded_batches
+from tagger.model.registry import derived_model_path
+from tagger.pipeline.session import Session, default_batch_size, open_session
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from tagger import __version__
+from tagger.engines import ENGINES
 from tagger.errors import TaggerError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,11 +37,16 @@ def _friendly(fn: F) -> F:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tagger")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only.")
-def main(verbose: bool, quiet: bool) -> None:
-    """Tag product photos with their article class and colour."""
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+@click.option("-v", "--verbose", count=True, help="-v: progress and details (INFO); -vv: debug.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only.")
+def main(verbose: int, quiet: bool) -> None:
+    """Tag product photos with their article class and colour.
+
+    \b
+    Exit codes: 0 done (a run with error rows included), 1 the job could not be done (bad model, unwritable
+    output, no CUDA with --device cuda, a refused merge), 2 bad or missing arguments.
+    """
+    level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
@@ -113,15 +119,15 @@ def train(**kw: Any) -> None:
 @click.option("--commit-every", default=10_000, show_default=True, type=click.IntRange(0), metavar="N", help="Commit tagged rows to OUT.work/ every N images (0: not by count).")
 @click.option("--commit-seconds", default=60.0, show_default=True, type=click.FloatRange(0), metavar="T", help="... or every T seconds (0: not by time).")
 @click.option("--shard", default=None, metavar="I/N", help="Tag only shard I of N (by a stable hash of each path); `tagger merge` joins the N outputs.")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="ray: run on Ray Data (needs the ray extra); --out may then also name a folder of part files.")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True, help="ray: run on Ray Data (needs the ray extra); --out may then also name a folder of part files.")
 @click.option("--ray-address", default=None, metavar="ADDR", help="--engine ray: join this cluster ('auto', 'ray://head:10001') [default: start a local Ray instance].")
 @click.option("--num-gpus-per-actor", type=click.FloatRange(0), default=None, help="--engine ray: GPUs per inference actor, fractions share a GPU [default: 1 with a GPU and --device auto/cuda, else 0].")
 @click.option("--actors", type=click.IntRange(1), default=None, help="--engine ray: inference actors [default: cluster GPUs / --num-gpus-per-actor, or 1].")
 @_friendly
 def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | None, **kw: Any) -> None:
     """Tag every photo under CATALOG into a Parquet file: one row per file, errors included."""
+    from tagger import RunConfig, run
     from tagger.pipeline.discover import parse_extensions
-    from tagger.pipeline.run import RunConfig, run
 
     # A scheduler's SIGTERM unwinds like Ctrl-C, so the half-written temp output is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -130,7 +136,7 @@ def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | Non
     if max_pixels is not None:
         kw["max_pixels"] = max_pixels
     if kw["shard"] is not None:
-        from tagger.pipeline.shard import Shard
+        from tagger.nightly.shard import Shard
 
         kw["shard"] = Shard.parse(kw["shard"])
     engine = kw.pop("engine")
@@ -153,7 +159,7 @@ def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | Non
 @_friendly
 def merge_command(out: Path, shards: tuple[Path, ...]) -> None:
     """Merge the outputs of `tagger run --shard I/N` (all N) into OUT, as one unsharded run would have written it."""
-    from tagger.pipeline.shard import merge_shards
+    from tagger.nightly.shard import merge_shards
 
     click.echo(merge_shards(out, shards).line())
 
@@ -232,16 +238,19 @@ def calibrate_command(model: Path, data: Path, out: Path | None, tasks: tuple[st
 
 
 @main.command("info")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=click.Path(path_type=Path), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 @click.option("--all-labels", is_flag=True, help="List every label [default: the first 12 per task].")
 @_friendly
-def info_command(model: Path, as_json: bool, all_labels: bool) -> None:
-    """Show what an exported ONNX model carries: tasks and labels, preprocessing, provenance."""
+def info_command(model: Path | None, as_json: bool, all_labels: bool) -> None:
+    """Show what an ONNX model carries: tasks and labels, preprocessing, provenance.
+
+    MODEL: an exported .onnx file, or a shipped model by name: default, default-int8 [default: default].
+    """
     import json
 
-    from tagger.modelinfo import describe, read_model_metadata
-    from tagger.pipeline.session import resolve_model
+    from tagger.model.info import describe, read_model_metadata
+    from tagger.model.registry import resolve_model
 
     info = read_model_metadata(resolve_model(model))
     click.echo(json.dumps(info.to_dict(), indent=2) if as_json else describe(info, max_labels=0 if all_labels else 12))

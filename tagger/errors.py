@@ -30,3 +30,9 @@ def one_line(e: BaseException, path: str | os.PathLike[str] | None = None, named
     if not named:
         return text or type(e).__name__
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+class UsageError(TaggerError):
+    """A bad or missing argument or option value: exit code 2, as Click's own usage errors."""
+
+    exit_code = 2

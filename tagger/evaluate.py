@@ -27,7 +27,7 @@ from tagger.errors import TaggerError
 from tagger.metrics import IGNORE, calibration_error, confusion_matrix, per_class, summarize
 from tagger.pipeline.decode import DECODE_ERRORS, DEFAULT_MAX_PIXELS, Failure, load_image
 from tagger.pipeline.discover import ImageRef
-from tagger.pipeline.run import check_stage_options, decoded_batches, tag_batches
+from tagger.pipeline.compose import check_stage_options, decoded_batches, tag_batches
 from tagger.pipeline.session import default_batch_size, default_inflight, open_session
 from tagger.train.data import read_styles  # torch-free: csv, numpy, PIL only
 

@@ -42,7 +42,7 @@ from tagger.contract import (
     tasks_to_json,
 )
 from tagger.errors import TaggerError
-from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata, sha256_file
+from tagger.model.info import ModelInfo, ort_errors, read_model_metadata, sha256_file
 from tagger.pipeline.decode import Failure, decode_one, fit_and_pad
 from tagger.train.checkpoint import LoadedCheckpoint, load_checkpoint
 from tagger.train.model import MultiTaskNet

@@ -18,10 +18,11 @@ import numpy as np
 from tagger.storage import check_destination, publish, reserve_temp
 from tagger.contract import INPUT_NAME, META_MODEL
 from tagger.errors import TaggerError
-from tagger.modelinfo import ModelInfo, ort_errors, read_model_metadata
+from tagger.model.info import ModelInfo, ort_errors, read_model_metadata
 from tagger.pipeline.decode import decode_many
 from tagger.pipeline.discover import ImageRef, discover
-from tagger.pipeline.session import derived_model_path, open_session, resolve_model
+from tagger.model.registry import derived_model_path, resolve_model
+from tagger.pipeline.session import open_session, ort_log_severity
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +158,9 @@ def _quantize(quantization: Any, source: Path, target: Path, calibration: np.nda
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(batches, None)
 
-    import onnxruntime
-
-    onnxruntime.set_default_logger_severity(3)  # graph clean-up notices; failures still raise
     try:
-        with tempfile.TemporaryDirectory(prefix="tagger-quantize-") as work, _quiet_root_info():
+        # ort_log_severity: graph clean-up notices are noise; failures still raise.
+        with tempfile.TemporaryDirectory(prefix="tagger-quantize-") as work, _quiet_root_info(), ort_log_severity(3):
             prepared = Path(work) / "prepared.onnx"
             # The batch dimension is symbolic; ONNX's own shape inference covers this graph without sympy.
             quantization.shape_inference.quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)

@@ -46,6 +46,14 @@ def reserve_temp(out: Path, tmp_dir: str | os.PathLike[str] | None = None) -> Pa
     return Path(name)
 
 
+def reserve_temp_dir(out: Path) -> Path:
+    """A hidden temp folder beside `out`, to fill with files and then publish as `out` (absent or empty)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
+
+
 def publish(tmp: Path, out: Path) -> None:
     """Move a complete temp file (file or folder) onto `out` durably, with the mode a new one would get.
 
@@ -106,22 +114,6 @@ def publish_bytes(out: str | os.PathLike[str], data: bytes, tmp_dir: str | os.Pa
             raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
 
 
-@contextlib.contextmanager
-def publishing_dir(out: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a hidden temp folder beside `out` to fill; it becomes `out` (an absent or empty folder) on success."""
-    out = Path(out)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    except OSError as e:
-        raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
-    try:
-        yield tmp
-    except BaseException:
-        discard(tmp)
-        raise
-    publish(tmp, out)
-
-
 __all__ = [
     "check_destination",
     "discard",
@@ -129,6 +121,6 @@ __all__ = [
     "publish",
     "publish_bytes",
     "publishing",
-    "publishing_dir",
     "reserve_temp",
+    "reserve_temp_dir",
 ]

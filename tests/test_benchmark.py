@@ -136,5 +136,5 @@ def test_model_without_torch_equivalent_skips_the_baseline_with_a_note(
 
 def test_empty_folder_is_one_clear_error(bench: ModuleType, contract_onnx: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(bench.main, ["--images", str(tmp_path), "--model", str(contract_onnx)])
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == f"error: no image files in {tmp_path}"

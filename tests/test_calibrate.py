@@ -123,7 +123,7 @@ def test_cli_errors_are_one_line_and_write_nothing(contract_onnx: Path, labelled
     }
     for message, args in cases.items():
         result = CliRunner().invoke(main, [*args, "--device", "cpu", "--workers", "0"])
-        assert result.exit_code == 2, (args, result.output)
+        assert result.exit_code == 1, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sigmoid.onnx"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tagger.pipeline.session import DEFAULT_MODEL_NAME, SHIPPED_MODELS, default_model_path
+from tagger.model.registry import DEFAULT_MODEL_NAME, SHIPPED_MODELS, default_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 

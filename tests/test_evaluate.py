@@ -20,7 +20,7 @@ from tagger.cli import main
 from tagger.errors import TaggerError
 from tagger.evaluate import EvalConfig, EvalResult, evaluate, write_report
 from tagger.metrics import calibration_error
-from tagger.pipeline.run import RunConfig, run
+from tagger import RunConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "export" / "tagger-default.onnx"

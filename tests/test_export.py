@@ -20,7 +20,7 @@ from tagger import __version__
 from tagger.cli import main
 from tagger.contract import FORMAT_VERSION, INPUT_NAME, META_FORMAT, META_TASKS, PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError
-from tagger.modelinfo import describe, read_model_metadata
+from tagger.model.info import describe, read_model_metadata
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -359,7 +359,7 @@ def test_reader_rejects_plain_onnx(tmp_path: Path) -> None:
 
 def test_cli_and_reader_do_not_import_torch_or_onnx() -> None:
     code = (
-        "import sys, tagger.cli, tagger.modelinfo; "
+        "import sys, tagger.cli, tagger.model.info; "
         "bad = [m for m in ('torch', 'onnx') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -11,7 +11,8 @@ from conftest import CONTRACT_TASKS, cuda_really_works, make_contract_onnx
 from tagger.contract import TaskSpec
 from tagger.errors import TaggerError
 from tagger.pipeline.postprocess import postprocess
-from tagger.pipeline.session import CPU, CUDA, default_model_path, open_session
+from tagger.model.registry import default_model_path
+from tagger.pipeline.session import CPU, CUDA, open_session
 
 
 def test_cpu_session_predicts_probabilities_per_task(contract_onnx: Path) -> None:

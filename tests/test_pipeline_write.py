@@ -16,7 +16,9 @@ from tagger.pipeline.batch import Batch
 from tagger.pipeline.decode import Failure, Sample
 from tagger.pipeline.discover import MISSING_SIZE, ImageRef
 from tagger.pipeline.postprocess import postprocess
-from tagger.pipeline.write import ResultWriter, output_schema, rows_to_table
+from tagger.output.schema import output_schema
+from tagger.output.writer import ResultWriter
+from tagger.pipeline.compose import rows_to_table
 
 TASKS = (TaskSpec("class", ("a", "b", "c")), TaskSpec("color", ("red", "blue")))
 

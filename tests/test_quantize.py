@@ -13,17 +13,17 @@ from click.testing import CliRunner
 from tagger.cli import main
 from tagger.contract import META_MODEL
 from tagger.errors import TaggerError
-from tagger.modelinfo import read_model_metadata
+from tagger.model.info import read_model_metadata
 from tagger.pipeline.decode import decode_many
 from tagger.pipeline.discover import discover
-from tagger.pipeline.session import (
+from tagger.model.registry import (
     SHIPPED_MODELS,
     default_model_path,
     derived_model_path,
-    open_session,
     resolve_model,
     shipped_model_path,
 )
+from tagger.pipeline.session import open_session
 
 onnx = pytest.importorskip("onnx")
 from tagger.quantize import MIN_IMAGES, quantize_model  # noqa: E402
@@ -108,7 +108,7 @@ def test_cli_errors_are_one_line(contract_onnx: Path, tmp_path: Path) -> None:
     }
     for message, args in cases.items():
         result = runner.invoke(main, args)
-        assert result.exit_code == 2, (args, result.output)
+        assert result.exit_code == 1, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "q.onnx").exists()
 

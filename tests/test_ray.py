@@ -19,7 +19,7 @@ from conftest import quadrant_image
 
 from tagger.cli import main
 from tagger.errors import TaggerError
-from tagger.pipeline.run import RunConfig, run
+from tagger import RunConfig, run
 
 pytestmark = pytest.mark.ray
 
@@ -38,7 +38,7 @@ def ray_local() -> Iterator[Any]:
 
 
 def _run_ray(config: RunConfig, **options: Any) -> Any:
-    from tagger.ray import RayOptions, run_ray
+    from tagger.engines.ray import RayOptions, run_ray
 
     return run_ray(config, RayOptions(**options))
 
@@ -143,7 +143,7 @@ def test_files_from_reports_missing_files_as_error_rows(
 def test_ray_shards_merge_into_the_unsharded_output(
     ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
 ) -> None:
-    from tagger.pipeline.shard import Shard, merge_shards
+    from tagger.nightly.shard import Shard, merge_shards
 
     root, _ = catalog
     whole = tmp_path / "whole.parquet"
@@ -209,7 +209,7 @@ def test_without_ray_the_cli_says_how_to_install_it(catalog: tuple[Path, dict[st
     code = (
         "import sys\n"
         "sys.modules['ray'] = None  # what an install without the extra looks like to `import ray`\n"
-        "import tagger.ray\n"  # importable without Ray: Ray is imported only when a run starts
+        "import tagger.engines.ray\n"  # importable without Ray: Ray is imported only when a run starts
         "from tagger.cli import main\n"
         f"main(['run', {str(catalog[0])!r}, '--out', {str(out)!r}, '--engine', 'ray'])\n"
     )

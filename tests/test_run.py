@@ -15,7 +15,7 @@ from conftest import cuda_really_works
 import tagger
 from tagger.cli import main
 from tagger.errors import TaggerError
-from tagger.pipeline.run import RunConfig, RunSummary, run
+from tagger import RunConfig, RunSummary, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_exif_rotated_photo_is_tagged_like_the_upright_one(tagged: tuple[RunSumm
 def test_file_metadata_describes_model_and_run(contract_onnx: Path, tagged: tuple[RunSummary, Path]) -> None:
     summary, out = tagged
     meta = {k.decode(): v.decode() for k, v in pq.read_metadata(out).metadata.items()}
-    from tagger.modelinfo import sha256_file
+    from tagger.model.info import sha256_file
 
     assert meta["tagger.model_sha256"] == sha256_file(contract_onnx)
     assert meta["tagger.run.provider"] == "CPUExecutionProvider" == summary.provider

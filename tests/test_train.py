@@ -218,7 +218,7 @@ def test_corrupt_training_images_are_skipped(tmp_path: Path) -> None:
 
 def test_any_number_of_tasks_trains_and_exports(catalog: Path, tmp_path: Path) -> None:
     from tagger.export import export_checkpoint
-    from tagger.modelinfo import read_model_metadata
+    from tagger.model.info import read_model_metadata
 
     tasks = (("color", "baseColour"), ("class", "articleType"), ("season", "season"))
     cfg = TrainConfig(

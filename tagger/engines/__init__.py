@@ -1,7 +1,8 @@
-"""Execution engines for `tagger run`: the local one lives in tagger.pipeline.run; others wire the same stages elsewhere."""
+"""Executors of one run plan (tagger.engines.plan): `local` on this machine, `ray` on a Ray cluster."""
 
 from __future__ import annotations
 
-ENGINES: tuple[str, ...] = ("local", "ray")
+# --engine's choices, each the module that executes the plan.
+ENGINES: dict[str, str] = {"local": "tagger.engines.local", "ray": "tagger.engines.ray"}
 
 __all__ = ["ENGINES"]

@@ -8,26 +8,24 @@ import heapq
 import logging
 import math
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
 
-from tagger import __version__
-from tagger.contract import PreprocessSpec, TaskSpec
-from tagger.errors import TaggerError
-from tagger.pipeline import write as w
+from tagger.contract import PreprocessSpec
+from tagger.engines.plan import ModelFacts, RunConfig, RunPlan, RunSummary, model_argument
+from tagger.errors import TaggerError, UsageError, one_line
+from tagger.output.schema import closing_metadata, count_ok, output_schema
+from tagger.output.writer import ResultWriter
 from tagger.pipeline.batch import Batch
-from tagger.pipeline.decode import DecodeResult, Failure, Sample, decode_many
+from tagger.pipeline.compose import tag_batches
+from tagger.pipeline.decode import DecodeResult, Failure, Sample, decode_chunk, decode_many
 from tagger.pipeline.discover import ImageRef
-from tagger.pipeline.run import RunConfig, RunSummary, list_refs, run_identity, tag_batches
-from tagger.pipeline.session import CPU, CUDA, default_batch_size, is_shipped_name, open_session
+from tagger.pipeline.session import CPU, CUDA, default_batch_size, open_session
+from tagger.storage import discard, publish, reserve_temp_dir
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -36,7 +34,6 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = "--engine ray needs Ray, which is not installed: pip install 'tagger[ray]'"
 INDEX = "index"  # discovery position, carried through Ray so rows can be written back in order; not written
-DECODE_CHUNK = 32  # files per decode call: the local engine's chunk size
 MAX_BLOCKS = 10_000  # input blocks of the ref listing; more only adds scheduling overhead
 ROWS_PER_PART = 1_000_000  # rows per part file when --out is a folder
 # Memory a decode task may need: a 24 MP camera JPEG decoded (at a reduced DCT scale) plus its batch, with margin.
@@ -57,13 +54,13 @@ class RayOptions:
 
     def __post_init__(self) -> None:
         if self.actors is not None and self.actors < 1:
-            raise TaggerError(f"--actors must be at least 1, got {self.actors}")
+            raise UsageError(f"--actors must be at least 1, got {self.actors}")
         if self.num_gpus_per_actor is not None and not 0 <= self.num_gpus_per_actor:
-            raise TaggerError(f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
+            raise UsageError(f"--num-gpus-per-actor must be >= 0, got {self.num_gpus_per_actor}")
         if self.num_cpus is not None and self.num_cpus < 2:
-            raise TaggerError(f"a local Ray instance needs at least 2 CPUs, got {self.num_cpus}")
+            raise UsageError(f"a local Ray instance needs at least 2 CPUs, got {self.num_cpus}")
         if self.rows_per_part < 1:
-            raise TaggerError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
+            raise UsageError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
 
 
 def import_ray() -> ModuleType:
@@ -134,21 +131,9 @@ class TagActor:
         return table.append_column(INDEX, pa.array(rows[INDEX], pa.int64()))
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the driver needs from the model, as an inference actor sees it (its provider included)."""
-
-    tasks: tuple[TaskSpec, ...]
-    spec: PreprocessSpec
-    provider: str
-    sha256: str
-    metadata: Mapping[str, str]  # the model's tagger.* keys, copied into the output
-
-
 def probe_model(model: str | None, device: str, threads: int | None) -> ModelFacts:
     """Open the model once where an actor would run: fails fast (bad model, no CUDA) with the local engine's message."""
-    session = open_session(model, device, threads)
-    return ModelFacts(session.tasks, session.spec, session.provider, session.info.sha256, dict(session.metadata))
+    return ModelFacts.of(open_session(model, device, threads))
 
 
 # ---- the driver ----
@@ -180,26 +165,17 @@ def in_discovery_order(tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
         raise TaggerError(f"the Ray run lost rows {next_index} to {heap[0][0] - 1}")
 
 
-def _count(table: pa.Table) -> int:
-    """Ok rows of an output table."""
-    return int(np.count_nonzero(table.column("status").to_numpy(zero_copy_only=False) == w.STATUS_OK))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 class _FileSink:
     """One Parquet file, written exactly as the local engine writes it."""
 
     def __init__(self, out: Path, schema: pa.Schema, metadata: Mapping[str, str]) -> None:
-        self._writer = w.ResultWriter(out, schema, metadata)
+        self._writer = ResultWriter(out, schema, metadata)
 
     def write(self, table: pa.Table) -> None:
         self._writer.write(table)
 
     def commit(self, files: int, ok: int) -> None:
-        self._writer.commit(_final_metadata(files, ok))
+        self._writer.commit(closing_metadata(files, ok, tagged=files))
 
     def abort(self) -> None:
         self._writer.abort()
@@ -213,11 +189,8 @@ class _PartsSink:
 
     def __init__(self, out: Path, schema: pa.Schema, metadata: Mapping[str, str], rows_per_part: int) -> None:
         self.out, self.schema, self.metadata, self.rows_per_part = out, schema, metadata, rows_per_part
-        try:
-            self._stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        except OSError as e:
-            raise TaggerError(f"cannot write output {out}: {e.strerror or e}") from None
-        self._part: w.ResultWriter | None = None
+        self._stage = reserve_temp_dir(out)
+        self._part: ResultWriter | None = None
         self._parts = 0
         self._rows = self._ok = 0
 
@@ -225,50 +198,31 @@ class _PartsSink:
         while table.num_rows:
             if self._part is None:
                 path = self._stage / f"part-{self._parts:05d}.parquet"
-                self._part = w.ResultWriter(path, self.schema, self.metadata)
+                self._part = ResultWriter(path, self.schema, self.metadata)
                 self._parts += 1
             head = table.slice(0, self.rows_per_part - self._rows)
             table = table.slice(head.num_rows)
             self._part.write(head)
             self._rows += head.num_rows
-            self._ok += _count(head)
+            self._ok += count_ok(head)
             if self._rows == self.rows_per_part:
                 self._close_part()
 
     def _close_part(self) -> None:
         assert self._part is not None
-        self._part.commit(_final_metadata(self._rows, self._ok))
+        self._part.commit(closing_metadata(self._rows, self._ok, tagged=self._rows))
         self._part, self._rows, self._ok = None, 0, 0
 
     def commit(self, files: int, ok: int) -> None:
         if self._part is not None:
             self._close_part()
-        try:
-            if self.out.is_dir():
-                self.out.rmdir()  # checked empty before the run
-            os.replace(self._stage, self.out)
-        except OSError as e:
-            self.abort()
-            raise TaggerError(f"cannot write output {self.out}: {e.strerror or e}") from None
+        publish(self._stage, self.out)  # an existing self.out was checked empty before the run
 
     def abort(self) -> None:
         if self._part is not None:
             self._part.abort()
             self._part = None
-        shutil.rmtree(self._stage, ignore_errors=True)
-
-
-def _final_metadata(files: int, ok: int) -> dict[str, str]:
-    """The local engine's closing keys; every row is tagged afresh here (no incremental reuse, no resume)."""
-    return {
-        w.META_FINISHED: _now(),
-        w.META_FILES: str(files),
-        w.META_OK: str(ok),
-        w.META_ERRORS: str(files - ok),
-        w.META_TAGGED: str(files),
-        w.META_REUSED: "0",
-        w.META_RESUMED: "0",
-    }
+        discard(self._stage)
 
 
 def writes_folder(out: Path) -> bool:
@@ -298,7 +252,7 @@ def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
         try:
             ray.init(address=options.address, **quiet)
         except ConnectionError as e:
-            raise TaggerError(f"cannot join the Ray cluster at {options.address}: {_one_line(e)}") from None
+            raise TaggerError(f"cannot join the Ray cluster at {options.address}: {_last_line(e)}") from None
     else:
         # Like the local engine, decode workers take every core and inference threads share them (ORT threads
         # sleep while they wait): one logical CPU per core for decode tasks, plus one per inference actor.
@@ -318,14 +272,15 @@ def _unwrapped_errors(ray: ModuleType) -> Iterator[None]:
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, TaggerError):
             raise e.cause from None
-        raise TaggerError(f"the Ray run failed: {_one_line(e.cause)}") from None
+        raise TaggerError(f"the Ray run failed: {_last_line(e.cause)}") from None
     except ray.exceptions.RayError as e:
-        raise TaggerError(f"the Ray run failed: {_one_line(e)}") from None
+        raise TaggerError(f"the Ray run failed: {_last_line(e)}") from None
 
 
-def _one_line(e: BaseException) -> str:
+def _last_line(e: BaseException) -> str:
+    """Ray's errors carry a remote traceback; its last line says what happened."""
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[-1].strip()[:300]}" if lines else type(e).__name__
+    return one_line(RuntimeError(lines[-1])) if lines else type(e).__name__
 
 
 def _actor_shape(ray: ModuleType, device: str, options: RayOptions) -> tuple[int, float]:
@@ -335,7 +290,7 @@ def _actor_shape(ray: ModuleType, device: str, options: RayOptions) -> tuple[int
     if per is None:
         per = 1.0 if device != "cpu" and gpus >= 1 else 0.0
     if per > 0 and device == "cpu":
-        raise TaggerError("--num-gpus-per-actor needs --device auto or cuda")
+        raise UsageError("--num-gpus-per-actor needs --device auto or cuda")
     actors = options.actors or (max(1, math.floor(gpus / per + 1e-9)) if per > 0 else 1)
     if actors * per > gpus + 1e-9:
         raise TaggerError(f"{actors} actors x {per:g} GPUs need more GPUs than the Ray cluster's {gpus:g}")
@@ -343,7 +298,7 @@ def _actor_shape(ray: ModuleType, device: str, options: RayOptions) -> tuple[int
 
 
 def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
-    """Tag config.catalog like pipeline.run.run, on Ray Data; config.out is a .parquet file or a folder of parts.
+    """Tag config.catalog like the local engine, on Ray Data; config.out is a .parquet file or a folder of parts.
 
     Discovery runs here on the driver; decode runs as Ray tasks (one CPU each), inference in a pool of actors each
     holding one ONNX Runtime session; rows come back here and are written in discovery order. Paths (catalog,
@@ -352,41 +307,24 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     ray = import_ray()
     options = options or RayOptions()
     if config.incremental or config.resume:
-        raise TaggerError("--incremental and --resume work with --engine local only")
-    t_start = time.perf_counter()
-    started = _now()
+        raise UsageError("--incremental and --resume work with --engine local only")
     _check_out(config.out)
     config = dataclasses.replace(config, catalog=Path(os.path.abspath(config.catalog)))
+    plan = RunPlan(config)
     # The whole listing goes into the driver's memory (~200 bytes a file); see the README for larger catalogs.
-    refs = list(list_refs(config))
-    if not refs:
-        what = "listed in " + str(config.files_from) if config.files_from else "with extension " + ",".join(
-            sorted(config.extensions)
-        )
-        raise TaggerError(f"no image files {what} in {config.catalog}")
-    if config.shard is not None:
-        refs = [r for r in refs if config.shard.holds(r.path)]
-    # The default and shipped models' names travel as they are, so each worker finds them in its own install.
-    model = None if config.model is None else os.fspath(config.model)
-    if model is not None and not is_shipped_name(model):
-        model = os.path.abspath(model)
+    refs = list(plan.refs)
+    model = model_argument(config.model)
     with _connected(ray, options), _unwrapped_errors(ray), _data_context(ray, config.progress):
         actors, gpus = _actor_shape(ray, config.device, options)
         probe = ray.remote(num_cpus=1, num_gpus=gpus)(probe_model)
         facts: ModelFacts = ray.get(probe.remote(model, config.device, config.threads))
-        metadata = {
-            **facts.metadata,
-            **run_identity(config, facts.sha256).metadata(),
-            w.META_TOOL_VERSION: __version__,
-            w.META_PROVIDER: facts.provider,
-            w.META_STARTED: started,
-        }
         log.info(
             "tagging %d files of %s%s on Ray: %d inference actors, %g GPUs each, on %s, batch %d",
             len(refs), config.catalog, f" (shard {config.shard})" if config.shard else "", actors, gpus,
             facts.provider, config.batch_size or default_batch_size(facts.provider),
         )  # fmt: skip
-        schema = w.output_schema(facts.tasks, config.top_k)
+        schema = output_schema(facts.tasks, config.top_k)
+        metadata = plan.metadata(facts)
         sink: _FileSink | _PartsSink = (
             _PartsSink(config.out, schema, metadata, options.rows_per_part)
             if writes_folder(config.out)
@@ -402,16 +340,14 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
                 table = table.cast(schema)
                 sink.write(table)
                 files += table.num_rows
-                ok += _count(table)
+                ok += count_ok(table)
             if files != len(refs):
                 raise TaggerError(f"the Ray run returned {files} rows for {len(refs)} files")
             sink.commit(files, ok)
         except BaseException:
             sink.abort()
             raise
-    summary = RunSummary(config.out, files, ok, files - ok, time.perf_counter() - t_start, facts.provider)
-    log.info("done: %s", summary.line())
-    return summary
+    return plan.summary(facts.provider, files, ok)
 
 
 def tag_dataset(
@@ -428,7 +364,7 @@ def tag_dataset(
     """
     ray = import_ray()
     batch_size = config.batch_size or default_batch_size(CUDA if gpus else CPU)
-    chunk = max(1, min(batch_size, DECODE_CHUNK))
+    chunk = decode_chunk(batch_size)
     items = [
         {"path": r.path, "abspath": r.abspath, "size": r.size, "mtime": r.mtime, INDEX: i} for i, r in enumerate(refs)
     ]

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
 from tagger.contract import PreprocessSpec
-from tagger.errors import TaggerError
+from tagger.errors import TaggerError, one_line
 from tagger.pipeline.discover import ImageRef
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ def fit_and_pad(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     canvas.paste(img, ((s - nw) // 2, (s - nh) // 2))
     return np.asarray(canvas, dtype=np.uint8)
 
+
+DECODE_CHUNK = 32  # files per decode call at most: one array crosses processes per chunk
 
 DEFAULT_MAX_PIXELS = 150_000_000  # above any camera photo (a 100 MP sensor is 102M); far below a decompression bomb
 
@@ -94,14 +96,6 @@ class Failure:
 
 DecodeResult = Union[Sample, Failure]
 Source = Union[ImageRef, str, "os.PathLike[str]"]
-
-
-def _describe(e: BaseException, path: str | os.PathLike[str]) -> str:
-    """'ExceptionClass: message' on one line, without the file's absolute path (the row holds it, relative)."""
-    msg = e.strerror if isinstance(e, OSError) and e.strerror and e.filename else str(e)
-    p = os.fspath(path)
-    msg = " ".join(str(msg).replace(f" {p!r}", "").replace(p, "").split())[:500]
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
 
 
 def _to_rgb(img: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image:
@@ -153,12 +147,12 @@ def decode_one(
         img, w, h = load_image(path, spec, max_pixels)
         return Sample(index, fit_and_pad(img, spec), w, h)
     except DECODE_ERRORS as e:
-        return Failure(index, _describe(e, path))
+        return Failure(index, one_line(e, path, named=True))
     except Exception as e:  # noqa: BLE001
         # Last resort, recorded in the row: decoder plugins raise arbitrary types on malformed files (fuzzers find
         # IndexError, TypeError, ...), and one such photo must not end a run over millions.
         log.debug("unexpected decode error for %s", path, exc_info=True)
-        return Failure(index, _describe(e, path))
+        return Failure(index, one_line(e, path, named=True))
 
 
 def _rebuild_batch(images: np.ndarray, meta: list[tuple[int, int, int] | tuple[int, str]], seconds: float) -> DecodedBatch:
@@ -226,6 +220,12 @@ def _worker_init() -> None:
 
 def default_workers() -> int:
     return os.cpu_count() or 1
+
+
+def decode_chunk(batch_size: int) -> int:
+    """Files per decode call for batches of batch_size: chunks of a batch keep IPC to one array per chunk, and
+    smaller ones keep every worker busy on small runs."""
+    return max(1, min(batch_size, DECODE_CHUNK))
 
 
 class _Arena:
@@ -296,7 +296,7 @@ def decode_stream(
     spec: PreprocessSpec,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
-    chunk_size: int = 32,
+    chunk_size: int = DECODE_CHUNK,
     max_pending: int | None = None,
 ) -> Iterator[tuple[tuple[ImageRef, ...], DecodedBatch]]:
     """Decode refs in chunks, yielding (refs of the chunk, its DecodedBatch) in input order.

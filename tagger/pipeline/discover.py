@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tagger.errors import TaggerError
+from tagger.errors import TaggerError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def parse_extensions(text: str | Iterable[str]) -> frozenset[str]:
     items = text.split(",") if isinstance(text, str) else list(text)
     exts = frozenset(e.strip().lower().lstrip(".") for e in items if e.strip().lstrip("."))
     if not exts:
-        raise TaggerError(f"no file extensions in {text!r}")
+        raise UsageError(f"no file extensions in {text!r}")
     return exts
 
 

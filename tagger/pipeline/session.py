@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import io
 import logging
 import os
@@ -16,8 +15,9 @@ import numpy as np
 import onnxruntime as ort
 
 from tagger.contract import INPUT_NAME, PreprocessSpec, TaskSpec
-from tagger.errors import TaggerError
-from tagger.modelinfo import ModelInfo, model_info_from_session, ort_errors
+from tagger.errors import TaggerError, UsageError, one_line
+from tagger.model.info import ModelInfo, model_info_from_session, ort_errors
+from tagger.model.registry import resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -26,54 +26,23 @@ T = TypeVar("T")
 DEVICES = ("auto", "cpu", "cuda")
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-DEFAULT_MODEL_NAME = "tagger-default.onnx"
-# Models shipped with the package, by the name `--model` accepts for them.
-SHIPPED_MODELS: Mapping[str, str] = {"default": DEFAULT_MODEL_NAME, "default-int8": "tagger-default.int8.onnx"}
-
 # cuDNN tunes each convolution per input shape. Measured on an H200 (Lite0 @160, batch 256): the exhaustive
 # search cost 1.9 s at the first run of each shape, the heuristic choice 0.5 s, at the same throughput.
 CUDA_OPTIONS: Mapping[str, str] = {"cudnn_conv_algo_search": "HEURISTIC"}
 
-_WARNING = 3  # onnxruntime logger severities
+_ERROR = 3  # onnxruntime logger severities
 _FATAL = 4
+_ORT_DEFAULT_SEVERITY = 2  # warning: onnxruntime's own default; it has no getter to read the current one
 
 
-def default_model_path() -> Path:
-    """The shipped default model."""
-    return shipped_model_path("default")
-
-
-def shipped_model_path(name: str) -> Path:
-    """A model shipped with the package: package data tagger/_default_model/, else export/ of a source checkout."""
-    file = SHIPPED_MODELS[name]
+@contextlib.contextmanager
+def ort_log_severity(level: int) -> Iterator[None]:
+    """Set onnxruntime's process-wide logger severity for a block, then put back its default."""
+    ort.set_default_logger_severity(level)
     try:
-        packaged = importlib.resources.files("tagger._default_model") / file
-        if packaged.is_file():
-            return Path(str(packaged))
-    except ModuleNotFoundError:
-        pass
-    checkout = Path(__file__).resolve().parents[2] / "export" / file
-    if checkout.is_file():
-        return checkout
-    raise TaggerError(f"the shipped model {name!r} is not installed ({file} not found); pass --model MODEL.onnx")
-
-
-def is_shipped_name(model: str | os.PathLike[str]) -> bool:
-    """Whether `model` names a shipped model; a file of that name in the working folder wins."""
-    return os.fspath(model) in SHIPPED_MODELS and not Path(model).exists()
-
-
-def derived_model_path(model: str | os.PathLike[str] | None, resolved: Path, suffix: str) -> Path:
-    """Default path of a file made from `model`: beside it with `suffix`, or in the working folder for a shipped one."""
-    base = Path(resolved.name) if model is not None and is_shipped_name(model) else resolved
-    return base.with_suffix(suffix)
-
-
-def resolve_model(model: str | os.PathLike[str] | None) -> Path:
-    """A model file: None is the default model, a shipped model's name is that model, anything else a path."""
-    if model is None:
-        return default_model_path()
-    return shipped_model_path(os.fspath(model)) if is_shipped_name(model) else Path(model)
+        yield
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
 
 
 def default_threads() -> int:
@@ -191,6 +160,7 @@ def _session_options(threads: int) -> ort.SessionOptions:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    so.log_severity_level = _ERROR  # this session's notices are noise to a batch job; failures still raise
     # Spinning threads would burn the cores the decode workers need between batches.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return so
@@ -207,8 +177,7 @@ def _create(path: Path, threads: int, providers: list[Any]) -> ort.InferenceSess
     try:
         return ort.InferenceSession(str(path), _session_options(threads), providers=providers)
     except ort_errors() as e:
-        msg = " ".join(str(e).split())[:300]
-        raise TaggerError(f"cannot load model {path}: {type(e).__name__}: {msg}") from None
+        raise TaggerError(f"cannot load model {path}: {one_line(e, named=True)}") from None
 
 
 def open_session(model: str | os.PathLike[str] | None = None, device: str = "auto", threads: int | None = None) -> Session:
@@ -219,17 +188,18 @@ def open_session(model: str | os.PathLike[str] | None = None, device: str = "aut
     onnxruntime lists CUDA as available even without a GPU and then silently runs on CPU.
     """
     if device not in DEVICES:
-        raise TaggerError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+        raise UsageError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     path = resolve_model(model)
     if not path.is_file():
         raise TaggerError(f"model {path} is not a file")
     threads = threads if threads is not None else default_threads()
-    ort.set_default_logger_severity(_WARNING)
     sess = None
-    if device != "cpu":
-        sess = _try_cuda(path, threads, strict=device == "cuda")
-    if sess is None:
-        sess = _create(path, threads, [CPU])
+    # Provider start-up writes to onnxruntime's process-wide log; our own message says what went wrong.
+    with ort_log_severity(_ERROR if log.isEnabledFor(logging.DEBUG) else _FATAL):
+        if device != "cpu":
+            sess = _try_cuda(path, threads, strict=device == "cuda")
+        if sess is None:
+            sess = _create(path, threads, [CPU])
     session = Session(sess, path)
     log.info("model %s on %s (%d intra-op threads)", path.name, session.provider, threads)
     if session.provider == CUDA and session.info.precision == "int8":
@@ -253,20 +223,16 @@ def _try_cuda(path: Path, threads: int, strict: bool) -> ort.InferenceSession | 
             log.debug("onnxruntime.preload_dlls: %s", " | ".join(printed.getvalue().split("\n")).strip(" |"))
     # No CPU-fallback ban (session.disable_cpu_ep_fallback): CUDA legitimately leaves shape nodes on CPU, and the
     # ban would reject such models on a working GPU. A CUDA provider that failed to start is absent from
-    # get_providers(), which is the check. In auto mode its error log is noise, so it is muted for the attempt.
-    if not strict:
-        ort.set_default_logger_severity(_FATAL)
+    # get_providers(), which is the check.
     try:
         sess = ort.InferenceSession(str(path), _session_options(threads), providers=[(CUDA, {"device_id": 0, **CUDA_OPTIONS}), CPU])
     except _ep_errors() as e:
-        reason = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        reason = one_line(e, named=True)
         if strict:
             raise TaggerError(f"cannot load model {path} on CUDA: {reason}") from None
         sess = None  # a bad model fails again, and is reported, when the CPU session is created
     else:
-        reason = "no usable GPU, driver, or CUDA/cuDNN libraries; onnxruntime's log above says which"
-    finally:
-        ort.set_default_logger_severity(_WARNING)
+        reason = "no usable GPU, driver, or CUDA/cuDNN libraries; tagger -vv shows onnxruntime's log of which"
     if sess is not None and sess.get_providers()[0] == CUDA:
         return sess
     if strict:

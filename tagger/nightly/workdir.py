@@ -17,9 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagger.contract import TaskSpec
-from tagger.errors import TaggerError
-from tagger.pipeline import write as w
-from tagger.pipeline.output import RowIndex, RowReader
+from tagger.errors import TaggerError, one_line
+from tagger.output.reader import RowIndex, RowReader
+from tagger.output.schema import output_schema
+from tagger.storage import publish_bytes
 
 try:
     import fcntl
@@ -48,10 +49,6 @@ def _sequence_of(part: Path) -> int:
     return int(m[1]) if m else 0
 
 
-def _text(e: BaseException) -> str:
-    return " ".join((e.strerror if isinstance(e, OSError) and e.strerror else str(e)).split())[:200]
-
-
 class WorkDir:
     """The sidecar folder of one output: a lock, the identity of the run it belongs to, committed parts.
 
@@ -77,7 +74,7 @@ class WorkDir:
         self.out = Path(out)
         self.path = work_dir_of(out)
         self.identity = dict(identity)
-        self.schema = w.output_schema(tasks, top_k)
+        self.schema = output_schema(tasks, top_k)
         self.commit_every = commit_every  # 0: no commits by count
         self.commit_seconds = commit_seconds  # 0: no commits by time
         self.committed = 0  # rows committed by this run
@@ -90,7 +87,7 @@ class WorkDir:
         try:
             self.path.mkdir(exist_ok=True)
         except OSError as e:
-            raise TaggerError(f"cannot write output {self.out}: {_text(e)}") from None
+            raise TaggerError(f"cannot write output {self.out}: {one_line(e)}") from None
         self._lock_fd = self._lock()
         try:
             self._clear_temp_files()
@@ -111,7 +108,7 @@ class WorkDir:
         try:
             fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise TaggerError(f"cannot write output {self.out}: {_text(e)}") from None
+            raise TaggerError(f"cannot write output {self.out}: {one_line(e)}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel however the process ends
         except BlockingIOError:
@@ -170,7 +167,7 @@ class WorkDir:
                 elif not pq.read_schema(pa.BufferReader(data)).equals(self.schema, check_metadata=False):
                     reason = "unexpected columns"
             except (OSError, pa.ArrowException) as e:
-                reason = _text(e)
+                reason = one_line(e)
         if reason is None:
             return True
         log.warning("work part %s is unusable (%s); its rows will be tagged again", part, reason)
@@ -182,13 +179,7 @@ class WorkDir:
             p.unlink(missing_ok=True)
 
     def _write_identity(self) -> None:
-        tmp = self.path / f".{IDENTITY_FILE}.tmp"
-        try:
-            tmp.write_text(json.dumps(self.identity, indent=1, sort_keys=True), encoding="utf-8")
-            os.replace(tmp, self.path / IDENTITY_FILE)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise TaggerError(f"cannot write to the work folder {self.path}: {_text(e)}") from None
+        publish_bytes(self.path / IDENTITY_FILE, json.dumps(self.identity, indent=1, sort_keys=True).encode())
 
     def add(self, table: pa.Table) -> None:
         """Buffer freshly tagged rows; commit them when commit_every rows or commit_seconds have gone by."""
@@ -211,17 +202,7 @@ class WorkDir:
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue()
         name = f"part-{self._sequence:06d}-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
-        tmp = self.path / f".{name}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path / name)
-            w.fsync_dir(self.path)
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise TaggerError(f"cannot write to the work folder {self.path}: {_text(e)}") from None
+        publish_bytes(self.path / name, data.to_pybytes())
         self._sequence += 1
         self.committed += table.num_rows
         self._pending, self._pending_rows = [], 0
@@ -247,7 +228,7 @@ class WorkDir:
         except TaggerError as e:
             log.warning("%s", e)
         if any(self.path.glob("part-*.parquet")):
-            log.info("%s keeps the rows tagged so far; rerun with --resume to continue", self.path)
+            log.warning("%s keeps the rows tagged so far; rerun with --resume to continue", self.path)
         else:
             shutil.rmtree(self.path, ignore_errors=True)
         self._unlock()

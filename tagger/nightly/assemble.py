@@ -11,31 +11,35 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tagger.contract import TaskSpec
 from tagger.errors import TaggerError
-from tagger.pipeline import write as w
+from tagger.output.reader import RowIndex, RowReader, read_output_info
+from tagger.output.schema import ROW_GROUP_SIZE, RunIdentity, count_ok
+from tagger.output.writer import ResultWriter
 from tagger.pipeline.discover import ImageRef
-from tagger.pipeline.output import RowIndex, RowReader, RunIdentity, read_output_info
 
 log = logging.getLogger(__name__)
 
-READ_ROWS = w.ROW_GROUP_SIZE  # reused rows are copied in slices of at most this many, so memory stays bounded
+READ_ROWS = ROW_GROUP_SIZE  # reused rows are copied in slices of at most this many, so memory stays bounded
 
 _TAG, _PREVIOUS, _PARTS = 0, 1, 2  # where a row comes from
 
 
 @dataclass
 class Changes:
-    """What an incremental run found, file by file: each file is exactly one of new, changed, unchanged, retried.
+    """What an incremental run found, file by file: each file is exactly one of new, changed, unchanged, retried,
+    retagged.
 
-    removed: rows of the previous output whose file is gone. failed: error rows among the files tagged this time.
+    unchanged files keep their row; retagged: unchanged, but tagged again because another model or other options
+    wrote the previous output. removed: rows of the previous output whose file is gone. failed: error rows among
+    the files tagged this time.
     """
 
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    retagged: int = 0
     removed: int = 0
     retried: int = 0
     failed: int = 0
@@ -77,13 +81,13 @@ def load_previous(
         raise TaggerError(f"--incremental: {e}; left untouched (move it away, or run without --incremental)") from None
     old = info.identity
     reuse, stale = True, False
-    if (old.top_k, old.max_pixels) != (identity.top_k, identity.max_pixels):
+    if not old.same_options(identity):
         log.warning(
             "%s was written with top_k %d and max_pixels %d, this run uses %d and %d: tagging everything again",
             out, old.top_k, old.max_pixels, identity.top_k, identity.max_pixels,
         )  # fmt: skip
         reuse = False
-    elif old.model_sha256 != identity.model_sha256:
+    elif not old.same_values(identity):  # another model
         if not keep_stale_model:
             log.warning(
                 "%s was tagged by another model (sha256 %.12s, this one is %.12s): tagging everything again "
@@ -112,10 +116,6 @@ def load_previous(
     return Previous(reader, index, reuse, stale)
 
 
-def _errors(table: pa.Table) -> int:
-    return table.num_rows - int(pc.sum(pc.equal(table.column("status"), w.STATUS_OK)).as_py() or 0)
-
-
 class Assembler:
     """Writes one output from three sources, in discovery order: the previous output, the committed parts of an
     interrupted run, and freshly tagged rows.
@@ -128,7 +128,7 @@ class Assembler:
 
     def __init__(
         self,
-        writer: w.ResultWriter,
+        writer: ResultWriter,
         previous: Previous | None = None,
         parts: tuple[RowReader, RowIndex] | None = None,
         retry_errors: bool = False,
@@ -153,18 +153,19 @@ class Assembler:
                 ch.new += 1
             else:
                 self._matched[row] = True
-                if not prev.index.same_file(row, ref):
+                if not prev.index.same_file(row, ref.size, ref.mtime):
                     ch.changed += 1
                 elif self._retry and not prev.index.ok[row]:
                     ch.retried += 1
-                else:
+                elif prev.reuse:
                     ch.unchanged += 1
-                    if prev.reuse:
-                        return _PREVIOUS, row
+                    return _PREVIOUS, row
+                else:
+                    ch.retagged += 1
         if self._parts is not None:
             index = self._parts[1]
             row = index.find(ref.path)
-            if row is not None and index.same_file(row, ref):
+            if row is not None and index.same_file(row, ref.size, ref.mtime):
                 self._resumed_errors += not index.ok[row]
                 return _PARTS, row
         return _TAG, 0
@@ -205,7 +206,7 @@ class Assembler:
             r += k
         self.tagged += n
         if self.changes is not None:
-            self.changes.failed += _errors(table)
+            self.changes.failed += table.num_rows - count_ok(table)
 
     def finish(self) -> None:
         """Write the reused rows after the last tagged one; count removed files."""
@@ -233,7 +234,7 @@ class Assembler:
     def _write(self, table: pa.Table) -> None:
         self._writer.write(table)
         self.files += table.num_rows
-        self.errors += _errors(table)
+        self.errors += table.num_rows - count_ok(table)
 
 
 __all__ = ["Assembler", "Changes", "Previous", "load_previous"]

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,65 +19,13 @@ import pyarrow.parquet as pq
 
 from tagger.contract import FORMAT_VERSION, META_FORMAT, META_TASKS, TaskSpec, tasks_from_json
 from tagger.errors import TaggerError
-from tagger.pipeline import write as w
-from tagger.pipeline.discover import ImageRef
+from tagger.output import schema as s
+from tagger.output.schema import RunIdentity
 
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("path", "bytes", "mtime", "status")  # enough to tell whether a file changed since its row was written
 _ARROW_SCHEMA_KEY = "ARROW:schema"  # pyarrow's own copy of the schema; not tagger metadata
-
-
-@dataclass(frozen=True)
-class RunIdentity:
-    """What an output's rows mean: the model, the catalog, and the options that decide which rows and their values.
-
-    Rows of two runs with the same model, top_k and max_pixels are interchangeable file by file.
-    """
-
-    model_sha256: str
-    catalog: str  # absolute path of the catalog folder
-    top_k: int
-    max_pixels: int
-    extensions: tuple[str, ...] | None  # sorted; None when the files came from a list
-    files_from: str | None  # absolute path of that list
-    shard: str | None = None  # "I/N"
-
-    def metadata(self) -> dict[str, str]:
-        options = {
-            "top_k": self.top_k,
-            "max_pixels": self.max_pixels,
-            "extensions": list(self.extensions) if self.extensions is not None else None,
-            "files_from": self.files_from,
-        }
-        meta = {
-            w.META_MODEL_SHA256: self.model_sha256,
-            w.META_CATALOG: self.catalog,
-            w.META_OPTIONS: json.dumps(options, sort_keys=True),
-        }
-        if self.shard is not None:
-            meta[w.META_SHARD] = self.shard
-        return meta
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, str]) -> RunIdentity:
-        """Raises KeyError, ValueError or TypeError when the keys are missing or malformed."""
-        options: dict[str, Any] = json.loads(meta[w.META_OPTIONS])
-        exts = options["extensions"]
-        files_from = options["files_from"]
-        return cls(
-            model_sha256=str(meta[w.META_MODEL_SHA256]),
-            catalog=str(meta[w.META_CATALOG]),
-            top_k=int(options["top_k"]),
-            max_pixels=int(options["max_pixels"]),
-            extensions=tuple(str(e) for e in exts) if exts is not None else None,
-            files_from=str(files_from) if files_from is not None else None,
-            shard=meta.get(w.META_SHARD),
-        )
-
-    def same_values(self, other: RunIdentity) -> bool:
-        """Whether a file gets the same row from both runs (what it is listed under does not matter)."""
-        return (self.model_sha256, self.top_k, self.max_pixels) == (other.model_sha256, other.top_k, other.max_pixels)
 
 
 @dataclass(frozen=True)
@@ -110,7 +58,7 @@ def read_output_info(path: str | os.PathLike[str]) -> OutputInfo:
         schema = parquet_meta.schema.to_arrow_schema()
     except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
         raise TaggerError(f"{path} is not a readable Parquet file ({' '.join(str(e).split())[:200]})") from None
-    required = (META_FORMAT, META_TASKS, w.META_MODEL_SHA256, w.META_CATALOG, w.META_OPTIONS)
+    required = (META_FORMAT, META_TASKS, s.META_MODEL_SHA256, s.META_CATALOG, s.META_OPTIONS)
     missing = [k for k in required if k not in meta]
     if missing:
         raise TaggerError(f"{path} is not an output of this tagger version: its metadata lacks {', '.join(missing)}")
@@ -122,7 +70,7 @@ def read_output_info(path: str | os.PathLike[str]) -> OutputInfo:
         raise TaggerError(f"{path} has malformed tagger metadata ({type(e).__name__}: {e})") from None
     if fmt != FORMAT_VERSION:
         raise TaggerError(f"{path} was written for tagger format {fmt}; this tagger reads format {FORMAT_VERSION}")
-    if not schema.equals(w.output_schema(tasks, identity.top_k), check_metadata=False):
+    if not schema.equals(s.output_schema(tasks, identity.top_k), check_metadata=False):
         raise TaggerError(f"{path} does not have the columns tagger writes for its tasks and options")
     return OutputInfo(path, identity, tasks, num_rows, meta)
 
@@ -155,7 +103,7 @@ class RowReader:
     """
 
     def __init__(self, paths: Sequence[str | os.PathLike[str]], tasks: Sequence[TaskSpec], top_k: int) -> None:
-        self.schema = w.output_schema(tasks, top_k)
+        self.schema = s.output_schema(tasks, top_k)
         self._labels = {t.name: pa.array(t.labels, pa.string()) for t in tasks}
         self._files: list[pq.ParquetFile] = []
         self._starts: list[int] = []  # first row of each row group, over all files
@@ -236,15 +184,15 @@ class RowIndex:
         self.first = np.fromiter((self._row[p] for p in paths), np.int64, len(paths))  # [n] first row of its path
         self.size = keys.column("bytes").fill_null(-1).to_numpy()  # int64 [n]; -1: the file was missing
         self.mtime = keys.column("mtime").fill_null(math.nan).to_numpy()  # float64 [n]; NaN never compares equal
-        self.ok = pc.equal(keys.column("status"), w.STATUS_OK).to_numpy()  # bool [n]
+        self.ok = pc.equal(keys.column("status"), s.STATUS_OK).to_numpy()  # bool [n]
         self.num_rows = len(paths)
 
     def find(self, path: str) -> int | None:
         return self._row.get(path)
 
-    def same_file(self, row: int, ref: ImageRef) -> bool:
-        """The file has the size and mtime it had when `row` was written (a missing file never matches)."""
-        return not ref.missing and self.size[row] == ref.size and self.mtime[row] == ref.mtime
+    def same_file(self, row: int, size: int, mtime: float) -> bool:
+        """A file of this size and mtime is the one `row` was written for (a missing file, size < 0, never is)."""
+        return size >= 0 and self.size[row] == size and self.mtime[row] == mtime
 
 
 __all__ = ["KEY_COLUMNS", "OutputInfo", "RowIndex", "RowReader", "RunIdentity", "file_metadata", "read_output_info"]

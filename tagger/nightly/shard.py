@@ -9,7 +9,6 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
@@ -18,9 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from tagger import __version__
-from tagger.errors import TaggerError
-from tagger.pipeline import write as w
-from tagger.pipeline.output import OutputInfo, RowReader, read_output_info
+from tagger.errors import TaggerError, UsageError
+from tagger.output import schema as out_schema
+from tagger.output.reader import OutputInfo, RowReader, read_output_info
+from tagger.output.writer import ResultWriter
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,14 @@ class Shard:
 
     def __post_init__(self) -> None:
         if self.count < 1 or not 0 <= self.index < self.count:
-            raise TaggerError(f"bad shard {self.index}/{self.count}: need 0 <= I < N")
+            raise UsageError(f"bad shard {self.index}/{self.count}: need 0 <= I < N")
 
     @classmethod
     def parse(cls, text: str) -> Shard:
         """'I/N', e.g. '0/3'."""
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
         if m is None:
-            raise TaggerError(f"bad shard {text!r}: expected I/N, e.g. 0/3")
+            raise UsageError(f"bad shard {text!r}: expected I/N, e.g. 0/3")
         return cls(int(m[1]), int(m[2]))
 
     def holds(self, path: str) -> bool:
@@ -101,12 +101,27 @@ def _check_shards(infos: Sequence[OutputInfo]) -> list[OutputInfo]:
 
 def _merged_metadata(infos: Sequence[OutputInfo]) -> dict[str, str]:
     """The first shard's model and output keys (shard left out), and run keys describing the merge."""
-    meta = {k: v for k, v in infos[0].metadata.items() if not k.startswith("tagger.run.") and k != w.META_SHARD}
-    meta[w.META_TOOL_VERSION] = __version__
-    meta[w.META_PROVIDER] = ",".join(sorted({i.metadata.get(w.META_PROVIDER, "?") for i in infos}))
-    meta[w.META_STARTED] = min(i.metadata.get(w.META_STARTED, "") for i in infos)
+    meta = {k: v for k, v in infos[0].metadata.items() if not k.startswith("tagger.run.") and k != out_schema.META_SHARD}
+    meta[out_schema.META_TOOL_VERSION] = __version__
+    meta[out_schema.META_PROVIDER] = ",".join(sorted({i.metadata.get(out_schema.META_PROVIDER, "?") for i in infos}))
+    meta[out_schema.META_STARTED] = min(i.metadata.get(out_schema.META_STARTED, "") for i in infos)
     meta[META_MERGED_SHARDS] = str(len(infos))
     return meta
+
+
+def _check_out(out: Path, shard_files: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse an OUT that is one of the inputs, or a shard output itself: the user most likely forgot OUT."""
+    usage = "OUT comes first: tagger merge OUT.parquet SHARD.parquet..."
+    if not out.exists():
+        return
+    if any(Path(p).exists() and os.path.samefile(out, p) for p in shard_files):
+        raise TaggerError(f"output {out} is one of the shards to merge; {usage}")
+    try:
+        shard = read_output_info(out).identity.shard
+    except TaggerError:
+        return  # not a tagger output: replaced on success, like any output
+    if shard is not None:
+        raise TaggerError(f"output {out} is a shard output (shard {shard}), not a merged one; {usage}")
 
 
 def merge_shards(out: str | os.PathLike[str], shard_files: Sequence[str | os.PathLike[str]]) -> MergeSummary:
@@ -119,6 +134,7 @@ def merge_shards(out: str | os.PathLike[str], shard_files: Sequence[str | os.Pat
     out = Path(out)
     if not shard_files:
         raise TaggerError("name the shard outputs to merge")
+    _check_out(out, shard_files)
     infos = _check_shards([read_output_info(p) for p in shard_files])
     tasks, top_k = infos[0].tasks, infos[0].identity.top_k
     with contextlib.ExitStack() as stack:
@@ -139,11 +155,11 @@ def merge_shards(out: str | os.PathLike[str], shard_files: Sequence[str | os.Pat
                 raise TaggerError(f"{path} is in more than one shard: the shards overlap")
         shard = np.searchsorted(offsets, order, side="right") - 1  # [rows] shard of each merged row
         local = order - offsets[shard]  # [rows] its row within that shard
-        writer = stack.enter_context(w.ResultWriter(out, readers[0].schema, _merged_metadata(infos)))
+        writer = stack.enter_context(ResultWriter(out, readers[0].schema, _merged_metadata(infos)))
         consumed = np.zeros(len(infos), np.int64)  # rows of each shard written so far
         ok = 0
-        for s in range(0, len(order), w.ROW_GROUP_SIZE):
-            sh, lo = shard[s : s + w.ROW_GROUP_SIZE], local[s : s + w.ROW_GROUP_SIZE]
+        for s in range(0, len(order), out_schema.ROW_GROUP_SIZE):
+            sh, lo = shard[s : s + out_schema.ROW_GROUP_SIZE], local[s : s + out_schema.ROW_GROUP_SIZE]
             counts = np.bincount(sh, minlength=len(infos))
             base = np.concatenate([[0], np.cumsum(counts)[:-1]])  # where each shard's rows start in `pieces`
             # Each shard is in path order, so this chunk takes the next counts[i] rows of shard i, in order.
@@ -152,21 +168,15 @@ def merge_shards(out: str | os.PathLike[str], shard_files: Sequence[str | os.Pat
             )
             chunk = pieces.take(pa.array(base[sh] + lo - consumed[sh]))
             writer.write(chunk)
-            ok += int(pc.sum(pc.equal(chunk.column("status"), w.STATUS_OK)).as_py() or 0)
+            ok += out_schema.count_ok(chunk)
             consumed += counts
         files = len(order)
         for r in readers:
             r.close()
-        tagged = sum(int(i.metadata.get(w.META_TAGGED, i.metadata.get(w.META_FILES, "0"))) for i in infos)
-        writer.commit(
-            {
-                w.META_FINISHED: datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                w.META_FILES: str(files),
-                w.META_OK: str(ok),
-                w.META_ERRORS: str(files - ok),
-                w.META_TAGGED: str(tagged),
-            }
-        )
+        tagged = sum(int(i.metadata.get(out_schema.META_TAGGED, i.metadata.get(out_schema.META_FILES, "0"))) for i in infos)
+        reused = sum(int(i.metadata.get(out_schema.META_REUSED, "0")) for i in infos)
+        resumed = sum(int(i.metadata.get(out_schema.META_RESUMED, "0")) for i in infos)
+        writer.commit(out_schema.closing_metadata(files, ok, tagged, reused, resumed))
     log.info("merged %d shards into %s: %d files", len(infos), out, files)
     return MergeSummary(out, len(infos), files, ok, files - ok)
 

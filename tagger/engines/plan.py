@@ -1,0 +1,211 @@
+"""The run plan both engines execute: config, listing, model facts, identity, opening metadata and the summary."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from tagger import __version__
+from tagger.contract import PreprocessSpec, TaskSpec
+from tagger.errors import TaggerError, UsageError
+from tagger.model.registry import is_shipped_name
+from tagger.nightly.assemble import Changes
+from tagger.nightly.shard import Shard
+from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
+from tagger.output import schema as s
+from tagger.output.schema import RunIdentity
+from tagger.pipeline.compose import check_stage_options
+from tagger.pipeline.decode import DEFAULT_MAX_PIXELS
+from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, discover, refs_from_list
+from tagger.pipeline.session import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything `tagger run` needs. None means "pick the default" (documented per field)."""
+
+    catalog: Path
+    out: Path
+    model: Path | None = None  # None: the shipped default model; a shipped model by name, e.g. "default-int8"
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int | None = None  # images per inference call; None: 64 on CPU, 256 on CUDA
+    workers: int | None = None  # decode processes; None: one per core; 0 or 1: decode in this process
+    threads: int | None = None  # inference intra-op threads; None: one per core (shared with the workers)
+    top_k: int = 0  # > 0 adds a <task>_topk column per task
+    extensions: frozenset[str] = DEFAULT_EXTENSIONS
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    files_from: Path | None = None  # a list of paths to tag instead of walking the catalog
+    progress: bool | None = None  # None: a progress bar on a terminal, periodic log lines otherwise
+    incremental: bool = False  # reuse the rows of `out` for unchanged files (same path, size, mtime; same model)
+    retry_errors: bool = False  # incremental: tag files with an error row again even when unchanged
+    keep_stale_model: bool = False  # incremental: reuse rows that another model (with the same labels) wrote
+    resume: bool = False  # reuse rows an interrupted run committed to OUT.work/ (incremental implies it)
+    commit_every: int = DEFAULT_COMMIT_EVERY  # commit tagged rows to OUT.work/ every N images; 0: not by count
+    commit_seconds: float = DEFAULT_COMMIT_SECONDS  # ... or every T seconds; 0: not by time (both 0: never)
+    shard: Shard | None = None  # tag only the files of this shard
+    inflight: int | None = None  # batches in the session at once; None: 2 on CUDA, 1 on CPU
+
+    def __post_init__(self) -> None:
+        check_stage_options(self.batch_size, self.workers, self.threads)
+        if self.inflight is not None and self.inflight < 1:
+            raise UsageError(f"inflight must be at least 1, got {self.inflight}")
+        if self.top_k < 0:
+            raise UsageError(f"--top-k must be >= 0, got {self.top_k}")
+        if self.max_pixels < 1:
+            raise UsageError(f"--max-pixels must be at least 1, got {self.max_pixels}")
+        if (self.retry_errors or self.keep_stale_model) and not self.incremental:
+            flag = "--retry-errors" if self.retry_errors else "--keep-stale-model"
+            raise UsageError(f"{flag} only applies with --incremental")
+        if self.commit_every < 0 or self.commit_seconds < 0:
+            raise UsageError("--commit-every and --commit-seconds must be >= 0")
+        if self.shard is not None and self.files_from is not None:
+            raise UsageError("--shard splits a catalog walk; with --files-from, split the list instead")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run did; line() is the one line `tagger run` prints."""
+
+    out: Path
+    files: int
+    ok: int
+    errors: int
+    elapsed_s: float
+    provider: str
+    stage_seconds: Mapping[str, float] = field(default_factory=dict)
+    tagged: int | None = None  # files decoded and inferred by this run; None: all of them
+    reused: int = 0  # rows copied from the previous output
+    resumed: int = 0  # rows taken from an interrupted run's committed parts
+    changes: Changes | None = None  # what an incremental run found
+
+    @property
+    def images_tagged(self) -> int:
+        return self.files if self.tagged is None else self.tagged
+
+    @property
+    def images_per_s(self) -> float:
+        """Tagged images per second (reused rows cost next to nothing and are not counted)."""
+        return self.images_tagged / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def line(self) -> str:
+        text = f"{self.files} files, {self.ok} ok, {self.errors} errors"
+        if self.changes is not None:
+            text += f" ({self.changes.line()})"
+        if self.tagged is not None:
+            text += f"; tagged {self.tagged}, reused {self.reused}, resumed {self.resumed}"
+        rate = f"{self.images_per_s:.1f} img/s, " if self.images_tagged else ""
+        return f"{text}, {rate}{self.elapsed_s:.1f} s on {self.provider} -> {self.out}"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a run needs from the model, as the session that tags sees it (its provider included)."""
+
+    tasks: tuple[TaskSpec, ...]
+    spec: PreprocessSpec
+    provider: str
+    sha256: str
+    metadata: Mapping[str, str]  # the model's tagger.* keys, copied into the output
+
+    @classmethod
+    def of(cls, session: Session) -> ModelFacts:
+        return cls(session.tasks, session.spec, session.provider, session.info.sha256, dict(session.metadata))
+
+
+def list_refs(config: RunConfig) -> Iterator[ImageRef]:
+    """The files of the run in discovery order (a walk or the --files-from list, then the shard's share).
+
+    TaggerError when the catalog holds no file to tag at all, before any model is loaded.
+    """
+    if not config.catalog.exists():
+        raise TaggerError(f"catalog {config.catalog} does not exist")
+    if config.files_from is not None:
+        refs = refs_from_list(config.catalog, config.files_from)
+    else:
+        refs = discover(config.catalog, config.extensions)
+    first = next(refs, None)
+    if first is None:
+        what = f"listed in {config.files_from}" if config.files_from else "with extension " + ",".join(
+            sorted(config.extensions)
+        )
+        raise TaggerError(f"no image files {what} in {config.catalog}")
+    listed = itertools.chain([first], refs)
+    shard = config.shard
+    return listed if shard is None else (r for r in listed if shard.holds(r.path))
+
+
+def run_identity(config: RunConfig, model_sha256: str) -> RunIdentity:
+    """What the rows depend on besides each file: model, catalog and row-shaping options."""
+    listed = config.files_from is not None
+    return RunIdentity(
+        model_sha256=model_sha256,
+        catalog=str(config.catalog.resolve()),
+        top_k=config.top_k,
+        max_pixels=config.max_pixels,
+        extensions=None if listed else tuple(sorted(config.extensions)),
+        files_from=str(Path(config.files_from).resolve()) if config.files_from is not None else None,
+        shard=str(config.shard) if config.shard is not None else None,
+    )
+
+
+class RunPlan:
+    """One run from start to summary, whichever engine executes it: check the output, list the files, then (once
+    the engine has the model's facts) the identity and the output's opening metadata, and at the end the summary."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.t_start = time.perf_counter()
+        self.started = s.now()
+        self.config = config
+        self.refs = list_refs(config)
+
+    def identity(self, facts: ModelFacts) -> RunIdentity:
+        return run_identity(self.config, facts.sha256)
+
+    def metadata(self, facts: ModelFacts) -> dict[str, str]:
+        """The output's opening key-value metadata: the model's keys, the identity, the tool and provider."""
+        return {
+            **facts.metadata,
+            **self.identity(facts).metadata(),
+            s.META_TOOL_VERSION: __version__,
+            s.META_PROVIDER: facts.provider,
+            s.META_STARTED: self.started,
+        }
+
+    def summary(
+        self,
+        provider: str,
+        files: int,
+        ok: int,
+        stage_seconds: Mapping[str, float] | None = None,
+        tagged: int | None = None,
+        reused: int = 0,
+        resumed: int = 0,
+        changes: Changes | None = None,
+    ) -> RunSummary:
+        """The run's summary; the stage times go to the INFO log."""
+        elapsed = time.perf_counter() - self.t_start
+        summary = RunSummary(
+            self.config.out, files, ok, files - ok, elapsed, provider, dict(stage_seconds or {}), tagged, reused,
+            resumed, changes,
+        )  # fmt: skip
+        if summary.stage_seconds:
+            log.info("stage seconds: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary.stage_seconds.items()))
+        return summary
+
+
+def model_argument(model: str | os.PathLike[str] | None) -> str | None:
+    """--model as it travels to other processes: a shipped model's name as is (each worker finds it in its own
+    install), a path made absolute."""
+    if model is None or is_shipped_name(model):
+        return None if model is None else os.fspath(model)
+    return os.path.abspath(model)
+
+
+__all__ = ["ModelFacts", "RunConfig", "RunPlan", "RunSummary", "list_refs", "model_argument", "run_identity"]

@@ -1,0 +1,1 @@
+"""Nightly runs: incremental assembly, the work folder (parts, lock, resume), shards and merge."""

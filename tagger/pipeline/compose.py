@@ -1,0 +1,145 @@
+"""The one composition of the stages: refs -> decoded batches -> tagged rows. Every consumer of tagged rows calls it.
+
+discover's refs go to decode (worker processes), batch regroups them into fixed-size batches prefetched by a
+thread, session infers, postprocess picks labels, and rows_to_table builds the output rows. The engines, eval,
+calibrate, quantize and the benchmark all get their rows or batches here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Generator, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from tagger.contract import PreprocessSpec, TaskSpec
+from tagger.errors import UsageError
+from tagger.output import schema as s
+from tagger.pipeline.batch import Batch, prefetch, rebatch
+from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Sample, decode_chunk, decode_stream, default_workers
+from tagger.pipeline.discover import MISSING_SIZE, ImageRef
+from tagger.pipeline.postprocess import TaskPrediction, postprocess
+from tagger.pipeline.session import CPU_BATCH_SIZE, Session
+
+PREFETCH_BATCHES = 3  # decoded batches waiting for inference: enough to absorb jitter, few enough to bound memory
+
+
+def check_stage_options(batch_size: int | None, workers: int | None, threads: int | None) -> None:
+    """Validate the decode/inference options every command that runs the pipeline takes."""
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if workers is not None and workers < 0:
+        raise UsageError(f"--workers must be >= 0, got {workers}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+
+
+@dataclass
+class StageTimer:
+    """Seconds per stage. decode: summed worker time (workers run in parallel); wait: inference starved of input;
+    postprocess: top-k and building the Arrow rows."""
+
+    seconds: dict[str, float] = field(
+        default_factory=lambda: dict.fromkeys(("decode", "wait", "infer", "postprocess", "write"), 0.0)
+    )
+
+    def add(self, stage: str, s: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + s
+
+
+def decoded_batches(
+    refs: Iterable[ImageRef],
+    spec: PreprocessSpec,
+    batch_size: int = CPU_BATCH_SIZE,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Generator[Batch, None, None]:
+    """discover's refs -> fixed-size decoded Batches, in order, decoded ahead in a bounded background thread."""
+    workers = default_workers() if workers is None else workers
+    chunk = decode_chunk(batch_size)
+    decoded = decode_stream(refs, spec, max_pixels, workers, chunk)
+    return prefetch(rebatch(decoded, batch_size), depth=PREFETCH_BATCHES)
+
+
+def tag_batches(
+    batches: Iterable[Batch], session: Session, top_k: int = 0, timer: StageTimer | None = None, inflight: int = 1
+) -> Iterator[tuple[Batch, pa.Table]]:
+    """Infer and postprocess each batch; yield it with its output rows (one per ref, in order).
+
+    inflight: batches in the session at once (default_inflight gives the provider's best).
+    """
+    timer = timer or StageTimer()
+
+    def arriving() -> Iterator[Batch]:
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            timer.add("wait", time.perf_counter() - t0)
+            if batch is None:
+                return
+            timer.add("decode", batch.decode_seconds)
+            yield batch
+
+    predicted = session.predict_each(arriving(), lambda b: b.images, inflight)
+    while True:
+        t0, waited = time.perf_counter(), timer.seconds["wait"]
+        item = next(predicted, None)
+        t1 = time.perf_counter()
+        if item is None:
+            return
+        batch, probs = item
+        timer.add("infer", t1 - t0 - (timer.seconds["wait"] - waited))  # minus the time it waited for input
+        preds = postprocess(probs, session.tasks, top_k)
+        table = rows_to_table(batch, preds, session.tasks, top_k)
+        timer.add("postprocess", time.perf_counter() - t1)
+        yield batch, table
+
+
+def rows_to_table(
+    batch: Batch, preds: Mapping[str, TaskPrediction], tasks: Sequence[TaskSpec], top_k: int = 0
+) -> pa.Table:
+    """One row per ref of the batch, in order; predictions (for the batch's Samples, in order) fill the ok rows."""
+    n = len(batch.refs)
+    ok = np.array([isinstance(r, Sample) for r in batch.results], dtype=bool)  # [n]
+    err = ~ok
+    rows = np.flatnonzero(ok)  # [k] row of each prediction
+    cols: dict[str, pa.Array] = {"path": pa.array([r.path for r in batch.refs], pa.string())}
+    for t in tasks:
+        p = preds[t.name]
+        labels = pa.array(t.labels, pa.string())
+        idx = np.zeros(n, np.int32)
+        idx[rows] = p.index
+        score = np.zeros(n, np.float32)
+        score[rows] = p.score
+        cols[t.name] = pa.DictionaryArray.from_arrays(pa.array(idx, mask=err), labels)
+        cols[f"{t.name}_score"] = pa.array(score, mask=err)
+        if top_k:
+            cols[f"{t.name}_topk"] = _topk_column(p, labels, ok)
+    sizes = [r.size for r in batch.refs]
+    mtimes = [r.mtime for r in batch.refs]
+    cols["status"] = pa.array([s.STATUS_OK if o else s.STATUS_ERROR for o in ok], pa.string())
+    cols["error"] = pa.array([None if isinstance(r, Sample) else r.error for r in batch.results], pa.string())
+    cols["width"] = pa.array([r.width if isinstance(r, Sample) else None for r in batch.results], pa.int32())
+    cols["height"] = pa.array([r.height if isinstance(r, Sample) else None for r in batch.results], pa.int32())
+    cols["bytes"] = pa.array([None if s == MISSING_SIZE else s for s in sizes], pa.int64())
+    cols["mtime"] = pa.array([None if math.isnan(m) else m for m in mtimes], pa.float64())
+    return pa.Table.from_pydict(cols, schema=s.output_schema(tasks, top_k))
+
+
+def _topk_column(p: TaskPrediction, labels: pa.Array, ok: np.ndarray) -> pa.Array:
+    assert p.topk_index is not None and p.topk_score is not None
+    k = p.topk_index.shape[1]
+    values = pa.StructArray.from_arrays(
+        [labels.take(pa.array(p.topk_index.ravel())), pa.array(p.topk_score.ravel(), pa.float32())],
+        names=["label", "score"],
+    )
+    # Error rows are null lists: zero-length offsets steps plus a null mask.
+    offsets = np.concatenate([[0], np.cumsum(np.where(ok, k, 0))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values, type=s.TOPK_TYPE, mask=pa.array(~ok))
+
+
+__all__ = ["StageTimer", "check_stage_options", "decoded_batches", "rows_to_table", "tag_batches"]
