@@ -12,6 +12,7 @@ import signal
 import struct
 import tempfile
 import time
+import warnings
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -115,15 +116,30 @@ def _to_rgb(img: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image:
     return img.convert("RGB")  # CMYK, L, P, 1, YCbCr, ...
 
 
+@contextlib.contextmanager
+def _pillow_limit(max_pixels: int) -> Iterator[None]:
+    """Pillow's own bomb guard at our limit while a header is read, its setting restored after.
+
+    Pillow warns above Image.MAX_IMAGE_PIXELS and refuses twice that; its default (89M) would refuse photos that
+    --max-pixels allows. The header check in load_image says why a file is refused, so Pillow's warning is muted.
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def load_image(path: str | os.PathLike[str], spec: PreprocessSpec, max_pixels: int) -> tuple[Image.Image, int, int]:
     """Open, check the pixel count, decode (JPEG at a reduced DCT scale), EXIF-rotate and convert to RGB.
 
     Returns (RGB image at least fitted-size on its long side, original width, original height as displayed).
     Raises what Pillow raises for a bad file, or DecompressionBombError above max_pixels.
     """
-    # Our own header check below replaces Pillow's, which would warn under our limit or refuse above its own.
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(path) as img:
+    with _pillow_limit(max_pixels), Image.open(path) as img:
         w, h = img.size
         if w * h > max_pixels:
             raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
