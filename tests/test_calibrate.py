@@ -16,9 +16,10 @@ from tagger.errors import TaggerError
 from tagger.pipeline.decode import decode_many
 from tagger.pipeline.discover import discover
 from tagger.pipeline.session import open_session
+from tagger.temperature import UNDERFLOW, fit_temperature, rescale
 
 onnx = pytest.importorskip("onnx")
-from tagger.calibrate import MIN_IMAGES, UNDERFLOW, calibrate_model, fit_temperature, rescale  # noqa: E402
+from tagger.calibrate import MIN_IMAGES, calibrate_model  # noqa: E402
 
 N_IMAGES = 90
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"
@@ -123,7 +124,7 @@ def test_cli_errors_are_one_line_and_write_nothing(contract_onnx: Path, labelled
     }
     for message, args in cases.items():
         result = CliRunner().invoke(main, [*args, "--device", "cpu", "--workers", "0"])
-        assert result.exit_code == 2, (args, result.output)
+        assert result.exit_code == TaggerError.exit_code, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sigmoid.onnx"]
 

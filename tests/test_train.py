@@ -14,8 +14,9 @@ from PIL import Image, ImageDraw
 
 import tagger
 from tagger.cli import main
+from tagger.labelled import read_styles
 from tagger.metrics import IGNORE
-from tagger.train.data import class_weights, load_labelled_set, read_styles
+from tagger.train.data import class_weights, load_labelled_set
 from tagger.train.loop import TrainConfig, fit
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName\n"
@@ -179,7 +180,7 @@ def test_resume_continues_from_last(trained: tuple[Path, TrainConfig]) -> None:
         (None, ["--data", "{tmp}/missing"], "does not exist"),
         ("no_csv", ["--data", "{tmp}/c"], "styles.csv"),
         ("catalog", ["--data", "{tmp}/c", "--task", "class=nope"], "column 'nope'"),
-        ("no_images", ["--data", "{tmp}/c"], "no image"),
+        ("no_images", ["--data", "{tmp}/c"], "has its image"),
         ("catalog", ["--data", "{tmp}/c", "--min-count", "1000"], "every row was filtered out"),
         ("catalog", ["--data", "{tmp}/c", "--backbone", "not_a_model"], "unknown backbone"),
         ("catalog", ["--data", "{tmp}/c", "--device", "cuda"], "cuda"),
