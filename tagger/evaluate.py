@@ -35,7 +35,7 @@ SCORE_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)  # top-1 scores at which coverage 
 class EvalConfig:
     """What `tagger eval` needs. `tasks` overrides task -> styles.csv column (defaults: contract.DEFAULT_TASKS)."""
 
-    data: Path  # folder with styles.csv and images/<id>.jpg
+    data: Path  # a labelled folder: styles.csv and images/<id>.jpg (tagger.labelled)
     model: Path | None = None  # None: the shipped default model; a shipped model by name, e.g. "default-int8"
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int | None = None  # None: 64 on CPU, 256 on CUDA
@@ -128,7 +128,7 @@ class EvalResult:
     model_sha256: str
     provider: str
     rows: int  # styles.csv rows
-    missing: int  # rows without an images/<id>.jpg file
+    missing: int  # rows without an image file
     decode_errors: int
     tasks: tuple[TaskResult, ...]
     elapsed_s: float
@@ -204,7 +204,7 @@ def resolve_tasks(
 
 
 def evaluate(config: EvalConfig) -> EvalResult:
-    """Tag every images/<id>.jpg listed in config.data/styles.csv with the `tagger run` stages and score each task.
+    """Tag the image of every row of config.data/styles.csv with the `tagger run` stages and score each task.
 
     Rows without an image file and images that fail to decode are counted, not scored. A label the model does not
     know counts as wrong in the all-rows accuracy and is left out of everything else.

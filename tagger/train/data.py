@@ -131,7 +131,7 @@ def decode_cache(
     images = np.empty((len(examples), spec.size, spec.size, 3), dtype=np.uint8)
     good: list[int] = []
     errors: list[str] = []
-    for _, batch in decode_stream([e.ref for e in examples], spec, max_pixels, workers, chunk_size=256):
+    for _, batch in decode_stream([e.ref for e in examples], spec, max_pixels, workers):
         for r in batch.results:
             if isinstance(r, Failure):
                 errors.append(f"{examples[r.index].ref.path}: {r.error}")
