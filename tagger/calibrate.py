@@ -9,28 +9,27 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
-from tagger.storage import check_destination, publish, reserve_temp
-from tagger.contract import META_MODEL, output_name
+from tagger.contract import META_MODEL
 from tagger.errors import TaggerError
-from tagger.evaluate import LabelledFolder, load_labelled_folder, resolve_tasks, truth_indices
+from tagger.evaluate import resolve_tasks, truth_indices
+from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error
 from tagger.model.info import read_model_metadata
-from tagger.pipeline.decode import Failure
-from tagger.pipeline.compose import decoded_batches
 from tagger.model.registry import derived_model_path
+from tagger.pipeline.compose import decoded_batches
+from tagger.pipeline.decode import Failure
 from tagger.pipeline.session import Session, default_batch_size, open_session
+from tagger.storage import check_destination, publishing
+from tagger.temperature import UNDERFLOW, fit_temperature, mean_nll, rescale, set_temperatures
 
 log = logging.getLogger(__name__)
 
 MIN_IMAGES = 50  # labelled photos per task; one parameter needs few, but fewer says little
-TEMPERATURE_PREFIX = "tagger_temperature_"  # initializer holding a task's temperature, so a refit updates it in place
 CHECK_IMAGES = 64
-UNDERFLOW = 1e-30  # float32 probabilities below this are taken as 1e-30: their logarithm is unreliable
-_BETA_RANGE = (0.05, 20.0)  # 1 / temperature searched; the negative log-likelihood is convex in it
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def calibrate_model(
     source = session.path
     out_path = Path(out) if out is not None else derived_model_path(model, source, ".calibrated.onnx")
     check_destination(out_path, source)
-    tasks = resolve_tasks(session.tasks, task_columns, folder.columns, folder.csv_path)
+    tasks = resolve_tasks(session.tasks, task_columns, folder)
     probs, ok, sample = _predict(session, folder, workers)
 
     fits, temperatures = [], {}
@@ -104,61 +103,19 @@ def calibrate_model(
                 images=len(y),
                 error_before=calibration_error(p.max(1), p.argmax(1) == y),
                 error_after=calibration_error(scaled.max(1), scaled.argmax(1) == y),
-                nll_before=_nll(p, y),
-                nll_after=_nll(scaled, y),
+                nll_before=mean_nll(p, y),
+                nll_after=mean_nll(scaled, y),
             )
         )
         temperatures[task.name] = temperature
 
-    tmp = reserve_temp(out_path)
-    try:
+    with publishing(out_path) as tmp:
         _write_rescaled(source, tmp, temperatures, folder.root.name, fits)
         read_model_metadata(tmp)  # the contract survived
         _check(source, tmp, sample, temperatures)
-        publish(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     report = CalibrationReport(out_path, tuple(fits), time.perf_counter() - t0)
     log.debug("%s", report.summary())
     return report
-
-
-def rescale(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """softmax(log(probs) / temperature): what the rescaled graph outputs, from the original's probabilities."""
-    logits = np.log(np.clip(probs.astype(np.float64), UNDERFLOW, None)) / temperature
-    logits -= logits.max(axis=1, keepdims=True)
-    e = np.exp(logits)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature minimising the mean negative log-likelihood of `labels` (int [N]) under rescaled `probs`."""
-    log_p = np.log(np.clip(probs.astype(np.float64), UNDERFLOW, None))  # [N, C]
-    true = log_p[np.arange(len(labels)), labels]  # [N]
-
-    def nll(beta: float) -> float:
-        z = beta * log_p
-        top = z.max(axis=1)
-        return float(np.mean(top + np.log(np.exp(z - top[:, None]).sum(axis=1)) - beta * true))
-
-    lo, hi = np.log(_BETA_RANGE[0]), np.log(_BETA_RANGE[1])  # golden-section search on log(beta)
-    g = (np.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = nll(np.exp(a)), nll(np.exp(b))
-    for _ in range(60):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = nll(np.exp(a))
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = nll(np.exp(b))
-    return float(1.0 / np.exp((lo + hi) / 2))
-
-
-def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], UNDERFLOW, None)).mean())
 
 
 def _predict(
@@ -183,33 +140,6 @@ def _predict(
         log.warning("%d of %d images did not decode and were left out", ok.count(False), len(ok))
     probs = {name: np.concatenate(p) for name, p in parts.items()}
     return probs, np.array(ok), np.concatenate(sample)[:CHECK_IMAGES]
-
-
-def set_temperatures(graph: Any, temperatures: Mapping[str, float], where: str) -> None:
-    """Make each task's softmax divide its input by the given temperature, in an onnx GraphProto.
-
-    The temperature lives in an initializer named TEMPERATURE_PREFIX + task: set in place when the graph has one
-    (from the exporter or an earlier fit), else added with a Div in front of the softmax.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    producers = {out: node for node in graph.node for out in node.output}
-    inits = {init.name: init for init in graph.initializer}
-    for task, temperature in temperatures.items():
-        softmax = producers.get(output_name(task))
-        if softmax is None or softmax.op_type != "Softmax":
-            raise TaggerError(f"{where}: output {output_name(task)} does not come from a Softmax; cannot rescale it")
-        name = TEMPERATURE_PREFIX + task
-        value = numpy_helper.from_array(np.array(temperature, np.float32), name)
-        if name in inits:
-            inits[name].CopyFrom(value)
-            continue
-        graph.initializer.append(value)
-        scaled = f"{softmax.input[0]}_over_temperature"
-        div = onnx.helper.make_node("Div", [softmax.input[0], name], [scaled], name=f"{name}_div")
-        graph.node.insert(list(graph.node).index(softmax), div)  # keep the topological order
-        softmax.input[0] = scaled
 
 
 def _write_rescaled(

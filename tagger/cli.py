@@ -178,7 +178,8 @@ def merge_command(out: Path, shards: tuple[Path, ...]) -> None:
 @_friendly
 def eval_command(report: Path | None, show_confusions: int, **kw: Any) -> None:
     """Score a model on a labelled styles.csv + images/ folder, tagged exactly as `tagger run` tags."""
-    from tagger.evaluate import EvalConfig, check_report_dependencies, evaluate, write_report
+    from tagger.evaluate import EvalConfig, evaluate
+    from tagger.report import check_report_dependencies, write_report
 
     if report is not None:
         check_report_dependencies()  # before the run, not after it

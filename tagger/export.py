@@ -27,8 +27,6 @@ from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from tagger import __version__
-from tagger.storage import check_destination, publish, reserve_temp
-from tagger.calibrate import set_temperatures
 from tagger.contract import (
     FORMAT_VERSION,
     INPUT_NAME,
@@ -44,6 +42,8 @@ from tagger.contract import (
 from tagger.errors import TaggerError
 from tagger.model.info import ModelInfo, ort_errors, read_model_metadata, sha256_file
 from tagger.pipeline.decode import Failure, decode_one, fit_and_pad
+from tagger.storage import check_destination, publish, reserve_temp
+from tagger.temperature import set_temperatures
 from tagger.train.checkpoint import LoadedCheckpoint, load_checkpoint
 from tagger.train.model import MultiTaskNet
 

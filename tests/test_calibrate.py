@@ -16,9 +16,10 @@ from tagger.errors import TaggerError
 from tagger.pipeline.decode import decode_many
 from tagger.pipeline.discover import discover
 from tagger.pipeline.session import open_session
+from tagger.temperature import UNDERFLOW, fit_temperature, rescale
 
 onnx = pytest.importorskip("onnx")
-from tagger.calibrate import MIN_IMAGES, UNDERFLOW, calibrate_model, fit_temperature, rescale  # noqa: E402
+from tagger.calibrate import MIN_IMAGES, calibrate_model  # noqa: E402
 
 N_IMAGES = 90
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_images"

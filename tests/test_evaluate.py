@@ -18,9 +18,10 @@ from conftest import CONTRACT_TASKS, quadrant_image
 
 from tagger.cli import main
 from tagger.errors import TaggerError
-from tagger.evaluate import EvalConfig, EvalResult, evaluate, write_report
+from tagger.evaluate import EvalConfig, EvalResult, evaluate
 from tagger.metrics import calibration_error
 from tagger import RunConfig, run
+from tagger.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "export" / "tagger-default.onnx"

@@ -14,8 +14,9 @@ from PIL import Image, ImageDraw
 
 import tagger
 from tagger.cli import main
+from tagger.labelled import read_styles
 from tagger.metrics import IGNORE
-from tagger.train.data import class_weights, load_labelled_set, read_styles
+from tagger.train.data import class_weights, load_labelled_set
 from tagger.train.loop import TrainConfig, fit
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName\n"
@@ -163,14 +164,55 @@ def test_checkpoint_round_trips(trained: tuple[Path, TrainConfig], catalog: Path
         assert loaded.model(x)["class"].shape == (1, 3)
 
 
-def test_resume_continues_from_last(trained: tuple[Path, TrainConfig]) -> None:
-    _, cfg = trained
-    out = cfg.out.parent / "resumed"
-    shutil.copytree(cfg.out, out)
-    resumed = TrainConfig(**{**cfg.__dict__, "out": out, "epochs": 9, "resume": out / "last.pt"})
-    fit(resumed)
-    epochs = [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == list(range(1, 10))
+def _resume_config(root: Path, out: Path, epochs: int, resume: Path | None = None) -> TrainConfig:
+    # warmup_epochs=1: epoch 1 runs the same learning rates whether the schedule is 1 or 2 epochs long.
+    return TrainConfig(
+        data=root, out=out, epochs=epochs, batch_size=8, lr=3e-3, image_size=32, backbone="test_efficientnet",
+        weights="none", device="cpu", workers=0, val_fraction=0.25, ema_decay=0.9, warmup_epochs=1.0, resume=resume,
+    )
+
+
+def _assert_equal_tensors(a: object, b: object, where: str) -> None:
+    """Nested dicts/lists of tensors and plain values, compared exactly."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_equal_tensors(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_equal_tensors(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_restores_optimizer_ema_schedule_and_random_state(tmp_path: Path) -> None:
+    """Stopped after epoch 1 and resumed, a run ends bit for bit where the uninterrupted run ends.
+
+    The resumed epoch starts from last.pt: had resume skipped the AdamW moments, the EMA weights or its update count,
+    the schedule's step or the shuffle/augmentation random state, epoch 2 would run differently and end elsewhere.
+    """
+    root = make_catalog(tmp_path / "c", per_combo=4)
+    fit(_resume_config(root, tmp_path / "whole", epochs=2))
+    part = tmp_path / "part"
+    fit(_resume_config(root, part, epochs=1))
+    saved = torch.load(part / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["ema_updates"] > 0
+    assert all(bool(s["exp_avg"].abs().sum() > 0) for s in saved["optimizer"]["state"].values())
+    fit(_resume_config(root, part, epochs=2, resume=part / "last.pt"))
+
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=True)
+    resumed = torch.load(part / "last.pt", weights_only=True)
+    assert whole["epoch"] == resumed["epoch"] == 2
+    assert saved["scheduler"]["last_epoch"] * 2 == resumed["scheduler"]["last_epoch"]
+    for key in ("optimizer", "scheduler", "ema", "ema_updates", "model", "rng", "metrics"):
+        _assert_equal_tensors(whole[key], resumed[key], key)
+    assert not torch.equal(saved["ema"]["heads.class.weight"], resumed["ema"]["heads.class.weight"])  # it trained on
+    epochs = [json.loads(line)["epoch"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]
 
 
 @pytest.mark.parametrize(
@@ -179,7 +221,7 @@ def test_resume_continues_from_last(trained: tuple[Path, TrainConfig]) -> None:
         (None, ["--data", "{tmp}/missing"], "does not exist"),
         ("no_csv", ["--data", "{tmp}/c"], "styles.csv"),
         ("catalog", ["--data", "{tmp}/c", "--task", "class=nope"], "column 'nope'"),
-        ("no_images", ["--data", "{tmp}/c"], "no image"),
+        ("no_images", ["--data", "{tmp}/c"], "has its image"),
         ("catalog", ["--data", "{tmp}/c", "--min-count", "1000"], "every row was filtered out"),
         ("catalog", ["--data", "{tmp}/c", "--backbone", "not_a_model"], "unknown backbone"),
         ("catalog", ["--data", "{tmp}/c", "--device", "cuda"], "cuda"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,8 @@ import torch
 
 from tagger import __version__
 from tagger.contract import PreprocessSpec, TaskSpec
-from tagger.errors import TaggerError
+from tagger.errors import TaggerError, one_line
+from tagger.storage import publishing
 from tagger.train.model import MultiTaskNet
 
 CHECKPOINT_FORMAT = "tagger.checkpoint/1"
@@ -41,7 +41,7 @@ def save_checkpoint(
     tasks: tuple[TaskSpec, ...],
     **extra: Any,
 ) -> None:
-    """Write atomically (temp file, then rename) so an interrupted save never leaves a broken checkpoint."""
+    """Publish through tagger.storage, so an interrupted save or a power loss never leaves a broken checkpoint."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -51,15 +51,11 @@ def save_checkpoint(
         "tagger_version": __version__,
         **extra,
     }
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with publishing(path) as tmp:
+        try:
+            torch.save(state, tmp)
+        except OSError as e:
+            raise TaggerError(f"cannot write {path}: {one_line(e)}") from None
 
 
 def read_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> dict[str, Any]:

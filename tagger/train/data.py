@@ -1,24 +1,23 @@
-"""Training data: styles.csv reading, task mapping, rare-label filter, content-hash split, decoded-image cache."""
+"""Training data: task mapping, rare-label filter, content-hash split and the decoded-image cache."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError
+from tagger.labelled import load_labelled_folder
 from tagger.metrics import IGNORE
-from tagger.pipeline.decode import fit_and_pad
+from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Failure, decode_stream
+from tagger.pipeline.discover import ImageRef
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +27,7 @@ class Example:
     """One labelled image: its id, file and one label index per task (IGNORE where not scored)."""
 
     id: str
-    path: Path
+    ref: ImageRef
     labels: tuple[int, ...]
     digest: str  # sha256 of the file's bytes: byte-identical copies share it
 
@@ -38,28 +37,6 @@ class LabelledSet:
     tasks: tuple[TaskSpec, ...]
     train: tuple[Example, ...]
     val: tuple[Example, ...]
-
-
-def read_styles(path: Path) -> list[dict[str, str]]:
-    """Read a Fashion Product Images styles.csv into dicts.
-
-    The original file has lines whose last field (productDisplayName) holds unquoted commas; the extra fields are
-    joined back into the last column rather than dropping or shifting the row.
-    """
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise TaggerError(f"{path} is empty") from None
-        rows = []
-        for fields in reader:
-            if not fields:
-                continue
-            if len(fields) > len(header):
-                fields = fields[: len(header) - 1] + [",".join(fields[len(header) - 1 :])]
-            rows.append(dict(zip(header, (x.strip() for x in fields))))
-    return rows
 
 
 def _digest(path: Path) -> str:
@@ -85,34 +62,19 @@ def load_labelled_set(
     Rows whose primary label has fewer than `min_count` images are dropped. A rare or missing label in another task
     becomes IGNORE (left out of that task's loss) and the image is kept.
     """
-    if not data_dir.is_dir():
-        raise TaggerError(f"data directory {data_dir} does not exist")
-    csv_path = data_dir / "styles.csv"
-    if not csv_path.is_file():
-        raise TaggerError(f"{csv_path} not found: expected styles.csv and images/<id>.jpg")
-    rows = read_styles(csv_path)
-    columns = set(rows[0]) if rows else set()
+    folder = load_labelled_folder(data_dir)
     for task, column in task_columns.items():
-        if column not in columns:
-            raise TaggerError(f"column {column!r} (task {task!r}) not in {csv_path}; columns: {sorted(columns)}")
-    if "id" not in columns:
-        raise TaggerError(f"{csv_path} has no 'id' column")
-
-    images = data_dir / "images"
-    with_image = [r for r in rows if (images / f"{r['id']}.jpg").is_file()]
-    if len(with_image) < len(rows):
-        log.info("dropped %d of %d rows without an image in %s", len(rows) - len(with_image), len(rows), images)
-    if not with_image:
-        raise TaggerError(f"no image in {images} matches any row of {csv_path}")
+        folder.require_column(column, f"task {task!r}")
+    with_image = [(folder.rows[i], ref) for i, ref in zip(folder.ref_rows, folder.refs)]
     if limit is not None and limit < len(with_image):
         pick = np.random.default_rng(seed).choice(len(with_image), size=limit, replace=False)
         with_image = [with_image[i] for i in sorted(pick)]
 
     names = list(task_columns)
     primary = names[0]
-    counts = {t: Counter(r[task_columns[t]] for r in with_image if r[task_columns[t]]) for t in names}
+    counts = {t: Counter(r[task_columns[t]] for r, _ in with_image if r[task_columns[t]]) for t in names}
     kept_labels = {t: sorted(lab for lab, n in counts[t].items() if n >= min_count) for t in names}
-    kept = [r for r in with_image if r[task_columns[primary]] in set(kept_labels[primary])]
+    kept = [(r, ref) for r, ref in with_image if r[task_columns[primary]] in set(kept_labels[primary])]
     log.info(
         "kept %d rows: dropped %d whose %r label has fewer than %d images (%d of %d labels kept)",
         len(kept), len(with_image) - len(kept), primary, min_count, len(kept_labels[primary]), len(counts[primary]),
@@ -125,11 +87,11 @@ def load_labelled_set(
     examples = [
         Example(
             id=r["id"],
-            path=images / f"{r['id']}.jpg",
+            ref=ref,
             labels=tuple(index[t].get(r[task_columns[t]], IGNORE) for t in names),
-            digest=_digest(images / f"{r['id']}.jpg"),
+            digest=_digest(Path(ref.abspath)),
         )
-        for r in kept
+        for r, ref in kept
     ]
     train = tuple(e for e in examples if not _in_val(e.digest, seed, val_fraction))
     val = tuple(e for e in examples if _in_val(e.digest, seed, val_fraction))
@@ -157,37 +119,30 @@ def class_weights(examples: Sequence[Example], tasks: Sequence[TaskSpec], power:
     return out
 
 
-def _decode_for_cache(args: tuple[str, PreprocessSpec]) -> np.ndarray | str:
-    path, spec = args
-    try:
-        with Image.open(path) as img:
-            return fit_and_pad(img, spec)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
-
-
 def decode_cache(
-    examples: Sequence[Example], spec: PreprocessSpec, workers: int
+    examples: Sequence[Example], spec: PreprocessSpec, workers: int, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[np.ndarray, tuple[Example, ...]]:
-    """Decode every image once into a uint8 [N, S, S, 3] array with the runtime's fit-and-pad.
+    """Decode every image once into a uint8 [N, S, S, 3] array with the serving decoder, so training sees the
+    pixels `tagger run` feeds the model (EXIF rotation, mode policy, JPEG draft scale, fit-and-pad).
 
-    Corrupt images are skipped and counted. 35k images at 160 px is ~2.7 GB, fine in RAM, and it keeps a GPU fed.
+    Images that fail to decode are skipped and counted. 35k images at 160 px is ~2.7 GB, fine in RAM, and it keeps a
+    GPU fed.
     """
-    jobs = [(str(e.path), spec) for e in examples]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_decode_for_cache, jobs, chunksize=256))
-    else:
-        results = [_decode_for_cache(j) for j in jobs]
-    good = [i for i, r in enumerate(results) if isinstance(r, np.ndarray)]
-    bad = len(results) - len(good)
-    if bad:
-        first = next(r for r in results if isinstance(r, str))
-        log.warning("skipped %d corrupt images (first: %s)", bad, first)
+    images = np.empty((len(examples), spec.size, spec.size, 3), dtype=np.uint8)
+    good: list[int] = []
+    errors: list[str] = []
+    for _, batch in decode_stream([e.ref for e in examples], spec, max_pixels, workers):
+        for r in batch.results:
+            if isinstance(r, Failure):
+                errors.append(f"{examples[r.index].ref.path}: {r.error}")
+            else:
+                images[len(good)] = r.array  # a copy: the batch's buffer is reused
+                good.append(r.index)
+    if errors:
+        log.warning("skipped %d images that did not decode (first: %s)", len(errors), errors[0])
     if not good:
         raise TaggerError("no training image could be decoded")
-    array = np.stack([results[i] for i in good])
-    return array, tuple(examples[i] for i in good)
+    return images[: len(good)], tuple(examples[i] for i in good)
 
 
 def default_workers() -> int:

@@ -19,10 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tagger.calibrate import fit_temperature
 from tagger.contract import DEFAULT_TASKS, PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError
 from tagger.metrics import IGNORE, summarize
+from tagger.storage import publish_bytes, publishing
+from tagger.temperature import fit_temperature
 from tagger.train.augment import eval_transform, train_transform
 from tagger.train.checkpoint import read_checkpoint, save_checkpoint
 from tagger.train.data import Example, class_weights, decode_cache, default_workers, load_labelled_set
@@ -177,7 +178,7 @@ def evaluate(
     batch_size: int = 256,
 ) -> dict[str, dict[str, float]]:
     """Per task on fitted-and-padded uint8 images, as the runtime sees them: top-1, macro-F1, balanced accuracy,
-    and the temperature that calibrates the scores on these images (tagger.calibrate.fit_temperature)."""
+    and the temperature that calibrates the scores on these images (tagger.temperature.fit_temperature)."""
     model.eval()
     norm = eval_transform(spec)
     probs: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
@@ -247,18 +248,16 @@ def fit(cfg: TrainConfig) -> Path:
     cfg.out.mkdir(parents=True, exist_ok=True)
     weights_np = class_weights(train_ex, tasks, cfg.class_weight_power)
     weights = {t: torch.from_numpy(w) for t, w in weights_np.items()}
-    torch.save(weights, cfg.out / "class_weights.pt")
-    (cfg.out / "split.json").write_text(
-        json.dumps(
-            {
-                "method": "sha256 of image bytes, seeded; identical files share a side",
-                "seed": cfg.seed,
-                "val_fraction": cfg.val_fraction,
-                "train_ids": [e.id for e in train_ex],
-                "val_ids": [e.id for e in val_ex],
-            }
-        )
-    )
+    with publishing(cfg.out / "class_weights.pt") as tmp:
+        torch.save(weights, tmp)
+    split = {
+        "method": "sha256 of image bytes, seeded; identical files share a side",
+        "seed": cfg.seed,
+        "val_fraction": cfg.val_fraction,
+        "train_ids": [e.id for e in train_ex],
+        "val_ids": [e.id for e in val_ex],
+    }
+    publish_bytes(cfg.out / "split.json", json.dumps(split).encode())
 
     model = MultiTaskNet(cfg.backbone, tasks, weights=cfg.weights).to(device)
     if device.type == "cuda":
@@ -290,7 +289,7 @@ def fit(cfg: TrainConfig) -> Path:
 
     start_epoch, best_score = 1, -1.0
     if cfg.resume is not None:
-        start_epoch, best_score = _resume(cfg.resume, tasks, model, optimizer, scheduler, ema)
+        start_epoch, best_score = _resume(cfg.resume, tasks, model, optimizer, scheduler, ema, generator)
 
     data_info = {
         "source": cfg.data.name,
@@ -340,7 +339,7 @@ def fit(cfg: TrainConfig) -> Path:
             cfg.out / LAST_NAME, model, spec, tasks, **extra,
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             ema=ema.module.state_dict() if ema is not None else None,
-            ema_updates=ema.updates if ema is not None else 0, best_score=best_score,
+            ema_updates=ema.updates if ema is not None else 0, best_score=best_score, rng=_rng_state(generator),
         )
     return best_path
 
@@ -352,8 +351,9 @@ def _resume(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ema: Ema | None,
+    generator: torch.Generator,
 ) -> tuple[int, float]:
-    """Restore model, optimiser, schedule and EMA from a last.pt; returns (next epoch, best score so far)."""
+    """Restore model, optimiser, schedule, EMA and random state from a last.pt; returns (next epoch, best score)."""
     raw = read_checkpoint(path)
     if raw["tasks"] != {t.name: list(t.labels) for t in tasks}:
         raise TaggerError(f"{path} was trained on other tasks or labels than this data; cannot resume")
@@ -365,5 +365,23 @@ def _resume(
     if ema is not None and raw.get("ema") is not None:
         ema.module.load_state_dict(raw["ema"])
         ema.updates = int(raw.get("ema_updates", 0))
+    if raw.get("rng") is not None:  # absent from checkpoints of older versions
+        _set_rng_state(raw["rng"], generator)
     log.info("resumed from %s at epoch %d", path, raw["epoch"])
     return int(raw["epoch"]) + 1, float(raw.get("best_score", -1.0))
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """The random state the next epoch draws from: shuffle order and worker seeds (generator), augmentation and
+    dropout (torch's global generators). Saved in last.pt so a resumed run continues as an uninterrupted one would."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "loader": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["loader"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
