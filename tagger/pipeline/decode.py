@@ -531,18 +531,23 @@ class _Decoders:
         """Replace a broken pool; send its lost chunks again, or mark those lost twice for isolation."""
         self._pool.shutdown(wait=True, cancel_futures=True)  # a broken pool has terminated and joined its workers
         self._pool = self._new_pool()
-        lost = 0
+        resent = isolated = 0
         for job in self.pending:
             f = job.future
             if job.isolate or (f is not None and f.done() and not f.cancelled() and f.exception() is None):
                 continue  # decoded before the break, or waiting for its turn to be isolated
             if f is not None and not f.cancelled():
                 job.lost += 1
-                lost += 1
             job.isolate = job.lost >= 2
-            if not job.isolate:
+            if job.isolate:
+                isolated += 1
+            else:
                 self._send(job)
-        log.warning("a decode worker died (out of memory, or a decoder crash): %d chunks sent again to a fresh pool", lost)
+                resent += 1
+        log.warning(
+            "a decode worker died (out of memory, or a decoder crash): %d chunks sent again to a fresh pool, "
+            "%d lost twice to be split in processes of their own", resent, isolated,
+        )  # fmt: skip
 
     def _isolated(self, job: _Job) -> tuple[list[tuple[int, int, int] | tuple[int, str]], float]:
         """Decode job's chunk in processes of its own, halving what kills them down to the file; pack its slot.
@@ -585,9 +590,8 @@ class _Decoders:
     def _alone(self, paths: list[str], start: int) -> DecodedBatch | str:
         """paths decoded in a process of its own, or how that process ended when it died ('SIGSEGV', 'exit code 3')."""
         receive, send = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(
-            target=_decode_alone, args=(send, DecodeMemory(self.decode_memory), paths, self.spec, self.max_pixels, start)
-        )
+        memory = DecodeMemory(self.decode_memory)  # referenced here until the child has it: start() drops its args
+        proc = self._ctx.Process(target=_decode_alone, args=(send, memory, paths, self.spec, self.max_pixels, start))
         proc.start()
         send.close()
         try:
