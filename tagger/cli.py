@@ -50,6 +50,27 @@ def main(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+class _Bytes(click.ParamType):
+    """A size in bytes: 4GiB, 512MiB, 1.5GB, or a plain number of bytes."""
+
+    name = "size"
+    UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().lower().replace(" ", "")
+        number = text.rstrip("kmgtib")
+        try:
+            n = int(float(number) * self.UNITS[text[len(number):]])
+        except (KeyError, ValueError):
+            self.fail(f"expected a size such as 4GiB, 512MiB or a number of bytes, got {value!r}", param, ctx)
+        if n < 1:
+            self.fail(f"must be at least 1 byte, got {value!r}", param, ctx)
+        return n
+
+
 def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] = str) -> tuple[tuple[str, Any], ...]:
     """Parse repeated NAME=VALUE options."""
     out = []
@@ -111,6 +132,7 @@ def train(**kw: Any) -> None:
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="Also write the K best labels per task as <task>_topk.")
 @click.option("--ext", default=None, metavar="LIST", help="Extensions to tag, comma-separated [default: jpg,jpeg,jfif,png,webp,avif,bmp,gif,tif,tiff].")
 @click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images with more pixels (error row) [default: 150000000].")
+@click.option("--decode-memory", default="4GiB", show_default=True, type=_Bytes(), help="Decoding all decode workers may hold at once (e.g. 512MiB): a large image waits for room; one larger than this is an error row.")
 @click.option("--files-from", type=click.Path(path_type=Path), default=None, help="Tag the paths listed in this file (relative to CATALOG or absolute) instead of walking CATALOG.")
 @click.option("--incremental", is_flag=True, help="Reuse the rows of --out for unchanged files (same path, size and mtime, same model); tag new and changed ones; drop deleted ones.")
 @click.option("--retry-errors", is_flag=True, help="--incremental: also tag files with an error row again, even when unchanged.")

@@ -68,7 +68,10 @@ def run(config: RunConfig) -> RunSummary:
         assembler = Assembler(writer, previous, parts, config.retry_errors, incremental=config.incremental)
         batches = stack.enter_context(
             contextlib.closing(
-                decoded_batches(assembler.plan(plan.refs), session.spec, batch_size, workers, config.max_pixels)
+                decoded_batches(
+                    assembler.plan(plan.refs), session.spec, batch_size, workers, config.max_pixels,
+                    config.decode_memory,
+                )  # fmt: skip
             )
         )
         bar = stack.enter_context(tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr))

@@ -20,7 +20,7 @@ from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
 from tagger.pipeline.compose import check_stage_options
-from tagger.pipeline.decode import DEFAULT_MAX_PIXELS
+from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_PIXELS
 from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, discover, refs_from_list
 from tagger.pipeline.session import Session
 
@@ -41,6 +41,7 @@ class RunConfig:
     top_k: int = 0  # > 0 adds a <task>_topk column per task
     extensions: frozenset[str] = DEFAULT_EXTENSIONS
     max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_memory: int = DEFAULT_DECODE_MEMORY  # bytes of decoding all decode workers may hold at once
     files_from: Path | None = None  # a list of paths to tag instead of walking the catalog
     progress: bool | None = None  # None: a progress bar on a terminal, periodic log lines otherwise
     incremental: bool = False  # reuse the rows of `out` for unchanged files (same path, size, mtime; same model)
@@ -60,6 +61,8 @@ class RunConfig:
             raise UsageError(f"--top-k must be >= 0, got {self.top_k}")
         if self.max_pixels < 1:
             raise UsageError(f"--max-pixels must be at least 1, got {self.max_pixels}")
+        if self.decode_memory < 1:
+            raise UsageError(f"--decode-memory must be at least 1 byte, got {self.decode_memory}")
         if (self.retry_errors or self.keep_stale_model) and not self.incremental:
             flag = "--retry-errors" if self.retry_errors else "--keep-stale-model"
             raise UsageError(f"{flag} only applies with --incremental")

@@ -22,7 +22,7 @@ from tagger.output.schema import closing_metadata, count_ok, output_schema
 from tagger.output.writer import ResultWriter
 from tagger.pipeline.batch import Batch
 from tagger.pipeline.compose import tag_batches
-from tagger.pipeline.decode import DecodeResult, Failure, Sample, decode_chunk, decode_many
+from tagger.pipeline.decode import DecodeMemory, DecodeResult, Failure, Sample, decode_chunk, decode_many
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import CPU, CUDA, default_batch_size, open_session
 from tagger.storage import discard, publish, reserve_temp_dir
@@ -84,13 +84,18 @@ def _refs_of(rows: Mapping[str, np.ndarray]) -> list[ImageRef]:
     ]
 
 
-def decode_rows(rows: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: int) -> dict[str, np.ndarray]:
+def decode_rows(
+    rows: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: int, decode_memory: int
+) -> dict[str, np.ndarray]:
     """Decode stage in a Ray task: decode_many on a batch of refs, its results added as columns.
+
+    decode_memory bounds each task (its own process; Ray's scheduler, not tagger, shares a node's memory between
+    tasks), so an image larger than the budget gets the local engine's error row.
 
     image: uint8 [n, S, S, 3], zeros on a failed row; error: '' on an ok row (a real error is never empty);
     width/height: -1 on a failed row. Every row has the same shape, as Ray's tensor columns need.
     """
-    decoded = decode_many(_refs_of(rows), spec, max_pixels)
+    decoded = decode_many(_refs_of(rows), spec, max_pixels, memory=DecodeMemory(decode_memory))
     n, s = len(decoded.results), spec.size
     image = np.zeros((n, s, s, 3), np.uint8)
     width = np.full(n, -1, np.int32)
@@ -373,7 +378,7 @@ def tag_dataset(
         decode_rows,
         batch_size=chunk,
         batch_format="numpy",
-        fn_kwargs={"spec": spec, "max_pixels": config.max_pixels},
+        fn_kwargs={"spec": spec, "max_pixels": config.max_pixels, "decode_memory": config.decode_memory},
         num_cpus=1,
         memory=DECODE_TASK_MEMORY,
     )

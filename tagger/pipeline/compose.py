@@ -19,7 +19,14 @@ from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import UsageError
 from tagger.output import schema as s
 from tagger.pipeline.batch import Batch, prefetch, rebatch
-from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Sample, decode_chunk, decode_stream, default_workers
+from tagger.pipeline.decode import (
+    DEFAULT_DECODE_MEMORY,
+    DEFAULT_MAX_PIXELS,
+    Sample,
+    decode_chunk,
+    decode_stream,
+    default_workers,
+)
 from tagger.pipeline.discover import MISSING_SIZE, ImageRef
 from tagger.pipeline.postprocess import TaskPrediction, postprocess
 from tagger.pipeline.session import CPU_BATCH_SIZE, Session
@@ -56,11 +63,12 @@ def decoded_batches(
     batch_size: int = CPU_BATCH_SIZE,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    decode_memory: int = DEFAULT_DECODE_MEMORY,
 ) -> Generator[Batch, None, None]:
     """discover's refs -> fixed-size decoded Batches, in order, decoded ahead in a bounded background thread."""
     workers = default_workers() if workers is None else workers
     chunk = decode_chunk(batch_size)
-    decoded = decode_stream(refs, spec, max_pixels, workers, chunk)
+    decoded = decode_stream(refs, spec, max_pixels, workers, chunk, decode_memory=decode_memory)
     return prefetch(rebatch(decoded, batch_size), depth=PREFETCH_BATCHES)
 
 

@@ -11,6 +11,7 @@ import os
 import signal
 import struct
 import tempfile
+import threading
 import time
 import warnings
 from collections import deque
@@ -58,6 +59,8 @@ def fit_and_pad(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 DECODE_CHUNK = 32  # files per decode call at most: one array crosses processes per chunk
 
 DEFAULT_MAX_PIXELS = 150_000_000  # above any camera photo (a 100 MP sensor is 102M); far below a decompression bomb
+
+DEFAULT_DECODE_MEMORY = 4 * 1024**3  # bytes of decoding all decoders of a run may hold at once (--decode-memory)
 
 # What a bad file raises from Pillow's readers: unreadable/truncated (OSError incl. UnidentifiedImageError),
 # malformed headers (SyntaxError, ValueError, struct.error), short frames (EOFError), our own pixel limit.
@@ -133,6 +136,102 @@ def _pillow_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
+class DecodeMemoryError(MemoryError):
+    """An image whose decoding alone needs more than the whole --decode-memory budget."""
+
+
+class DecoderCrashed(Exception):
+    """A file whose decoding killed the process decoding it (a decoder crash, or the OOM killer), twice."""
+
+
+def decode_bytes(img: Image.Image, w: int, h: int, transposed: bool) -> int:
+    """Peak bytes load_image needs for img, opened and drafted (JPEG: img.size is the reduced DCT size), of w x h.
+
+    Pillow holds 1, L and P in 1 byte per pixel, I;16 in 2, every other mode (RGB included) in 4. On top: the RGB
+    copy (4 bytes per pixel), a transposed copy, RGBA and its alpha for transparent images, three float32 arrays
+    for 16/32-bit integers, and a progressive JPEG's coefficients (2 bytes per sample of the full-size image).
+    """
+    mode, px = img.mode, img.size[0] * img.size[1]
+    raw = px * (1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4)
+    need = raw + 4 * px + (raw if transposed else 0)
+    if mode in _WIDE_INT_MODES:
+        need += 13 * px
+    elif mode in _ALPHA_MODES or "transparency" in img.info:
+        need += 5 * px
+    if img.format == "JPEG" and (img.info.get("progressive") or img.info.get("progression")):
+        need += 2 * w * h * len(img.getbands())
+    return need
+
+
+def _mib(nbytes: int) -> str:
+    return f"{-(-nbytes // 2**20)} MiB"
+
+
+class DecodeMemory:
+    """The bytes of decoding that every decoder of a run (pool workers included) may hold at once.
+
+    An image waits until its estimate (decode_bytes) fits beside the others'; one larger than the whole budget is
+    refused. Crosses into spawned workers through the pool's initializer. A worker killed while holding a share
+    leaks it: a pool that lost a worker is replaced with a fresh budget.
+    """
+
+    def __init__(self, limit: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.limit = limit
+        self._cond = ctx.Condition()
+        self._free = ctx.RawValue("q", limit)
+
+    def acquire(self, nbytes: int, what: str) -> None:
+        if nbytes > self.limit:
+            raise DecodeMemoryError(
+                f"{what} needs ~{_mib(nbytes)} to decode, more than --decode-memory {_mib(self.limit)}"
+            )
+        with self._cond:
+            self._cond.wait_for(lambda: self._free.value >= nbytes)
+            self._free.value -= nbytes
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self._free.value += nbytes
+            self._cond.notify_all()
+
+
+# This thread's DecodeMemory (.budget; a pool worker's for its life, in-process decoding's for one call) and the
+# (budget, bytes) its current image holds (.held).
+_decoding = threading.local()
+
+
+@contextlib.contextmanager
+def _decode_memory(budget: DecodeMemory | None) -> Iterator[None]:
+    """Decode under budget in this thread (None: under whatever this thread already has)."""
+    saved = getattr(_decoding, "budget", None)
+    if budget is not None:
+        _decoding.budget = budget
+    try:
+        yield
+    finally:
+        _release_decode_memory()
+        _decoding.budget = saved
+
+
+def _reserve_decode_memory(img: Image.Image, w: int, h: int, transposed: bool) -> None:
+    """Wait for room for img's decoding in this thread's budget (none: no wait); held until the image is fitted."""
+    budget: DecodeMemory | None = getattr(_decoding, "budget", None)
+    if budget is None:
+        return
+    _release_decode_memory()
+    need = decode_bytes(img, w, h, transposed)
+    budget.acquire(need, f"{w}x{h}")
+    _decoding.held = (budget, need)
+
+
+def _release_decode_memory() -> None:
+    held = getattr(_decoding, "held", None)
+    if held is not None:
+        _decoding.held = None
+        held[0].release(held[1])
+
+
 def load_image(path: str | os.PathLike[str], spec: PreprocessSpec, max_pixels: int) -> tuple[Image.Image, int, int]:
     """Open, check the pixel count, decode (JPEG at a reduced DCT scale), EXIF-rotate and convert to RGB.
 
@@ -146,6 +245,7 @@ def load_image(path: str | os.PathLike[str], spec: PreprocessSpec, max_pixels: i
         orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
         # JPEG only: decode at 1/2, 1/4 or 1/8 scale, the smallest still at least the fitted size.
         img.draft("RGB", fitted_size(w, h, spec.size))
+        _reserve_decode_memory(img, w, h, orientation in range(2, 9))
         img.load()
         out = ImageOps.exif_transpose(img) if orientation in range(2, 9) else img
         out = _to_rgb(out, spec.pad_color)  # loaded pixels stay usable after the file closes
@@ -201,13 +301,21 @@ class DecodedBatch:
 
 
 def decode_many(
-    srcs: Sequence[Source], spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS, start: int = 0
+    srcs: Sequence[Source],
+    spec: PreprocessSpec,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    start: int = 0,
+    memory: DecodeMemory | None = None,
 ) -> DecodedBatch:
-    """Decode files into one contiguous uint8 [k, S, S, 3] array of the ok ones; result i has index start + i."""
+    """Decode files into one contiguous uint8 [k, S, S, 3] array of the ok ones; result i has index start + i.
+
+    memory: the budget decoding waits for (None: the one this thread decodes under, if any).
+    """
     t0 = time.perf_counter()
     s = spec.size
     buf = np.empty((len(srcs), s, s, 3), dtype=np.uint8)
-    meta = _decode_to(buf, srcs, spec, max_pixels, start)
+    with _decode_memory(memory):
+        meta = _decode_to(buf, srcs, spec, max_pixels, start)
     return _rebuild_batch(buf, meta, time.perf_counter() - t0)
 
 
@@ -220,6 +328,7 @@ def _decode_to(
     k = 0
     for i, src in enumerate(srcs):
         r = decode_one(src, spec, max_pixels, start + i)
+        _release_decode_memory()  # the image is fitted: its full-size pixels are gone
         if isinstance(r, Sample):
             buf[k] = r.array
             meta.append((r.index, r.width, r.height))
@@ -229,9 +338,10 @@ def _decode_to(
     return meta
 
 
-def _worker_init() -> None:
+def _worker_init(memory: DecodeMemory) -> None:
     # Ctrl-C reaches the whole process group; only the parent should react (it terminates the pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _decoding.budget = memory
 
 
 def default_workers() -> int:
@@ -314,6 +424,7 @@ def decode_stream(
     workers: int | None = None,
     chunk_size: int = DECODE_CHUNK,
     max_pending: int | None = None,
+    decode_memory: int = DEFAULT_DECODE_MEMORY,
 ) -> Iterator[tuple[tuple[ImageRef, ...], DecodedBatch]]:
     """Decode refs in chunks, yielding (refs of the chunk, its DecodedBatch) in input order.
 
@@ -321,53 +432,194 @@ def decode_stream(
     memory, with at most `max_pending` chunks (default 2 per worker) submitted and not yet consumed, so memory
     stays bounded however slow the consumer is (Pool.imap would buffer every finished result). With a pool, a
     chunk's pixels are only valid until the next chunk is requested: the consumer copies what it keeps.
+    decode_memory: bytes all decoders may hold at once (see DecodeMemory). A worker that dies costs no rows (see
+    _Decoders).
     """
     workers = default_workers() if workers is None else workers
     chunks = _chunks(refs, chunk_size)
     if workers <= 1:
+        memory = DecodeMemory(decode_memory)
         start = 0
         for chunk in chunks:
-            yield chunk, decode_many(chunk, spec, max_pixels, start)
+            yield chunk, decode_many(chunk, spec, max_pixels, start, memory)
             start += len(chunk)
         return
     window = max_pending or 2 * workers
-    # spawn: safe next to the inference threads of this process, and the same on every OS. An executor rather than
-    # multiprocessing.Pool: a worker killed mid-task (OOM killer, decoder crash) raises BrokenProcessPool instead of
-    # leaving the run waiting forever.
-    ctx = multiprocessing.get_context("spawn")
-    arena = _Arena(window, chunk_size, spec.size)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init)
+    decoders = _Decoders(workers, _Arena(window, chunk_size, spec.size), spec, max_pixels, decode_memory)
     try:
-        pending: deque[tuple[tuple[ImageRef, ...], int, Future[Any]]] = deque()
         start = 0
         for chunk in chunks:
-            slot = arena.free.popleft()
-            paths = [r.abspath for r in chunk]
-            args = (arena.path, slot * arena.slot_bytes, (len(chunk), *arena.shape[1:]), paths, spec, max_pixels, start)
-            pending.append((chunk, slot, pool.submit(_decode_into, *args)))
+            decoders.submit(chunk, start)
             start += len(chunk)
-            if len(pending) >= window:
-                yield _result(arena, *pending.popleft())
-        while pending:
-            yield _result(arena, *pending.popleft())
+            if len(decoders.pending) >= window:
+                yield decoders.next_result()
+        while decoders.pending:
+            yield decoders.next_result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        arena.close()
+        decoders.close()
 
 
-def _result(
-    arena: _Arena, chunk: tuple[ImageRef, ...], slot: int, future: Future[Any]
-) -> tuple[tuple[ImageRef, ...], DecodedBatch]:
-    try:
-        meta, seconds = future.result()
-    except BrokenProcessPool:
-        raise TaggerError(
-            f"a decode worker died (out of memory, or a decoder crash) near {chunk[0].path}; "
-            "rerun with --workers 0 to find the file"
-        ) from None
-    # The slot goes back to the free list now and is refilled only after the consumer asks for the next chunk.
-    arena.free.append(slot)
-    return chunk, _rebuild_batch(arena.view(slot), meta, seconds)
+@dataclass(eq=False)
+class _Job:
+    """A chunk in flight: its arena slot (held until the consumer has it) and how often a dying worker lost it."""
+
+    chunk: tuple[ImageRef, ...]
+    start: int  # index of its first file
+    slot: int
+    future: Future[Any] | None = None  # None: not (re)submitted yet
+    lost: int = 0  # pools that broke while it was in flight
+    isolate: bool = False  # lost twice: decode it in processes of its own to find the file that kills them
+
+
+class _Decoders:
+    """decode_stream's pool of workers, its arena, and the chunks in flight, in input order.
+
+    A worker that dies (OOM killer, decoder crash) breaks the whole pool and every chunk in flight with it: the pool
+    is replaced (with a fresh memory budget, as the dead worker's share is lost) and those chunks sent again, each
+    to the same slot (the old workers are all gone by then). A chunk lost twice is split in processes of its own
+    (halves, down to single files) when its turn comes; the file that still kills its process gets a
+    DecoderCrashed row, every other file its real one.
+    """
+
+    def __init__(self, workers: int, arena: _Arena, spec: PreprocessSpec, max_pixels: int, decode_memory: int) -> None:
+        self.arena, self.spec, self.max_pixels, self.decode_memory = arena, spec, max_pixels, decode_memory
+        self.workers = workers
+        self.pending: deque[_Job] = deque()
+        # spawn: safe next to the inference threads of this process, and the same on every OS. An executor rather
+        # than multiprocessing.Pool: a worker killed mid-task raises BrokenProcessPool instead of hanging the run.
+        self._ctx = multiprocessing.get_context("spawn")
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        memory = DecodeMemory(self.decode_memory)
+        return ProcessPoolExecutor(self.workers, self._ctx, initializer=_worker_init, initargs=(memory,))
+
+    def submit(self, chunk: tuple[ImageRef, ...], start: int) -> None:
+        job = _Job(chunk, start, self.arena.free.popleft())
+        self.pending.append(job)
+        self._send(job)
+
+    def _send(self, job: _Job) -> None:
+        args = (
+            self.arena.path, job.slot * self.arena.slot_bytes, (len(job.chunk), *self.arena.shape[1:]),
+            [r.abspath for r in job.chunk], self.spec, self.max_pixels, job.start,
+        )  # fmt: skip
+        try:
+            job.future = self._pool.submit(_decode_into, *args)
+        except BrokenProcessPool:
+            job.future = None  # sent again once the pool is replaced
+
+    def next_result(self) -> tuple[tuple[ImageRef, ...], DecodedBatch]:
+        """The oldest chunk's (refs, batch); its slot is refilled only after the consumer asks for the next one."""
+        job = self.pending[0]
+        while True:
+            if job.isolate:
+                meta, seconds = self._isolated(job)
+                break
+            if job.future is not None:
+                try:
+                    meta, seconds = job.future.result()
+                    break
+                except BrokenProcessPool:
+                    pass
+            self._restart()
+        self.pending.popleft()
+        self.arena.free.append(job.slot)
+        return job.chunk, _rebuild_batch(self.arena.view(job.slot), meta, seconds)
+
+    def _restart(self) -> None:
+        """Replace a broken pool; send its lost chunks again, or mark those lost twice for isolation."""
+        self._pool.shutdown(wait=True, cancel_futures=True)  # a broken pool has terminated and joined its workers
+        self._pool = self._new_pool()
+        resent = isolated = 0
+        for job in self.pending:
+            f = job.future
+            if job.isolate or (f is not None and f.done() and not f.cancelled() and f.exception() is None):
+                continue  # decoded before the break, or waiting for its turn to be isolated
+            if f is not None and not f.cancelled():
+                job.lost += 1
+            job.isolate = job.lost >= 2
+            if job.isolate:
+                isolated += 1
+            else:
+                self._send(job)
+                resent += 1
+        log.warning(
+            "a decode worker died (out of memory, or a decoder crash): %d chunks sent again to a fresh pool, "
+            "%d lost twice to be split in processes of their own", resent, isolated,
+        )  # fmt: skip
+
+    def _isolated(self, job: _Job) -> tuple[list[tuple[int, int, int] | tuple[int, str]], float]:
+        """Decode job's chunk in processes of its own, halving what kills them down to the file; pack its slot.
+
+        The pool is idle meanwhile (the chunks after this one are waited for first), so each process gets the
+        whole memory budget and the run stays within it.
+        """
+        t0 = time.perf_counter()
+        for other in itertools.islice(self.pending, 1, None):
+            if other.future is not None:
+                with contextlib.suppress(BrokenProcessPool):
+                    other.future.exception()
+        paths = [r.abspath for r in job.chunk]
+        results: list[DecodeResult] = []
+        todo = [(0, len(paths))]  # pieces of the chunk still to decode, the next one last
+        while todo:
+            i, j = todo.pop()
+            done = self._alone(paths[i:j], job.start + i)
+            if isinstance(done, DecodedBatch):
+                results += done.results
+            elif j - i == 1:
+                log.warning("%s kills the decoder (%s): error row", job.chunk[i].path, done)
+                error = DecoderCrashed(f"decoding this file killed its process twice ({done})")
+                results.append(Failure(job.start + i, one_line(error, named=True)))
+            else:
+                m = (i + j) // 2
+                todo += [(m, j), (i, m)]
+        meta: list[tuple[int, int, int] | tuple[int, str]] = []
+        buf = self.arena.view(job.slot)
+        k = 0
+        for r in results:
+            if isinstance(r, Sample):
+                buf[k] = r.array
+                meta.append((r.index, r.width, r.height))
+                k += 1
+            else:
+                meta.append((r.index, r.error))
+        return meta, time.perf_counter() - t0
+
+    def _alone(self, paths: list[str], start: int) -> DecodedBatch | str:
+        """paths decoded in a process of its own, or how that process ended when it died ('SIGSEGV', 'exit code 3')."""
+        receive, send = self._ctx.Pipe(duplex=False)
+        memory = DecodeMemory(self.decode_memory)  # referenced here until the child has it: start() drops its args
+        proc = self._ctx.Process(target=_decode_alone, args=(send, memory, paths, self.spec, self.max_pixels, start))
+        proc.start()
+        send.close()
+        try:
+            batch: DecodedBatch = receive.recv()
+            return batch
+        except EOFError:
+            proc.join()
+            code = proc.exitcode or 0
+            return signal.Signals(-code).name if code < 0 else f"exit code {code}"
+        finally:
+            receive.close()
+            proc.join(5)  # it exits once the batch is sent; killed when this ends otherwise (Ctrl-C)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self.arena.close()
+
+
+def _decode_alone(
+    send: Any, memory: DecodeMemory, paths: list[str], spec: PreprocessSpec, max_pixels: int, start: int
+) -> None:
+    """_Decoders._alone's process: decode paths and send the batch back."""
+    _worker_init(memory)
+    send.send(decode_many(paths, spec, max_pixels, start))
+    send.close()
 
 
 def _chunks(refs: Iterable[ImageRef], n: int) -> Iterator[tuple[ImageRef, ...]]:

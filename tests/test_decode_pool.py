@@ -1,0 +1,209 @@
+"""decode's worker pool: a worker that dies costs no rows; --decode-memory bounds decoding across all workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from tagger.cli import main
+from tagger.contract import PreprocessSpec
+from tagger.pipeline.decode import DecodeMemory, Failure, Sample, decode_many
+from tagger.pipeline.discover import discover
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 2**20
+
+
+def _cli(*args: str | Path, script: Path | None = None) -> subprocess.Popen[str]:
+    entry = [str(script)] if script else ["-m", "tagger.cli"]
+    return subprocess.Popen(
+        [sys.executable, *entry, "run", *map(str, args), "--device", "cpu"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _rows(out: Path) -> list[dict[str, object]]:
+    return pq.read_table(out, columns=["path", "status", "error"]).to_pylist()
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of pid, from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _decode_workers(pid: int) -> list[int]:
+    """pid's spawned decode workers (not multiprocessing's resource tracker)."""
+    found = []
+    for kid in _children(pid):
+        try:
+            cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(kid)
+    return found
+
+
+def test_a_worker_killed_mid_run_costs_no_rows(contract_onnx: Path, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1600):
+        pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(catalog / f"{i:04d}.jpg", quality=80)
+    out = tmp_path / "out.parquet"
+    proc = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "2", "--batch-size", "16")
+    deadline = time.monotonic() + 60
+    while len(workers := _decode_workers(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # decoding under way
+    assert workers and proc.poll() is None, "the run ended before a worker could be killed"
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "a decode worker died" in stderr  # the kill hit the run, not an idle process
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == [f"{i:04d}.jpg" for i in range(1600)]
+    assert {r["status"] for r in rows} == {"ok"}
+
+
+# Run as the CLI's __main__, so spawned decode workers import it too: a Pillow plugin that kills the process
+# decoding any file starting with b"CRASH" with SIGSEGV, as a decoder bug would. Only the crash is staged.
+CRASHING_DECODER = """
+import os, resource, signal
+from PIL import Image, ImageFile
+
+class Crash(ImageFile.ImageFile):
+    format = "CRASH"
+
+    def _open(self):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+Image.register_open("CRASH", Crash, lambda prefix: prefix[:5] == b"CRASH")
+
+if __name__ == "__main__":
+    from tagger.cli import main
+    main()
+"""
+
+
+def test_a_file_that_crashes_the_decoder_gets_an_error_row(contract_onnx: Path, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    for i in range(60):
+        Image.new("RGB", (40, 30), (i * 4, 100, 200)).save(catalog / f"{i:02d}.png")
+    (catalog / "37.png").write_bytes(b"CRASH, not a PNG")
+    script = tmp_path / "crashing_tagger.py"
+    script.write_text(CRASHING_DECODER)
+    out = tmp_path / "out.parquet"
+    proc = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "2", "--batch-size", "8", script=script)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr
+    rows = _rows(out)
+    assert [r["path"] for r in rows] == [f"{i:02d}.png" for i in range(60)]
+    bad = rows.pop(37)
+    assert bad["status"] == "error"
+    assert str(bad["error"]).startswith("DecoderCrashed: ") and "SIGSEGV" in str(bad["error"]), bad
+    assert {r["status"] for r in rows} == {"ok"}
+
+
+SPEC = PreprocessSpec(size=32)
+
+
+def test_an_image_larger_than_the_whole_budget_is_an_error_row_that_says_why(tmp_path: Path) -> None:
+    Image.new("L", (3000, 2000), 128).save(tmp_path / "big.png")  # ~29 MiB to decode: 1 byte + 4 for RGB
+    Image.new("RGB", (300, 200), (1, 2, 3)).save(tmp_path / "small.png")
+    refs = list(discover(tmp_path))
+    results = decode_many(refs, SPEC, memory=DecodeMemory(20 * MiB)).results
+    assert isinstance(results[0], Failure) and isinstance(results[1], Sample)
+    assert results[0].error == "DecodeMemoryError: 3000x2000 needs ~29 MiB to decode, more than --decode-memory 20 MiB"
+    assert isinstance(decode_many(refs, SPEC, memory=DecodeMemory(30 * MiB)).results[0], Sample)
+
+
+@pytest.mark.parametrize(("value", "ok"), [("512MiB", True), ("4GiB", True), ("1000000", True), ("lots", False),
+                                           ("0", False), ("-3MiB", False)])  # fmt: skip
+def test_decode_memory_option_takes_sizes(value: str, ok: bool, tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"")
+    # --model that does not exist: a good size gets as far as loading it (exit 1), a bad one stops at usage (exit 2).
+    result = CliRunner().invoke(
+        main, ["run", str(tmp_path), "--out", str(tmp_path / "o.parquet"), "--model", str(tmp_path / "none.onnx"),
+               "--decode-memory", value],
+    )  # fmt: skip
+    assert result.exit_code == (1 if ok else 2), result.output
+    if not ok:
+        assert "--decode-memory" in result.output
+
+
+def _tree_rss(pid: int) -> int:
+    """Summed RSS in bytes of pid and its descendants."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+        todo += _children(p)
+    return total
+
+
+def _peak_tree_rss(args: list[str | Path]) -> int:
+    """Run the CLI, sampling its process tree's RSS every ~20 ms; the peak in bytes."""
+    proc = _cli(*args)
+    peak = 0
+
+    def sample() -> None:
+        nonlocal peak
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(proc.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    _, stderr = proc.communicate(timeout=300)
+    sampler.join()
+    assert proc.returncode == 0, stderr
+    return peak
+
+
+def test_decode_memory_bounds_the_process_tree(contract_onnx: Path, tmp_path: Path) -> None:
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir()
+    big.mkdir()
+    banner = np.tile(np.arange(6000, dtype=np.uint8), (6000, 1))  # 6000 x 6000 grayscale: 36 MB, ~172 MiB to decode
+    for i in range(6):
+        Image.new("L", (64, 48), i * 40).save(small / f"{i}.png")
+        Image.fromarray(np.roll(banner, i * 7, axis=1), "L").save(big / f"{i}.png", compress_level=1)
+    common: list[str | Path] = ["--model", contract_onnx, "--workers", "3", "--batch-size", "2"]
+    baseline = _peak_tree_rss([small, "--out", tmp_path / "small.parquet", *common])
+    budget = 300 * MiB
+    bounded = _peak_tree_rss([big, "--out", tmp_path / "bounded.parquet", *common, "--decode-memory", str(budget)])
+    unbounded = _peak_tree_rss([big, "--out", tmp_path / "unbounded.parquet", *common])
+    print(f"peak tree RSS: baseline {baseline / MiB:.0f} MiB, budget 300 MiB {bounded / MiB:.0f} MiB, "
+          f"default budget {unbounded / MiB:.0f} MiB")  # fmt: skip
+    assert {r["status"] for r in _rows(tmp_path / "bounded.parquet")} == {"ok"}
+    assert bounded < baseline + budget
+    assert unbounded > bounded + 100 * MiB  # three at once without the budget: the bound is what holds it down
