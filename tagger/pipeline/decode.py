@@ -157,7 +157,12 @@ def load_image(path: str | os.PathLike[str], spec: PreprocessSpec, max_pixels: i
 def decode_one(
     src: Source, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS, index: int = 0
 ) -> DecodeResult:
-    """Decode one file into the model's input (uint8 [S, S, 3]); a bad file becomes a Failure, never an exception."""
+    """Decode one file into the model's input (uint8 [S, S, 3]); a bad file becomes a Failure, never an exception.
+
+    A ref of a folder that could not be listed becomes its Failure without opening anything.
+    """
+    if isinstance(src, ImageRef) and src.unlistable is not None:
+        return Failure(index, src.unlistable)
     path = src.abspath if isinstance(src, ImageRef) else src
     try:
         img, w, h = load_image(path, spec, max_pixels)
@@ -294,7 +299,7 @@ def _shared_file(nbytes: int) -> tuple[str, mmap.mmap]:
 
 
 def _decode_into(
-    arena: str, offset: int, shape: tuple[int, int, int, int], srcs: Sequence[str], spec: PreprocessSpec,
+    arena: str, offset: int, shape: tuple[int, int, int, int], srcs: Sequence[Source], spec: PreprocessSpec,
     max_pixels: int, start: int,
 ) -> tuple[list[tuple[int, int, int] | tuple[int, str]], float]:
     """Worker side of decode_stream: decode srcs straight into one arena slot; return only the metadata."""
@@ -342,8 +347,9 @@ def decode_stream(
         start = 0
         for chunk in chunks:
             slot = arena.free.popleft()
-            paths = [r.abspath for r in chunk]
-            args = (arena.path, slot * arena.slot_bytes, (len(chunk), *arena.shape[1:]), paths, spec, max_pixels, start)
+            # A name crosses the pipe more cheaply than a ref; an unlistable folder's ref carries its error.
+            srcs = [r.abspath if r.unlistable is None else r for r in chunk]
+            args = (arena.path, slot * arena.slot_bytes, (len(chunk), *arena.shape[1:]), srcs, spec, max_pixels, start)
             pending.append((chunk, slot, pool.submit(_decode_into, *args)))
             start += len(chunk)
             if len(pending) >= window:
