@@ -26,7 +26,8 @@ def one_line(e: BaseException, path: str | os.PathLike[str] | None = None, named
     if path is not None:
         p = os.fspath(path)
         msg = str(msg).replace(f" {p!r}", "").replace(p, "")
-    text = " ".join(str(msg).split())[:MAX_MESSAGE]
+    # A name's undecodable bytes (surrogates) written as escapes: the line must be valid text for rows and logs.
+    text = " ".join(str(msg).split())[:MAX_MESSAGE].encode("utf-8", "backslashreplace").decode("utf-8")
     if not named:
         return text or type(e).__name__
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -96,7 +96,9 @@ def run(config: RunConfig) -> RunSummary:
         a, changes = assembler, assembler.changes
         ok = a.files - a.errors
         writer.commit(
-            closing_metadata(a.files, ok, a.tagged, a.reused, a.resumed, changes.as_dict() if changes else None)
+            closing_metadata(
+                a.files, ok, a.tagged, a.reused, a.resumed, changes.as_dict() if changes else None, a.unlistable
+            )
         )
         work.finish()
         timer.add("write", time.perf_counter() - t0)
@@ -104,7 +106,7 @@ def run(config: RunConfig) -> RunSummary:
         log.warning("%d rows of %s come from another model (--keep-stale-model)", a.reused, config.out)
     return plan.summary(
         session.provider, a.files, ok, timer.seconds, tagged=a.tagged, reused=a.reused, resumed=a.resumed,
-        changes=changes,
+        changes=changes, unlistable=a.unlistable,
     )  # fmt: skip
 
 

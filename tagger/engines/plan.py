@@ -21,7 +21,7 @@ from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
 from tagger.pipeline.compose import check_stage_options
 from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_PIXELS
-from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, discover, refs_from_list
+from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, discover, path_text, refs_from_list
 from tagger.pipeline.session import Session
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class RunSummary:
     reused: int = 0  # rows copied from the previous output
     resumed: int = 0  # rows taken from an interrupted run's committed parts
     changes: Changes | None = None  # what an incremental run found
+    unlistable: int = 0  # folders that could not be listed (one error row each)
 
     @property
     def images_tagged(self) -> int:
@@ -103,6 +104,8 @@ class RunSummary:
             text += f" ({self.changes.line()})"
         if self.tagged is not None:
             text += f"; tagged {self.tagged}, reused {self.reused}, resumed {self.resumed}"
+        if self.unlistable:
+            text += f"; {self.unlistable} folder{'s' if self.unlistable > 1 else ''} could not be listed"
         rate = f"{self.images_per_s:.1f} img/s, " if self.images_tagged else ""
         return f"{text}, {rate}{self.elapsed_s:.1f} s on {self.provider} -> {self.out}"
 
@@ -149,11 +152,11 @@ def run_identity(config: RunConfig, model_sha256: str) -> RunIdentity:
     listed = config.files_from is not None
     return RunIdentity(
         model_sha256=model_sha256,
-        catalog=str(config.catalog.resolve()),
+        catalog=path_text(str(config.catalog.resolve())),  # metadata is UTF-8 text
         top_k=config.top_k,
         max_pixels=config.max_pixels,
         extensions=None if listed else tuple(sorted(config.extensions)),
-        files_from=str(Path(config.files_from).resolve()) if config.files_from is not None else None,
+        files_from=path_text(str(Path(config.files_from).resolve())) if config.files_from is not None else None,
         shard=str(config.shard) if config.shard is not None else None,
     )
 
@@ -191,12 +194,13 @@ class RunPlan:
         reused: int = 0,
         resumed: int = 0,
         changes: Changes | None = None,
+        unlistable: int = 0,
     ) -> RunSummary:
         """The run's summary; the stage times go to the INFO log."""
         elapsed = time.perf_counter() - self.t_start
         summary = RunSummary(
             self.config.out, files, ok, files - ok, elapsed, provider, dict(stage_seconds or {}), tagged, reused,
-            resumed, changes,
+            resumed, changes, unlistable,
         )  # fmt: skip
         if summary.stage_seconds:
             log.info("stage seconds: %s", ", ".join(f"{k} {v:.2f}" for k, v in summary.stage_seconds.items()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 from collections import deque
@@ -11,6 +12,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tagger.contract import TaskSpec
 from tagger.errors import TaggerError
@@ -29,11 +31,12 @@ _TAG, _PREVIOUS, _PARTS = 0, 1, 2  # where a row comes from
 @dataclass
 class Changes:
     """What an incremental run found, file by file: each file is exactly one of new, changed, unchanged, retried,
-    retagged.
+    retagged, unreadable.
 
     unchanged files keep their row; retagged: unchanged, but tagged again because another model or other options
     wrote the previous output. removed: rows of the previous output whose file is gone. failed: error rows among
-    the files tagged this time.
+    the files tagged this time (a folder that could not be listed included). unreadable: rows of the previous
+    output beneath a folder that could not be listed this time; they are kept as they were.
     """
 
     new: int = 0
@@ -43,12 +46,14 @@ class Changes:
     removed: int = 0
     retried: int = 0
     failed: int = 0
+    unreadable: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
 
     def line(self) -> str:
-        return ", ".join(f"{k} {v}" for k, v in self.as_dict().items())
+        """Every count; unreadable only when there are any (a folder failed to list)."""
+        return ", ".join(f"{k} {v}" for k, v in self.as_dict().items() if v or k != "unreadable")
 
 
 @dataclass
@@ -143,7 +148,9 @@ class Assembler:
         self._queue: deque[tuple[int, int, int]] = deque()  # (source, first row, count); tags count 1 each
         self._planned = threading.Event()
         self.files = self.errors = self.tagged = self.reused = self.resumed = 0
+        self.unlistable = 0  # folders that could not be listed
         self._resumed_errors = 0
+        self._sorted_paths: tuple[list[str], np.ndarray] | None = None  # previous paths sorted, [n] their rows
 
     def _decide(self, ref: ImageRef) -> tuple[int, int]:
         prev, ch = self._previous, self.changes
@@ -174,6 +181,16 @@ class Assembler:
         """Yield the refs that need tagging; queue every decision, reuse runs merged into one entry."""
         run_source, run_start, run_count = _TAG, 0, 0
         for ref in refs:
+            if ref.unlistable is not None:
+                # Its error row, then the previous rows beneath it as they were (they sort right after 'sub/').
+                if run_count:
+                    self._queue.append((run_source, run_start, run_count))
+                    run_count = 0
+                self.unlistable += 1
+                self._queue.append((_TAG, 0, 1))
+                self._queue.extend((_PREVIOUS, start, count) for start, count in self._keep_beneath(ref.path))
+                yield ref
+                continue
             source, row = self._decide(ref)
             if source != _TAG and source == run_source and row == run_start + run_count:
                 run_count += 1
@@ -189,6 +206,34 @@ class Assembler:
         if run_count:
             self._queue.append((run_source, run_start, run_count))
         self._planned.set()
+
+    def _keep_beneath(self, folder: str) -> Iterator[tuple[int, int]]:
+        """(first row, count): runs of the previous output's rows under `folder` ('sub/'), in path order; they are
+        marked kept and counted unreadable. Its own earlier error row ('sub/') is replaced, not kept."""
+        prev, ch = self._previous, self.changes
+        if prev is None or ch is None:
+            return
+        if self._sorted_paths is None:  # built once, at the first folder that could not be listed
+            paths = prev.reader.keys().column("path")
+            order = pc.sort_indices(paths)  # stable: a path listed twice keeps its rows' order
+            self._sorted_paths = (paths.take(order).to_pylist(), order.to_numpy())
+        paths, order = self._sorted_paths
+        lo = bisect.bisect_left(paths, folder)
+        hi = bisect.bisect_left(paths, folder[:-1] + "0", lo)  # '0' follows '/': the end of paths under folder
+        self._matched[order[lo:hi]] = True
+        if lo < hi and paths[lo] == folder:
+            lo += 1
+        rows = order[lo:hi]
+        ch.unreadable += len(rows)
+        if not prev.reuse:
+            if len(rows):
+                log.warning("%d rows under %s come from another model or options: not kept", len(rows), folder)
+            return
+        start = 0
+        for i in range(1, len(rows) + 1):
+            if i == len(rows) or rows[i] != rows[i - 1] + 1:
+                yield int(rows[start]), i - start
+                start = i
 
     def write_tagged(self, table: pa.Table) -> None:
         """Write the rows of one tagged batch, after the reused rows that precede each of them."""

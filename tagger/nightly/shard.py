@@ -176,7 +176,8 @@ def merge_shards(out: str | os.PathLike[str], shard_files: Sequence[str | os.Pat
         tagged = sum(int(i.metadata.get(out_schema.META_TAGGED, i.metadata.get(out_schema.META_FILES, "0"))) for i in infos)
         reused = sum(int(i.metadata.get(out_schema.META_REUSED, "0")) for i in infos)
         resumed = sum(int(i.metadata.get(out_schema.META_RESUMED, "0")) for i in infos)
-        writer.commit(out_schema.closing_metadata(files, ok, tagged, reused, resumed))
+        unlistable = sum(int(i.metadata.get(out_schema.META_UNLISTABLE, "0")) for i in infos)
+        writer.commit(out_schema.closing_metadata(files, ok, tagged, reused, resumed, unlistable=unlistable))
     log.info("merged %d shards into %s: %d files", len(infos), out, files)
     return MergeSummary(out, len(infos), files, ok, files - ok)
 

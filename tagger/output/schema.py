@@ -28,7 +28,8 @@ META_ERRORS = "tagger.run.errors"
 META_TAGGED = "tagger.run.tagged"  # rows decoded and inferred by this run (the rest were reused)
 META_REUSED = "tagger.run.reused"  # rows copied from the previous output (--incremental)
 META_RESUMED = "tagger.run.resumed"  # rows taken from an interrupted run's committed parts
-META_CHANGES = "tagger.run.changes"  # JSON: new, changed, unchanged, removed, retried, failed (--incremental)
+META_CHANGES = "tagger.run.changes"  # JSON: new, changed, unchanged, removed, retried, failed, ... (--incremental)
+META_UNLISTABLE = "tagger.run.unlistable"  # folders that could not be listed (each has an error row 'sub/')
 # What the rows mean besides the model: a rerun may reuse rows only when these agree (tagger.output.reader).
 META_CATALOG = "tagger.output.catalog"  # absolute catalog folder
 META_OPTIONS = "tagger.output.options"  # JSON: top_k, max_pixels, extensions, files_from
@@ -128,7 +129,13 @@ def count_ok(table: pa.Table) -> int:
 
 
 def closing_metadata(
-    files: int, ok: int, tagged: int, reused: int = 0, resumed: int = 0, changes: Mapping[str, int] | None = None
+    files: int,
+    ok: int,
+    tagged: int,
+    reused: int = 0,
+    resumed: int = 0,
+    changes: Mapping[str, int] | None = None,
+    unlistable: int = 0,
 ) -> dict[str, str]:
     """The keys written when an output is complete: end time and what its rows are and where they came from."""
     meta = {
@@ -139,6 +146,7 @@ def closing_metadata(
         META_TAGGED: str(tagged),
         META_REUSED: str(reused),
         META_RESUMED: str(resumed),
+        META_UNLISTABLE: str(unlistable),
     }
     if changes is not None:
         meta[META_CHANGES] = json.dumps(dict(changes))

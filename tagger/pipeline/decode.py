@@ -257,7 +257,12 @@ def load_image(path: str | os.PathLike[str], spec: PreprocessSpec, max_pixels: i
 def decode_one(
     src: Source, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS, index: int = 0
 ) -> DecodeResult:
-    """Decode one file into the model's input (uint8 [S, S, 3]); a bad file becomes a Failure, never an exception."""
+    """Decode one file into the model's input (uint8 [S, S, 3]); a bad file becomes a Failure, never an exception.
+
+    A ref of a folder that could not be listed becomes its Failure without opening anything.
+    """
+    if isinstance(src, ImageRef) and src.unlistable is not None:
+        return Failure(index, src.unlistable)
     path = src.abspath if isinstance(src, ImageRef) else src
     try:
         img, w, h = load_image(path, spec, max_pixels)
@@ -404,7 +409,7 @@ def _shared_file(nbytes: int) -> tuple[str, mmap.mmap]:
 
 
 def _decode_into(
-    arena: str, offset: int, shape: tuple[int, int, int, int], srcs: Sequence[str], spec: PreprocessSpec,
+    arena: str, offset: int, shape: tuple[int, int, int, int], srcs: Sequence[Source], spec: PreprocessSpec,
     max_pixels: int, start: int,
 ) -> tuple[list[tuple[int, int, int] | tuple[int, str]], float]:
     """Worker side of decode_stream: decode srcs straight into one arena slot; return only the metadata."""
@@ -471,6 +476,12 @@ class _Job:
     isolate: bool = False  # lost twice: decode it in processes of its own to find the file that kills them
 
 
+def _sources(chunk: Sequence[ImageRef]) -> list[Source]:
+    """What workers decode: a name crosses the pipe more cheaply than a ref; an unlistable folder's ref carries its
+    error."""
+    return [r.abspath if r.unlistable is None else r for r in chunk]
+
+
 class _Decoders:
     """decode_stream's pool of workers, its arena, and the chunks in flight, in input order.
 
@@ -502,7 +513,7 @@ class _Decoders:
     def _send(self, job: _Job) -> None:
         args = (
             self.arena.path, job.slot * self.arena.slot_bytes, (len(job.chunk), *self.arena.shape[1:]),
-            [r.abspath for r in job.chunk], self.spec, self.max_pixels, job.start,
+            _sources(job.chunk), self.spec, self.max_pixels, job.start,
         )  # fmt: skip
         try:
             job.future = self._pool.submit(_decode_into, *args)
@@ -560,7 +571,7 @@ class _Decoders:
             if other.future is not None:
                 with contextlib.suppress(BrokenProcessPool):
                     other.future.exception()
-        paths = [r.abspath for r in job.chunk]
+        paths = _sources(job.chunk)
         results: list[DecodeResult] = []
         todo = [(0, len(paths))]  # pieces of the chunk still to decode, the next one last
         while todo:
@@ -587,7 +598,7 @@ class _Decoders:
                 meta.append((r.index, r.error))
         return meta, time.perf_counter() - t0
 
-    def _alone(self, paths: list[str], start: int) -> DecodedBatch | str:
+    def _alone(self, paths: list[Source], start: int) -> DecodedBatch | str:
         """paths decoded in a process of its own, or how that process ended when it died ('SIGSEGV', 'exit code 3')."""
         receive, send = self._ctx.Pipe(duplex=False)
         memory = DecodeMemory(self.decode_memory)  # referenced here until the child has it: start() drops its args

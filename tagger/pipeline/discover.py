@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tagger.errors import TaggerError, UsageError
+from tagger.errors import TaggerError, UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -23,16 +23,31 @@ MISSING_SIZE = -1  # ImageRef.size of a listed file that could not be stat'ed; i
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One file to tag. `path` is relative to the catalog root, posix style (absolute when listed outside it)."""
+    """One file to tag. `path` is relative to the catalog root, posix style (absolute when listed outside it), as
+    path_text writes it; abspath is the real name (os.fsdecode'd: undecodable bytes kept as surrogates).
+
+    A folder that could not be listed is a ref too: path 'sub/', `unlistable` the reason, which decode turns into its
+    error row without opening anything.
+    """
 
     path: str
     abspath: str
     size: int  # bytes; MISSING_SIZE when the file could not be stat'ed
     mtime: float  # seconds since the epoch (os.stat's st_mtime); NaN when missing
+    unlistable: str | None = None  # a folder that could not be listed: why, one line
 
     @property
     def missing(self) -> bool:
         return self.size == MISSING_SIZE
+
+
+def path_text(name: str) -> str:
+    """An os name (str, undecodable bytes as surrogateescape's surrogates) as the text of a row's path: each
+    undecodable byte written as the four characters \\xNN. Valid UTF-8 names are unchanged; the text is the same
+    on every run, so rows, incremental reuse and shard hashes stay stable."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def parse_extensions(text: str | Iterable[str]) -> frozenset[str]:
@@ -57,42 +72,35 @@ def discover(root: str | os.PathLike[str], extensions: Iterable[str] = DEFAULT_E
 
     Hidden files and folders (name starting with '.') are skipped. Symlinked folders are followed once: a folder
     already being walked (a loop) or already walked through another link is skipped, so no file appears twice.
-    Unreadable folders are logged and skipped. A generator: millions of files stream without being listed first.
+    A folder that cannot be listed (permissions, a path too long, an I/O error) yields one ref with `unlistable`
+    set, never a silent drop; the root itself is a TaggerError. A generator: millions of files stream without being
+    listed first; the walk keeps a stack, not recursion, so any depth works.
     """
     root_path = Path(root)
     if not root_path.is_dir():
         raise TaggerError(f"catalog {root} is not a folder")
     exts = frozenset(e.lower().lstrip(".") for e in extensions)
     seen: set[tuple[int, int]] = set()
-    yield from _walk(str(root_path), "", exts, seen)
-
-
-def _walk(abs_dir: str, rel_dir: str, exts: frozenset[str], seen: set[tuple[int, int]]) -> Iterator[ImageRef]:
     try:
-        st = os.stat(abs_dir)
-        key = (st.st_dev, st.st_ino)
-        if key in seen:
-            log.warning("skipping %s: folder already walked (symlink loop or duplicate link)", abs_dir)
-            return
-        seen.add(key)
-        with os.scandir(abs_dir) as it:
-            entries = [e for e in it if not e.name.startswith(".")]
+        top = _listing(str(root_path), "", seen)
     except OSError as e:
-        log.warning("skipping unreadable folder %s: %s", abs_dir, e)
-        return
-    # A folder sorts as name + '/', which makes the depth-first walk emit paths in global string order.
-    keyed: list[tuple[str, os.DirEntry[str], bool]] = []
-    for entry in entries:
-        try:
-            is_dir = entry.is_dir()  # follows symlinks
-        except OSError:
-            is_dir = False
-        keyed.append((entry.name + "/" if is_dir else entry.name, entry, is_dir))
-    keyed.sort(key=lambda k: k[0])
-    for _, entry, is_dir in keyed:
-        rel = f"{rel_dir}{entry.name}"
+        raise TaggerError(f"cannot list catalog {root}: {one_line(e)}") from None
+    stack: list[Iterator[tuple[str, os.DirEntry[str], bool]]] = [iter(top or [])]  # one listing per open folder
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        rel, entry, is_dir = item
         if is_dir:
-            yield from _walk(entry.path, rel + "/", exts, seen)
+            try:
+                listing = _listing(entry.path, rel + "/", seen)
+            except OSError as e:
+                log.warning("cannot list folder %s/: %s", rel, one_line(e))
+                yield ImageRef(rel + "/", entry.path, MISSING_SIZE, float("nan"), one_line(e, named=True))
+                continue
+            if listing is not None:
+                stack.append(iter(listing))
             continue
         ext = entry.name.rsplit(".", 1)[-1].lower() if "." in entry.name else ""
         if ext not in exts:
@@ -106,6 +114,32 @@ def _walk(abs_dir: str, rel_dir: str, exts: frozenset[str], seen: set[tuple[int,
             yield ImageRef(rel, entry.path, est.st_size, est.st_mtime)
 
 
+def _listing(
+    abs_dir: str, rel_dir: str, seen: set[tuple[int, int]]
+) -> list[tuple[str, os.DirEntry[str], bool]] | None:
+    """(relative path, entry, is a folder) of a folder's visible entries in walk order; None when the folder was
+    walked already. Raises OSError when it cannot be listed."""
+    st = os.stat(abs_dir)
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        log.warning("skipping %s: folder already walked (symlink loop or duplicate link)", abs_dir)
+        return None
+    seen.add(key)
+    with os.scandir(abs_dir) as it:
+        entries = [e for e in it if not e.name.startswith(".")]
+    # A folder sorts as name + '/', which makes the depth-first walk emit paths in global string order.
+    keyed: list[tuple[str, str, os.DirEntry[str], bool]] = []
+    for entry in entries:
+        try:
+            is_dir = entry.is_dir()  # follows symlinks
+        except OSError:
+            is_dir = False
+        name = path_text(entry.name)
+        keyed.append((name + "/" if is_dir else name, name, entry, is_dir))
+    keyed.sort(key=lambda k: k[0])
+    return [(rel_dir + name, entry, is_dir) for _, name, entry, is_dir in keyed]
+
+
 def refs_from_list(root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> Iterator[ImageRef]:
     """Yield one ImageRef per line of `list_file` (paths relative to `root`, or absolute), in the listed order.
 
@@ -117,16 +151,16 @@ def refs_from_list(root: str | os.PathLike[str], list_file: str | os.PathLike[st
     if not root_path.is_dir():
         raise TaggerError(f"catalog {root} is not a folder")
     try:
-        f = open(list_file, encoding="utf-8")
+        f = open(list_file, "rb")  # bytes: a name need not be UTF-8
     except OSError as e:
         raise TaggerError(f"cannot read --files-from {list_file}: {e.strerror or e}") from None
     root_abs = os.path.abspath(root_path)
     with f:
         for line in f:
-            name = line.rstrip("\r\n")
+            name = os.fsdecode(line.rstrip(b"\r\n"))
             if not name.strip():
                 continue
             abspath = os.path.normpath(os.path.join(root_abs, name))  # join keeps `name` when it is absolute
             rel = os.path.relpath(abspath, root_abs)
             outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
-            yield _ref(Path(abspath if outside else rel).as_posix(), abspath)
+            yield _ref(path_text(Path(abspath if outside else rel).as_posix()), abspath)
