@@ -23,6 +23,7 @@ from tagger.contract import (
     META_VERSION,
     PreprocessSpec,
     TaskSpec,
+    check_task_names,
     tasks_from_json,
 )
 from tagger.errors import TaggerError
@@ -139,6 +140,10 @@ def model_info_from_session(session: "ort.InferenceSession", path: str | os.Path
     ):
         raise TaggerError(f"{path} has malformed tagger metadata: {META_TASKS} must map each task to its labels")
     tasks = tasks_from_json(meta[META_TASKS])
+    try:
+        check_task_names(t.name for t in tasks)
+    except ValueError as e:
+        raise TaggerError(f"{path} has unusable tagger metadata: {e}") from None
     try:
         preprocess = PreprocessSpec.from_dict(raw_preprocess)
     except (AttributeError, KeyError, TypeError, ValueError) as e:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from tagger.errors import TaggerError, UsageError
+from tagger.storage import same_file
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +95,7 @@ def _walk(abs_dir: str, rel_dir: str, exts: frozenset[str], seen: set[tuple[int,
         if is_dir:
             yield from _walk(entry.path, rel + "/", exts, seen)
             continue
-        ext = entry.name.rsplit(".", 1)[-1].lower() if "." in entry.name else ""
-        if ext not in exts:
+        if _extension(entry.name) not in exts:
             continue
         try:
             est = entry.stat()
@@ -113,6 +113,12 @@ def refs_from_list(root: str | os.PathLike[str], list_file: str | os.PathLike[st
     MISSING_SIZE) so it becomes an error row rather than a silent drop. Blank lines are skipped; a path listed twice
     gives two rows (no set of seen paths, so memory stays flat on lists of millions).
     """
+    for path, abspath in _listed(root, list_file):
+        yield _ref(path, abspath)
+
+
+def _listed(root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
+    """(path as a row names it, absolute path) per line of `list_file`."""
     root_path = Path(root)
     if not root_path.is_dir():
         raise TaggerError(f"catalog {root} is not a folder")
@@ -129,4 +135,27 @@ def refs_from_list(root: str | os.PathLike[str], list_file: str | os.PathLike[st
             abspath = os.path.normpath(os.path.join(root_abs, name))  # join keeps `name` when it is absolute
             rel = os.path.relpath(abspath, root_abs)
             outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
-            yield _ref(Path(abspath if outside else rel).as_posix(), abspath)
+            yield Path(abspath if outside else rel).as_posix(), abspath
+
+
+def _extension(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def walk_would_list(root: str | os.PathLike[str], path: str | os.PathLike[str], extensions: Iterable[str]) -> bool:
+    """Whether discover(root, extensions) lists `path`, existing or not: inside root (links resolved), no hidden
+    name on the way, a listed extension. Folders linked in from outside root are not followed here."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or rel == os.curdir:
+        return False
+    exts = frozenset(e.lower().lstrip(".") for e in extensions)
+    return not any(part.startswith(".") for part in Path(rel).parts) and _extension(Path(rel).name) in exts
+
+
+def list_names(root: str | os.PathLike[str], list_file: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
+    """Whether `list_file` (as refs_from_list reads it) names `path`, directly or through a link. One pass over the
+    list with a string compare per line; only lines ending in the same file name are resolved."""
+    names = {os.path.basename(os.path.abspath(path)), os.path.basename(os.path.realpath(path))}
+    return any(
+        os.path.basename(abspath) in names and same_file(abspath, path) for _, abspath in _listed(root, list_file)
+    )
