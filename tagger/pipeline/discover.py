@@ -113,12 +113,15 @@ def refs_from_list(root: str | os.PathLike[str], list_file: str | os.PathLike[st
     MISSING_SIZE) so it becomes an error row rather than a silent drop. Blank lines are skipped; a path listed twice
     gives two rows (no set of seen paths, so memory stays flat on lists of millions).
     """
-    for path, abspath in _listed(root, list_file):
-        yield _ref(path, abspath)
+    root_abs = os.path.abspath(root)
+    for abspath in _listed(root, list_file):
+        rel = os.path.relpath(abspath, root_abs)
+        outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
+        yield _ref(Path(abspath if outside else rel).as_posix(), abspath)
 
 
-def _listed(root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> Iterator[tuple[str, str]]:
-    """(path as a row names it, absolute path) per line of `list_file`."""
+def _listed(root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> Iterator[str]:
+    """The absolute path of each line of `list_file`."""
     root_path = Path(root)
     if not root_path.is_dir():
         raise TaggerError(f"catalog {root} is not a folder")
@@ -130,12 +133,8 @@ def _listed(root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> 
     with f:
         for line in f:
             name = line.rstrip("\r\n")
-            if not name.strip():
-                continue
-            abspath = os.path.normpath(os.path.join(root_abs, name))  # join keeps `name` when it is absolute
-            rel = os.path.relpath(abspath, root_abs)
-            outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
-            yield Path(abspath if outside else rel).as_posix(), abspath
+            if name.strip():
+                yield os.path.normpath(os.path.join(root_abs, name))  # join keeps `name` when it is absolute
 
 
 def _extension(name: str) -> str:
@@ -157,5 +156,5 @@ def list_names(root: str | os.PathLike[str], list_file: str | os.PathLike[str], 
     list with a string compare per line; only lines ending in the same file name are resolved."""
     names = {os.path.basename(os.path.abspath(path)), os.path.basename(os.path.realpath(path))}
     return any(
-        os.path.basename(abspath) in names and same_file(abspath, path) for _, abspath in _listed(root, list_file)
+        os.path.basename(abspath) in names and same_file(abspath, path) for abspath in _listed(root, list_file)
     )
