@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 # Bumped whenever the ONNX input/output layout or metadata meaning changes; the runtime refuses other versions.
 FORMAT_VERSION = 1
@@ -17,6 +17,10 @@ META_PREPROCESS = "tagger.preprocess"
 META_MODEL = "tagger.model"
 META_VERSION = "tagger.version"
 META_FORMAT = "tagger.format"
+
+# Output columns of `tagger run` besides each task's own (tagger.output.schema): a task may not take these names.
+RESERVED_COLUMNS: frozenset[str] = frozenset({"path", "status", "error", "width", "height", "bytes", "mtime", "sha256"})
+TASK_COLUMN_SUFFIXES = ("", "_score", "_topk")  # the output columns of task t: t, t_score, t_topk (with --top-k)
 
 # Default tasks: task name -> styles.csv column.
 DEFAULT_TASKS: Mapping[str, str] = {"class": "articleType", "color": "baseColour"}
@@ -75,6 +79,21 @@ class TaskSpec:
     @property
     def output(self) -> str:
         return output_name(self.name)
+
+
+def check_task_names(names: Iterable[str]) -> None:
+    """ValueError unless every task gets output columns of its own: a non-empty name, none of RESERVED_COLUMNS,
+    and no column of one task named like a column of another (task `a_score` next to task `a`)."""
+    owner: dict[str, str] = {}
+    for name in names:
+        if not name:
+            raise ValueError("a task has an empty name")
+        if name in RESERVED_COLUMNS:
+            raise ValueError(f"task {name!r} has the name of an output column ({', '.join(sorted(RESERVED_COLUMNS))})")
+        for column in (name + suffix for suffix in TASK_COLUMN_SUFFIXES):
+            if column in owner:
+                raise ValueError(f"tasks {owner[column]!r} and {name!r} both need an output column {column!r}")
+            owner[column] = name
 
 
 def tasks_to_json(tasks: tuple[TaskSpec, ...]) -> str:

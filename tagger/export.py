@@ -37,6 +37,7 @@ from tagger.contract import (
     META_VERSION,
     PreprocessSpec,
     TaskSpec,
+    check_task_names,
     tasks_to_json,
 )
 from tagger.errors import TaggerError
@@ -179,6 +180,10 @@ def _load(ckpt_path: Path) -> LoadedCheckpoint:
         raise TaggerError(f"{ckpt_path} is not a usable tagger checkpoint: {reason}") from None
     if not ckpt.tasks or any(not t.labels for t in ckpt.tasks):
         raise TaggerError(f"{ckpt_path} has a task without labels")
+    try:
+        check_task_names(t.name for t in ckpt.tasks)
+    except ValueError as e:
+        raise TaggerError(f"{ckpt_path} has unusable tasks: {e}") from None
     return ckpt
 
 

@@ -16,8 +16,21 @@ def check_destination(out: Path, source: Path, source_kind: str = "model") -> No
     """TaggerError unless a file derived from `source` may be written at `out`: not a folder, not `source` itself."""
     if out.is_dir():
         raise TaggerError(f"output {out} is a directory; give a file name such as {out / 'model.onnx'}")
-    if out.exists() and out.resolve() == source.resolve():
+    check_not_input(out, source, source_kind)
+
+
+def check_not_input(out: Path, source: Path, source_kind: str) -> None:
+    """TaggerError when `out` is the file `source` (by any name: links, relative paths): writing would destroy it."""
+    if same_file(out, source):
         raise TaggerError(f"output {out} is the {source_kind} itself; choose another name")
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file: the same inode when both exist (hard links too), else the same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _umask() -> int:
@@ -116,6 +129,7 @@ def publish_bytes(out: str | os.PathLike[str], data: bytes, tmp_dir: str | os.Pa
 
 __all__ = [
     "check_destination",
+    "check_not_input",
     "discard",
     "fsync_dir",
     "publish",
@@ -123,4 +137,5 @@ __all__ = [
     "publishing",
     "reserve_temp",
     "reserve_temp_dir",
+    "same_file",
 ]

@@ -204,6 +204,42 @@ def test_cli_ray_options_need_engine_ray(catalog: tuple[Path, dict[str, str]], t
     assert result.exit_code == 2 and "need --engine ray" in result.output
 
 
+def test_an_output_that_is_an_input_is_refused_before_ray_starts(contract_onnx: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'tagger[ray]'")
+    pytest.importorskip("ray.data", reason="needs Ray Data: pip install 'tagger[ray]'")
+    root = tmp_path / "cat"
+    root.mkdir()
+    quadrant_image(40, 30).save(root / "a.jpg")
+    model = tmp_path / "m.onnx"
+    model.write_bytes(contract_onnx.read_bytes())
+    before = {p: p.read_bytes() for p in (root / "a.jpg", model)}
+    was_running = ray.is_initialized()
+    for out, message in ((root / "a.jpg", "that the run tags"), (model, "is the model itself")):
+        args = ["run", str(root), "--out", str(out), "--model", str(model), "--engine", "ray"]
+        result = CliRunner().invoke(main, args)
+        lines = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+        assert result.exit_code == TaggerError.exit_code and len(lines) == 1 and message in lines[0], result.output
+    assert ray.is_initialized() == was_running  # refused before Ray was started or joined
+    assert {p: p.read_bytes() for p in before} == before and sorted(os.listdir(root)) == ["a.jpg"]
+
+
+def test_folder_output_has_the_modes_a_file_output_gets(ray_local: Any, contract_onnx: Path, tmp_path: Path) -> None:
+    root = tmp_path / "cat"
+    root.mkdir()
+    for i in range(3):
+        quadrant_image(40 + i, 30).save(root / f"p{i}.jpg")
+    saved = os.umask(0o022)
+    try:
+        folder, file = tmp_path / "parts", tmp_path / "tags.parquet"
+        _run_ray(RunConfig(root, folder, model=contract_onnx, device="cpu", progress=False), rows_per_part=2)
+        run(RunConfig(root, file, model=contract_onnx, device="cpu", workers=0))
+    finally:
+        os.umask(saved)
+    parts = sorted(folder.iterdir())
+    assert len(parts) == 2 and oct(folder.stat().st_mode & 0o777) == "0o755"  # not mkdtemp's 0o700
+    assert {oct(p.stat().st_mode & 0o777) for p in [*parts, file]} == {"0o644"}
+
+
 def test_without_ray_the_cli_says_how_to_install_it(catalog: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     out = tmp_path / "noray.parquet"
     code = (

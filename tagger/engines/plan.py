@@ -13,7 +13,7 @@ from typing import Iterator, Mapping
 from tagger import __version__
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError, UsageError
-from tagger.model.registry import is_shipped_name
+from tagger.model.registry import is_shipped_name, resolve_model
 from tagger.nightly.assemble import Changes
 from tagger.nightly.shard import Shard
 from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
@@ -21,8 +21,17 @@ from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
 from tagger.pipeline.compose import check_stage_options
 from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_PIXELS
-from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, discover, path_text, refs_from_list
+from tagger.pipeline.discover import (
+    DEFAULT_EXTENSIONS,
+    ImageRef,
+    discover,
+    list_names,
+    path_text,
+    refs_from_list,
+    walk_would_list,
+)
 from tagger.pipeline.session import Session
+from tagger.storage import check_not_input
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +156,27 @@ def list_refs(config: RunConfig) -> Iterator[ImageRef]:
     return listed if shard is None else (r for r in listed if shard.holds(r.path))
 
 
+def check_out_is_no_input(config: RunConfig) -> None:
+    """TaggerError when --out names a file the run reads: the model, the --files-from list, or a file the run tags
+    (listed, or walked: inside the catalog with a tagged extension). Other files inside the catalog are fine."""
+    out = config.out
+    try:
+        model: Path | None = resolve_model(config.model)
+    except TaggerError:  # a shipped model that is not installed: opening the session says so
+        model = None
+    if model is not None:
+        check_not_input(out, model, "model")
+    if config.files_from is not None:
+        check_not_input(out, config.files_from, "--files-from list")
+        if list_names(config.catalog, config.files_from, out):
+            raise TaggerError(f"output {out} is listed in {config.files_from} as a file to tag; choose another name")
+    elif config.catalog.is_dir() and walk_would_list(config.catalog, out, config.extensions):
+        raise TaggerError(
+            f"output {out} is a file of the catalog {config.catalog} that the run tags (an image extension); "
+            "choose another name"
+        )
+
+
 def run_identity(config: RunConfig, model_sha256: str) -> RunIdentity:
     """What the rows depend on besides each file: model, catalog and row-shaping options."""
     listed = config.files_from is not None
@@ -169,6 +199,7 @@ class RunPlan:
         self.t_start = time.perf_counter()
         self.started = s.now()
         self.config = config
+        check_out_is_no_input(config)
         self.refs = list_refs(config)
 
     def identity(self, facts: ModelFacts) -> RunIdentity:
@@ -215,4 +246,13 @@ def model_argument(model: str | os.PathLike[str] | None) -> str | None:
     return os.path.abspath(model)
 
 
-__all__ = ["ModelFacts", "RunConfig", "RunPlan", "RunSummary", "list_refs", "model_argument", "run_identity"]
+__all__ = [
+    "ModelFacts",
+    "RunConfig",
+    "RunPlan",
+    "RunSummary",
+    "check_out_is_no_input",
+    "list_refs",
+    "model_argument",
+    "run_identity",
+]

@@ -313,9 +313,9 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     options = options or RayOptions()
     if config.incremental or config.resume:
         raise UsageError("--incremental and --resume work with --engine local only")
-    _check_out(config.out)
     config = dataclasses.replace(config, catalog=Path(os.path.abspath(config.catalog)))
-    plan = RunPlan(config)
+    plan = RunPlan(config)  # first: an --out that is an input is refused as such, whatever its shape
+    _check_out(config.out)
     # The whole listing goes into the driver's memory (~200 bytes a file); see the README for larger catalogs.
     refs = list(plan.refs)
     model = model_argument(config.model)

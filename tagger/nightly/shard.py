@@ -21,6 +21,7 @@ from tagger.errors import TaggerError, UsageError
 from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info
 from tagger.output.writer import ResultWriter
+from tagger.storage import same_file
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _check_out(out: Path, shard_files: Sequence[str | os.PathLike[str]]) -> None
     usage = "OUT comes first: tagger merge OUT.parquet SHARD.parquet..."
     if not out.exists():
         return
-    if any(Path(p).exists() and os.path.samefile(out, p) for p in shard_files):
+    if any(same_file(out, p) for p in shard_files):
         raise TaggerError(f"output {out} is one of the shards to merge; {usage}")
     try:
         shard = read_output_info(out).identity.shard

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from tagger.errors import TaggerError, UsageError, one_line
+from tagger.storage import same_file
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ def discover(root: str | os.PathLike[str], extensions: Iterable[str] = DEFAULT_E
             if listing is not None:
                 stack.append(iter(listing))
             continue
-        ext = entry.name.rsplit(".", 1)[-1].lower() if "." in entry.name else ""
-        if ext not in exts:
+        if _extension(entry.name) not in exts:
             continue
         try:
             est = entry.stat()
@@ -147,20 +147,48 @@ def refs_from_list(root: str | os.PathLike[str], list_file: str | os.PathLike[st
     MISSING_SIZE) so it becomes an error row rather than a silent drop. Blank lines are skipped; a path listed twice
     gives two rows (no set of seen paths, so memory stays flat on lists of millions).
     """
+    root_abs = os.path.abspath(root)
+    for abspath in _listed(root, list_file):
+        rel = os.path.relpath(abspath, root_abs)
+        outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
+        yield _ref(path_text(Path(abspath if outside else rel).as_posix()), abspath)
+
+
+def _listed(root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> Iterator[str]:
+    """The absolute path of each line of `list_file` (os.fsdecode'd: a name need not be UTF-8)."""
     root_path = Path(root)
     if not root_path.is_dir():
         raise TaggerError(f"catalog {root} is not a folder")
     try:
-        f = open(list_file, "rb")  # bytes: a name need not be UTF-8
+        f = open(list_file, "rb")
     except OSError as e:
-        raise TaggerError(f"cannot read --files-from {list_file}: {e.strerror or e}") from None
+        raise TaggerError(f"cannot read --files-from {list_file}: {one_line(e)}") from None
     root_abs = os.path.abspath(root_path)
     with f:
         for line in f:
             name = os.fsdecode(line.rstrip(b"\r\n"))
-            if not name.strip():
-                continue
-            abspath = os.path.normpath(os.path.join(root_abs, name))  # join keeps `name` when it is absolute
-            rel = os.path.relpath(abspath, root_abs)
-            outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
-            yield _ref(path_text(Path(abspath if outside else rel).as_posix()), abspath)
+            if name.strip():
+                yield os.path.normpath(os.path.join(root_abs, name))  # join keeps `name` when it is absolute
+
+
+def _extension(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def walk_would_list(root: str | os.PathLike[str], path: str | os.PathLike[str], extensions: Iterable[str]) -> bool:
+    """Whether discover(root, extensions) lists `path`, existing or not: inside root (links resolved), no hidden
+    name on the way, a listed extension. Folders linked in from outside root are not followed here."""
+    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or rel == os.curdir:
+        return False
+    exts = frozenset(e.lower().lstrip(".") for e in extensions)
+    return not any(part.startswith(".") for part in Path(rel).parts) and _extension(Path(rel).name) in exts
+
+
+def list_names(root: str | os.PathLike[str], list_file: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
+    """Whether `list_file` (as refs_from_list reads it) names `path`, directly or through a link. One pass over the
+    list with a string compare per line; only lines ending in the same file name are resolved."""
+    names = {os.path.basename(os.path.abspath(path)), os.path.basename(os.path.realpath(path))}
+    return any(
+        os.path.basename(abspath) in names and same_file(abspath, path) for abspath in _listed(root, list_file)
+    )

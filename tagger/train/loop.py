@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from tagger.contract import DEFAULT_TASKS, PreprocessSpec, TaskSpec
+from tagger.contract import DEFAULT_TASKS, PreprocessSpec, TaskSpec, check_task_names
 from tagger.errors import TaggerError
 from tagger.metrics import IGNORE, summarize
 from tagger.storage import publish_bytes, publishing
@@ -227,6 +227,10 @@ def fit(cfg: TrainConfig) -> Path:
     _seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     task_columns = dict(cfg.tasks)
+    try:
+        check_task_names(task_columns)
+    except ValueError as e:
+        raise TaggerError(f"--task: {e}") from None
     task_weights = {t: 1.0 for t in task_columns}
     for name, w in cfg.task_weights:
         if name not in task_weights:
