@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import signal
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -120,14 +121,14 @@ def _to_rgb(img: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image:
 
 
 @contextlib.contextmanager
-def _pillow_limit(max_pixels: int) -> Iterator[None]:
-    """Pillow's own bomb guard at our limit while a header is read, its setting restored after.
+def _pillow_limit() -> Iterator[None]:
+    """Pillow's own bomb guard lifted while load_image reads a file, its setting restored after.
 
-    Pillow warns above Image.MAX_IMAGE_PIXELS and refuses twice that; its default (89M) would refuse photos that
-    --max-pixels allows. The header check in load_image says why a file is refused, so Pillow's warning is muted.
+    Pillow warns above Image.MAX_IMAGE_PIXELS and refuses twice that, before load_image can check the header
+    against --max-pixels: its default (89M) would refuse photos that --max-pixels allows, with its own message.
     """
     saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = sys.maxsize  # load_image's header check is the guard meanwhile
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -238,7 +239,7 @@ def load_image(path: str | os.PathLike[str], spec: PreprocessSpec, max_pixels: i
     Returns (RGB image at least fitted-size on its long side, original width, original height as displayed).
     Raises what Pillow raises for a bad file, or DecompressionBombError above max_pixels.
     """
-    with _pillow_limit(max_pixels), Image.open(path) as img:
+    with _pillow_limit(), Image.open(path) as img:
         w, h = img.size
         if w * h > max_pixels:
             raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
