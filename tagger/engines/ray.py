@@ -88,7 +88,8 @@ def decode_rows(rows: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: i
     """Decode stage in a Ray task: decode_many on a batch of refs, its results added as columns.
 
     image: uint8 [n, S, S, 3], zeros on a failed row; error: '' on an ok row (a real error is never empty);
-    width/height: -1 on a failed row. Every row has the same shape, as Ray's tensor columns need.
+    width/height: -1 on a failed row; sha256: '' when the file could not be read. Every row has the same shape, as
+    Ray's tensor columns need.
     """
     decoded = decode_many(_refs_of(rows), spec, max_pixels)
     n, s = len(decoded.results), spec.size
@@ -96,12 +97,14 @@ def decode_rows(rows: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: i
     width = np.full(n, -1, np.int32)
     height = np.full(n, -1, np.int32)
     error = [""] * n
+    sha256 = [r.sha256 or "" for r in decoded.results]
     for i, r in enumerate(decoded.results):
         if isinstance(r, Sample):
             image[i], width[i], height[i] = r.array, r.width, r.height
         else:
             error[i] = r.error
-    return {**rows, "image": image, "width": width, "height": height, "error": np.array(error, dtype=object)}
+    columns = {"width": width, "height": height, "error": np.array(error, dtype=object)}
+    return {**rows, "image": image, **columns, "sha256": np.array(sha256, dtype=object)}
 
 
 def batch_of_rows(rows: Mapping[str, np.ndarray]) -> Batch:
@@ -111,11 +114,12 @@ def batch_of_rows(rows: Mapping[str, np.ndarray]) -> Batch:
     results: list[DecodeResult] = []
     k = 0
     for i, index in enumerate(rows[INDEX]):
+        digest = str(rows["sha256"][i]) or None
         if ok[i]:
-            results.append(Sample(int(index), images[k], int(rows["width"][i]), int(rows["height"][i])))
+            results.append(Sample(int(index), images[k], int(rows["width"][i]), int(rows["height"][i]), digest))
             k += 1
         else:
-            results.append(Failure(int(index), str(rows["error"][i])))
+            results.append(Failure(int(index), str(rows["error"][i]), digest))
     return Batch(tuple(_refs_of(rows)), tuple(results), images)
 
 
