@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tagger.contract import PreprocessSpec
 from tagger.errors import TaggerError, one_line
@@ -139,6 +139,14 @@ def _pillow_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = saved
 
 
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # Pillow's message names the in-memory buffer by its address; the row names the file.
+        raise UnidentifiedImageError("cannot identify image file") from None
+
+
 def load_image(
     src: bytes | str | os.PathLike[str], spec: PreprocessSpec, max_pixels: int
 ) -> tuple[Image.Image, int, int]:
@@ -149,7 +157,7 @@ def load_image(
     Raises what Pillow raises for a bad file, or DecompressionBombError above max_pixels.
     """
     data = src if isinstance(src, bytes) else read_file(src)
-    with _pillow_limit(max_pixels), Image.open(io.BytesIO(data)) as img:
+    with _pillow_limit(max_pixels), _open(data) as img:
         w, h = img.size
         if w * h > max_pixels:
             raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
