@@ -62,7 +62,9 @@ class RunConfig:
         if self.max_pixels < 1:
             raise UsageError(f"--max-pixels must be at least 1, got {self.max_pixels}")
         if (self.retry_errors or self.keep_stale_model or self.checksum) and not self.incremental:
-            flag = "--retry-errors" if self.retry_errors else "--keep-stale-model" if self.keep_stale_model else "--checksum"
+            flag = (
+                "--retry-errors" if self.retry_errors else "--keep-stale-model" if self.keep_stale_model else "--checksum"
+            )
             raise UsageError(f"{flag} only applies with --incremental")
         if self.commit_every < 0 or self.commit_seconds < 0:
             raise UsageError("--commit-every and --commit-seconds must be >= 0")

@@ -80,7 +80,9 @@ def load_previous(
     try:
         info = read_output_info(out)
     except TaggerError as e:
-        raise TaggerError(f"--incremental: {e}; left untouched (move it away, or run once without --incremental)") from None
+        raise TaggerError(
+            f"--incremental: {e}; left untouched (move it away, or run once without --incremental)"
+        ) from None
     old = info.identity
     reuse, stale = True, False
     if not old.same_options(identity):

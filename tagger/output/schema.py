@@ -38,8 +38,8 @@ TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]
 
 
 def output_schema(tasks: Sequence[TaskSpec], top_k: int = 0) -> pa.Schema:
-    """path | per task: <task> (dictionary label), <task>_score, [<task>_topk] | status, error, width, height, bytes, mtime,
-    sha256.
+    """path | per task: <task> (dictionary label), <task>_score, [<task>_topk] | status, error, width, height, bytes,
+    mtime, sha256.
 
     <task>_topk (only with top_k > 0): list of {label, score}, best first. width/height: the full-resolution image
     as displayed (after EXIF rotation), null on error. bytes: file size, null when the file is missing. mtime:
