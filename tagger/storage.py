@@ -1,15 +1,60 @@
-"""Where files live, and the one way tagger publishes a file: temp file beside it, fsync, rename, fsync the folder."""
+"""Where files live: the one way tagger reads a catalog file's bytes, and the one way it publishes a file (temp file
+beside it, fsync, rename, fsync the folder)."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
 from tagger.errors import TaggerError, one_line
+
+
+class NotARegularFile(OSError):
+    """A catalog path that names a FIFO, socket, device or folder: never read (a FIFO would block forever)."""
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _check_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+        raise NotARegularFile(f"{kind}, not a regular file")
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """The whole content of a catalog file; NotARegularFile (an OSError) for anything but a regular file.
+
+    Checked with stat before opening, and opened non-blocking and checked again on the descriptor, so a path swapped
+    for a FIFO in between cannot block either (a non-blocking open of a FIFO returns at once; a socket fails).
+    """
+    _check_regular(os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", buffering=0) as f:
+        _check_regular(os.fstat(fd).st_mode)
+        return f.readall()
+
+
+def sha256_hex(data: bytes) -> str:
+    """The digest tagger records for a file's bytes (the output's sha256 column): hex SHA-256."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256_hex of a catalog file's bytes, read by read_file (same errors)."""
+    return sha256_hex(read_file(path))
 
 
 def check_destination(out: Path, source: Path, source_kind: str = "model") -> None:
@@ -128,14 +173,18 @@ def publish_bytes(out: str | os.PathLike[str], data: bytes, tmp_dir: str | os.Pa
 
 
 __all__ = [
+    "NotARegularFile",
     "check_destination",
     "check_not_input",
     "discard",
+    "file_sha256",
     "fsync_dir",
     "publish",
     "publish_bytes",
     "publishing",
+    "read_file",
     "reserve_temp",
     "reserve_temp_dir",
     "same_file",
+    "sha256_hex",
 ]

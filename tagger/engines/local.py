@@ -47,7 +47,11 @@ def run(config: RunConfig) -> RunSummary:
     timer = StageTimer()
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
     with contextlib.ExitStack() as stack:
-        previous = load_previous(config.out, identity, tasks, config.keep_stale_model) if config.incremental else None
+        previous = (
+            load_previous(config.out, identity, tasks, config.keep_stale_model, config.checksum)
+            if config.incremental
+            else None
+        )
         if previous is not None:
             stack.callback(previous.close)
         work = stack.enter_context(
@@ -65,7 +69,9 @@ def run(config: RunConfig) -> RunSummary:
             ResultWriter(config.out, output_schema(tasks, top_k), plan.metadata(facts), tmp_dir=work.path)
         )
         parts = (work.rows, work.index) if work.rows is not None and work.index is not None else None
-        assembler = Assembler(writer, previous, parts, config.retry_errors, incremental=config.incremental)
+        assembler = Assembler(
+            writer, previous, parts, config.retry_errors, incremental=config.incremental, checksum=config.checksum
+        )
         batches = stack.enter_context(
             contextlib.closing(
                 decoded_batches(

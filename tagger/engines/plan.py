@@ -56,6 +56,7 @@ class RunConfig:
     incremental: bool = False  # reuse the rows of `out` for unchanged files (same path, size, mtime; same model)
     retry_errors: bool = False  # incremental: tag files with an error row again even when unchanged
     keep_stale_model: bool = False  # incremental: reuse rows that another model (with the same labels) wrote
+    checksum: bool = False  # incremental: also hash files of the same size and mtime; tag them again if bytes changed
     resume: bool = False  # reuse rows an interrupted run committed to OUT.work/ (incremental implies it)
     commit_every: int = DEFAULT_COMMIT_EVERY  # commit tagged rows to OUT.work/ every N images; 0: not by count
     commit_seconds: float = DEFAULT_COMMIT_SECONDS  # ... or every T seconds; 0: not by time (both 0: never)
@@ -72,8 +73,10 @@ class RunConfig:
             raise UsageError(f"--max-pixels must be at least 1, got {self.max_pixels}")
         if self.decode_memory < 1:
             raise UsageError(f"--decode-memory must be at least 1 byte, got {self.decode_memory}")
-        if (self.retry_errors or self.keep_stale_model) and not self.incremental:
-            flag = "--retry-errors" if self.retry_errors else "--keep-stale-model"
+        if (self.retry_errors or self.keep_stale_model or self.checksum) and not self.incremental:
+            flag = (
+                "--retry-errors" if self.retry_errors else "--keep-stale-model" if self.keep_stale_model else "--checksum"
+            )
             raise UsageError(f"{flag} only applies with --incremental")
         if self.commit_every < 0 or self.commit_seconds < 0:
             raise UsageError("--commit-every and --commit-seconds must be >= 0")

@@ -93,7 +93,8 @@ def decode_rows(
     tasks), so an image larger than the budget gets the local engine's error row.
 
     image: uint8 [n, S, S, 3], zeros on a failed row; error: '' on an ok row (a real error is never empty);
-    width/height: -1 on a failed row. Every row has the same shape, as Ray's tensor columns need.
+    width/height: -1 on a failed row; sha256: '' when the file could not be read. Every row has the same shape, as
+    Ray's tensor columns need.
     """
     decoded = decode_many(_refs_of(rows), spec, max_pixels, memory=DecodeMemory(decode_memory))
     n, s = len(decoded.results), spec.size
@@ -101,12 +102,14 @@ def decode_rows(
     width = np.full(n, -1, np.int32)
     height = np.full(n, -1, np.int32)
     error = [""] * n
+    sha256 = [r.sha256 or "" for r in decoded.results]
     for i, r in enumerate(decoded.results):
         if isinstance(r, Sample):
             image[i], width[i], height[i] = r.array, r.width, r.height
         else:
             error[i] = r.error
-    return {**rows, "image": image, "width": width, "height": height, "error": np.array(error, dtype=object)}
+    columns = {"width": width, "height": height, "error": np.array(error, dtype=object)}
+    return {**rows, "image": image, **columns, "sha256": np.array(sha256, dtype=object)}
 
 
 def batch_of_rows(rows: Mapping[str, np.ndarray]) -> Batch:
@@ -116,11 +119,12 @@ def batch_of_rows(rows: Mapping[str, np.ndarray]) -> Batch:
     results: list[DecodeResult] = []
     k = 0
     for i, index in enumerate(rows[INDEX]):
+        digest = str(rows["sha256"][i]) or None
         if ok[i]:
-            results.append(Sample(int(index), images[k], int(rows["width"][i]), int(rows["height"][i])))
+            results.append(Sample(int(index), images[k], int(rows["width"][i]), int(rows["height"][i]), digest))
             k += 1
         else:
-            results.append(Failure(int(index), str(rows["error"][i])))
+            results.append(Failure(int(index), str(rows["error"][i]), digest))
     return Batch(tuple(_refs_of(rows)), tuple(results), images)
 
 

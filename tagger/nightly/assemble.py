@@ -20,6 +20,7 @@ from tagger.output.reader import RowIndex, RowReader, read_output_info
 from tagger.output.schema import ROW_GROUP_SIZE, RunIdentity, count_ok
 from tagger.output.writer import ResultWriter
 from tagger.pipeline.discover import ImageRef
+from tagger.storage import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Changes:
     """What an incremental run found, file by file: each file is exactly one of new, changed, unchanged, retried,
     retagged, unreadable.
 
+    changed: another size or mtime, or (--checksum) the same ones but other bytes than the previous row's sha256.
     unchanged files keep their row; retagged: unchanged, but tagged again because another model or other options
     wrote the previous output. removed: rows of the previous output whose file is gone. failed: error rows among
     the files tagged this time (a folder that could not be listed included). unreadable: rows of the previous
@@ -70,9 +72,9 @@ class Previous:
 
 
 def load_previous(
-    out: Path, identity: RunIdentity, tasks: Sequence[TaskSpec], keep_stale_model: bool = False
+    out: Path, identity: RunIdentity, tasks: Sequence[TaskSpec], keep_stale_model: bool = False, checksums: bool = False
 ) -> Previous | None:
-    """Open the output of the previous run for reuse, or None when there is none.
+    """Open the output of the previous run for reuse, or None when there is none; checksums: index its sha256 too.
 
     An output that is not a tagger output of this format is refused (TaggerError) and left untouched. One written
     by another model is only used to count changes (everything is tagged again), unless keep_stale_model.
@@ -83,7 +85,9 @@ def load_previous(
     try:
         info = read_output_info(out)
     except TaggerError as e:
-        raise TaggerError(f"--incremental: {e}; left untouched (move it away, or run without --incremental)") from None
+        raise TaggerError(
+            f"--incremental: {e}; left untouched (move it away, or run once without --incremental)"
+        ) from None
     old = info.identity
     reuse, stale = True, False
     if not old.same_options(identity):
@@ -113,7 +117,7 @@ def load_previous(
         log.info("%s was written from %s; reusing rows of files with the same path, size and mtime", out, old.catalog)
     reader = RowReader([out], info.tasks, old.top_k)
     try:
-        index = RowIndex(reader)
+        index = RowIndex(reader, checksums)
     except BaseException:
         reader.close()
         raise
@@ -138,11 +142,13 @@ class Assembler:
         parts: tuple[RowReader, RowIndex] | None = None,
         retry_errors: bool = False,
         incremental: bool = False,
+        checksum: bool = False,
     ) -> None:
         self._writer = writer
         self._previous = previous
         self._parts = parts
         self._retry = retry_errors
+        self._checksum = checksum  # read and hash files whose size and mtime match (previous built with checksums)
         self.changes = Changes() if incremental else None
         self._matched = np.zeros(previous.index.num_rows if previous else 0, bool)  # [rows of the previous output]
         self._queue: deque[tuple[int, int, int]] = deque()  # (source, first row, count); tags count 1 each
@@ -164,6 +170,8 @@ class Assembler:
                     ch.changed += 1
                 elif self._retry and not prev.index.ok[row]:
                     ch.retried += 1
+                elif prev.reuse and self._checksum and not self._same_bytes(ref, prev.index.sha256(row)):
+                    ch.changed += 1
                 elif prev.reuse:
                     ch.unchanged += 1
                     return _PREVIOUS, row
@@ -176,6 +184,15 @@ class Assembler:
                 self._resumed_errors += not index.ok[row]
                 return _PARTS, row
         return _TAG, 0
+
+    @staticmethod
+    def _same_bytes(ref: ImageRef, sha256: str | None) -> bool:
+        """Whether the file still has the bytes its row recorded; an unreadable file is tagged again (an error row)."""
+        try:
+            return sha256 is not None and file_sha256(ref.abspath) == sha256
+        except OSError as e:
+            log.debug("cannot hash %s: %s", ref.abspath, e)
+            return False
 
     def plan(self, refs: Iterable[ImageRef]) -> Iterator[ImageRef]:
         """Yield the refs that need tagging; queue every decision, reuse runs merged into one entry."""

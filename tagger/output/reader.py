@@ -70,6 +70,8 @@ def read_output_info(path: str | os.PathLike[str]) -> OutputInfo:
         raise TaggerError(f"{path} has malformed tagger metadata ({type(e).__name__}: {e})") from None
     if fmt != FORMAT_VERSION:
         raise TaggerError(f"{path} was written for tagger format {fmt}; this tagger reads format {FORMAT_VERSION}")
+    if "sha256" not in schema.names:  # every output since the column was added has it
+        raise TaggerError(f"{path} is of an older output format, without the sha256 column")
     if not schema.equals(s.output_schema(tasks, identity.top_k), check_metadata=False):
         raise TaggerError(f"{path} does not have the columns tagger writes for its tasks and options")
     return OutputInfo(path, identity, tasks, num_rows, meta)
@@ -123,11 +125,11 @@ class RowReader:
             raise TaggerError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
         self.num_rows = n
 
-    def keys(self) -> pa.Table:
-        """path, bytes, mtime and status of every row, in order."""
-        tables = [f.read(columns=list(KEY_COLUMNS)) for f in self._files]
+    def keys(self, columns: Sequence[str] = KEY_COLUMNS) -> pa.Table:
+        """These columns (default: path, bytes, mtime and status) of every row, in order."""
+        tables = [f.read(columns=list(columns)) for f in self._files]
         if not tables:
-            return self.schema.empty_table().select(list(KEY_COLUMNS))
+            return self.schema.empty_table().select(list(columns))
         return pa.concat_tables(t.replace_schema_metadata() for t in tables)
 
     def read(self, start: int, count: int) -> pa.Table:
@@ -173,10 +175,10 @@ class RowReader:
 
 
 class RowIndex:
-    """path -> first row of a RowReader with that path, and each row's size, mtime and status."""
+    """path -> first row of a RowReader with that path, and each row's size, mtime, status and (checksums) sha256."""
 
-    def __init__(self, reader: RowReader) -> None:
-        keys = reader.keys()
+    def __init__(self, reader: RowReader, checksums: bool = False) -> None:
+        keys = reader.keys(KEY_COLUMNS + ("sha256",) if checksums else KEY_COLUMNS)
         paths = keys.column("path").to_pylist()
         self._row: dict[str, int] = {}
         for i, p in enumerate(paths):
@@ -185,6 +187,8 @@ class RowIndex:
         self.size = keys.column("bytes").fill_null(-1).to_numpy()  # int64 [n]; -1: the file was missing
         self.mtime = keys.column("mtime").fill_null(math.nan).to_numpy()  # float64 [n]; NaN never compares equal
         self.ok = pc.equal(keys.column("status"), s.STATUS_OK).to_numpy()  # bool [n]
+        # Read only when asked: ~70 bytes a row that plain reuse does not need.
+        self._sha256 = keys.column("sha256").combine_chunks() if checksums else None
         self.num_rows = len(paths)
 
     def find(self, path: str) -> int | None:
@@ -193,6 +197,13 @@ class RowIndex:
     def same_file(self, row: int, size: int, mtime: float) -> bool:
         """A file of this size and mtime is the one `row` was written for (a missing file, size < 0, never is)."""
         return size >= 0 and self.size[row] == size and self.mtime[row] == mtime
+
+    def sha256(self, row: int) -> str | None:
+        """The sha256 `row` recorded (None: its file could not be read); needs checksums=True."""
+        if self._sha256 is None:
+            raise RuntimeError("RowIndex built without checksums")
+        value: str | None = self._sha256[row].as_py()
+        return value
 
 
 __all__ = ["KEY_COLUMNS", "OutputInfo", "RowIndex", "RowReader", "RunIdentity", "file_metadata", "read_output_info"]

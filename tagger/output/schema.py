@@ -39,11 +39,14 @@ TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]
 
 
 def output_schema(tasks: Sequence[TaskSpec], top_k: int = 0) -> pa.Schema:
-    """path | per task: <task> (dictionary label), <task>_score, [<task>_topk] | status, error, width, height, bytes, mtime.
+    """path | per task: <task> (dictionary label), <task>_score, [<task>_topk] | status, error, width, height, bytes,
+    mtime, sha256.
 
     <task>_topk (only with top_k > 0): list of {label, score}, best first. width/height: the full-resolution image
     as displayed (after EXIF rotation), null on error. bytes: file size, null when the file is missing. mtime:
-    float64 seconds since the epoch, exactly os.stat's st_mtime, so a rerun can compare it with ==.
+    float64 seconds since the epoch, exactly os.stat's st_mtime, so a rerun can compare it with ==. sha256: hex
+    SHA-256 of the file's bytes as read for decoding, null when they could not be read (an image that then fails to
+    decode keeps it).
     """
     fields: list[pa.Field] = [pa.field("path", pa.string(), nullable=False)]
     for t in tasks:
@@ -58,6 +61,7 @@ def output_schema(tasks: Sequence[TaskSpec], top_k: int = 0) -> pa.Schema:
         pa.field("height", pa.int32()),
         pa.field("bytes", pa.int64()),
         pa.field("mtime", pa.float64()),
+        pa.field("sha256", pa.string()),
     ]
     return pa.schema(fields)
 

@@ -56,7 +56,7 @@ def rebatch(decoded: Iterable[tuple[tuple[ImageRef, ...], DecodedBatch]], batch_
             refs.append(ref)
             if isinstance(result, Sample):
                 buf[n] = result.array
-                result = Sample(result.index, buf[n], result.width, result.height)
+                result = Sample(result.index, buf[n], result.width, result.height, result.sha256)
                 n += 1
             results.append(result)
             if n == batch_size:

@@ -135,6 +135,7 @@ def rows_to_table(
     cols["height"] = pa.array([r.height if isinstance(r, Sample) else None for r in batch.results], pa.int32())
     cols["bytes"] = pa.array([None if s == MISSING_SIZE else s for s in sizes], pa.int64())
     cols["mtime"] = pa.array([None if math.isnan(m) else m for m in mtimes], pa.float64())
+    cols["sha256"] = pa.array([r.sha256 for r in batch.results], pa.string())
     return pa.Table.from_pydict(cols, schema=s.output_schema(tasks, top_k))
 
 

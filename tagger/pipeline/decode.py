@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import logging
 import mmap
@@ -22,11 +23,12 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence, Union
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tagger.contract import PreprocessSpec
 from tagger.errors import TaggerError, one_line
 from tagger.pipeline.discover import ImageRef
+from tagger.storage import read_file, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,7 @@ class Sample:
     array: np.ndarray  # uint8 [S, S, 3]
     width: int
     height: int
+    sha256: str | None = None  # hex SHA-256 of the file's bytes
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,13 @@ class Failure:
 
     index: int
     error: str
+    sha256: str | None = None  # hex SHA-256 of the file's bytes; None when they could not be read
 
 
 DecodeResult = Union[Sample, Failure]
 Source = Union[ImageRef, str, "os.PathLike[str]"]
+# What crosses processes per result: (index, width, height, sha256) for a Sample, (index, error, sha256) for a Failure.
+_Meta = Union[tuple[int, int, int, Union[str, None]], tuple[int, str, Union[str, None]]]
 
 
 def _to_rgb(img: Image.Image, pad_color: tuple[int, int, int]) -> Image.Image:
@@ -233,13 +239,25 @@ def _release_decode_memory() -> None:
         held[0].release(held[1])
 
 
-def load_image(path: str | os.PathLike[str], spec: PreprocessSpec, max_pixels: int) -> tuple[Image.Image, int, int]:
-    """Open, check the pixel count, decode (JPEG at a reduced DCT scale), EXIF-rotate and convert to RGB.
+def _open(data: bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        # Pillow's message names the in-memory buffer by its address; the row names the file.
+        raise UnidentifiedImageError("cannot identify image file") from None
+
+
+def load_image(
+    src: bytes | str | os.PathLike[str], spec: PreprocessSpec, max_pixels: int
+) -> tuple[Image.Image, int, int]:
+    """Open (a file's bytes, or a path read through storage), check the pixel count, decode (JPEG at a reduced DCT
+    scale), EXIF-rotate and convert to RGB.
 
     Returns (RGB image at least fitted-size on its long side, original width, original height as displayed).
     Raises what Pillow raises for a bad file, or DecompressionBombError above max_pixels.
     """
-    with _pillow_limit(), Image.open(path) as img:
+    data = src if isinstance(src, bytes) else read_file(src)
+    with _pillow_limit(), _open(data) as img:
         w, h = img.size
         if w * h > max_pixels:
             raise Image.DecompressionBombError(f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
@@ -260,33 +278,37 @@ def decode_one(
 ) -> DecodeResult:
     """Decode one file into the model's input (uint8 [S, S, 3]); a bad file becomes a Failure, never an exception.
 
+    The bytes are read once, through storage, and hashed before decoding: a file that fails to decode keeps its sha256.
     A ref of a folder that could not be listed becomes its Failure without opening anything.
     """
     if isinstance(src, ImageRef) and src.unlistable is not None:
         return Failure(index, src.unlistable)
     path = src.abspath if isinstance(src, ImageRef) else src
+    digest = None
     try:
-        img, w, h = load_image(path, spec, max_pixels)
-        return Sample(index, fit_and_pad(img, spec), w, h)
+        data = read_file(path)
+        digest = sha256_hex(data)
+        img, w, h = load_image(data, spec, max_pixels)
+        return Sample(index, fit_and_pad(img, spec), w, h, digest)
     except DECODE_ERRORS as e:
-        return Failure(index, one_line(e, path, named=True))
+        return Failure(index, one_line(e, path, named=True), digest)
     except Exception as e:  # noqa: BLE001
         # Last resort, recorded in the row: decoder plugins raise arbitrary types on malformed files (fuzzers find
         # IndexError, TypeError, ...), and one such photo must not end a run over millions.
         log.debug("unexpected decode error for %s", path, exc_info=True)
-        return Failure(index, one_line(e, path, named=True))
+        return Failure(index, one_line(e, path, named=True), digest)
 
 
-def _rebuild_batch(images: np.ndarray, meta: list[tuple[int, int, int] | tuple[int, str]], seconds: float) -> DecodedBatch:
+def _rebuild_batch(images: np.ndarray, meta: list[_Meta], seconds: float) -> DecodedBatch:
     """The batch of `meta`, its Samples viewing the first rows of `images` (a buffer of at least that many)."""
     results: list[DecodeResult] = []
     k = 0
     for m in meta:
-        if len(m) == 3:
-            results.append(Sample(m[0], images[k], m[1], m[2]))
+        if len(m) == 4:
+            results.append(Sample(m[0], images[k], m[1], m[2], m[3]))
             k += 1
         else:
-            results.append(Failure(m[0], m[1]))
+            results.append(Failure(m[0], m[1], m[2]))
     return DecodedBatch(images[:k], tuple(results), seconds)
 
 
@@ -302,8 +324,12 @@ class DecodedBatch:
     seconds: float = 0.0  # wall time spent decoding, for stage timing
 
     def __reduce__(self) -> tuple[Any, ...]:
-        meta = [(r.index, r.width, r.height) if isinstance(r, Sample) else (r.index, r.error) for r in self.results]
+        meta = [_meta(r) for r in self.results]
         return (_rebuild_batch, (self.images, meta, self.seconds))
+
+
+def _meta(r: DecodeResult) -> _Meta:
+    return (r.index, r.width, r.height, r.sha256) if isinstance(r, Sample) else (r.index, r.error, r.sha256)
 
 
 def decode_many(
@@ -327,20 +353,26 @@ def decode_many(
 
 def _decode_to(
     buf: np.ndarray, srcs: Sequence[Source], spec: PreprocessSpec, max_pixels: int, start: int
-) -> list[tuple[int, int, int] | tuple[int, str]]:
-    """Decode srcs, packing the ok ones in order into buf [>= len(srcs), S, S, 3]; one metadata tuple per source:
-    (index, width, height) for a Sample, (index, error) for a Failure."""
-    meta: list[tuple[int, int, int] | tuple[int, str]] = []
+) -> list[_Meta]:
+    """Decode srcs, packing the ok ones in order into buf [>= len(srcs), S, S, 3]; one _Meta per source."""
+
+    def decoded() -> Iterator[DecodeResult]:
+        for i, src in enumerate(srcs):
+            yield decode_one(src, spec, max_pixels, start + i)
+            _release_decode_memory()  # the image is fitted: its full-size pixels are gone
+
+    return _pack(buf, decoded())
+
+
+def _pack(buf: np.ndarray, results: Iterable[DecodeResult]) -> list[_Meta]:
+    """Copy the Samples' pixels in order into buf [>= their count, S, S, 3]; one _Meta per result."""
+    meta: list[_Meta] = []
     k = 0
-    for i, src in enumerate(srcs):
-        r = decode_one(src, spec, max_pixels, start + i)
-        _release_decode_memory()  # the image is fitted: its full-size pixels are gone
+    for r in results:
         if isinstance(r, Sample):
             buf[k] = r.array
-            meta.append((r.index, r.width, r.height))
             k += 1
-        else:
-            meta.append((r.index, r.error))
+        meta.append(_meta(r))
     return meta
 
 
@@ -412,7 +444,7 @@ def _shared_file(nbytes: int) -> tuple[str, mmap.mmap]:
 def _decode_into(
     arena: str, offset: int, shape: tuple[int, int, int, int], srcs: Sequence[Source], spec: PreprocessSpec,
     max_pixels: int, start: int,
-) -> tuple[list[tuple[int, int, int] | tuple[int, str]], float]:
+) -> tuple[list[_Meta], float]:
     """Worker side of decode_stream: decode srcs straight into one arena slot; return only the metadata."""
     t0 = time.perf_counter()
     n = shape[0] * shape[1] * shape[2] * shape[3]
@@ -561,7 +593,7 @@ class _Decoders:
             "%d lost twice to be split in processes of their own", resent, isolated,
         )  # fmt: skip
 
-    def _isolated(self, job: _Job) -> tuple[list[tuple[int, int, int] | tuple[int, str]], float]:
+    def _isolated(self, job: _Job) -> tuple[list[_Meta], float]:
         """Decode job's chunk in processes of its own, halving what kills them down to the file; pack its slot.
 
         The pool is idle meanwhile (the chunks after this one are waited for first), so each process gets the
@@ -587,16 +619,7 @@ class _Decoders:
             else:
                 m = (i + j) // 2
                 todo += [(m, j), (i, m)]
-        meta: list[tuple[int, int, int] | tuple[int, str]] = []
-        buf = self.arena.view(job.slot)
-        k = 0
-        for r in results:
-            if isinstance(r, Sample):
-                buf[k] = r.array
-                meta.append((r.index, r.width, r.height))
-                k += 1
-            else:
-                meta.append((r.index, r.error))
+        meta = _pack(self.arena.view(job.slot), results)
         return meta, time.perf_counter() - t0
 
     def _alone(self, paths: list[Source], start: int) -> DecodedBatch | str:
