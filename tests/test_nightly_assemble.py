@@ -40,6 +40,7 @@ def _table(refs: Sequence[ImageRef], label: int, errors: Sequence[str] = ()) -> 
             "height": pa.array([None if b else 3 for b in bad], pa.int32()),
             "bytes": pa.array([None if r.size == MISSING_SIZE else r.size for r in refs], pa.int64()),
             "mtime": pa.array([r.mtime for r in refs], pa.float64()),
+            "sha256": pa.array([None if r.size == MISSING_SIZE else f"{i:064x}" for i, r in enumerate(refs)], pa.string()),
         },
         schema=output_schema(TASKS),
     )
