@@ -1,1 +1,1 @@
-"""Serving pipeline: discover -> decode -> batch -> session -> postprocess -> write. Never imports torch."""
+"""Serving pipeline stages: discover -> decode -> batch -> session -> postprocess, composed in compose. No torch."""
