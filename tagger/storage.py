@@ -110,7 +110,7 @@ def has_latency(loc: Location) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(base: str, query: str) -> pafs.FileSystem:
+def _filesystem(base: str, query: str) -> tuple[pafs.FileSystem, str]:
     """One filesystem per store and options, per process (clients hold connection pools and credentials).
 
     Credentials come from the standard chains (AWS env vars, ~/.aws profiles, instance roles, AWS_ENDPOINT_URL;
@@ -121,17 +121,19 @@ def _filesystem(base: str, query: str) -> pafs.FileSystem:
     options = urllib.parse.parse_qs(query)
     if base.startswith("s3://") and "allow_delayed_open" not in options:
         query = (query + "&" if query else "") + "allow_delayed_open=true"
-    fs, _ = pafs.FileSystem.from_uri(f"{base}/?{query}" if query else base)
-    return fs
+    fs, root = pafs.FileSystem.from_uri(f"{base}/?{query}" if query else f"{base}/")
+    return fs, root.rstrip("/")  # s3://bkt/ -> 'bkt', file:/// -> ''
 
 
 def _fs(loc: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path in it) of a URI; TaggerError (redacted) when pyarrow does not understand it."""
+    """(filesystem, path in it) of a URI (an S3 or GCS path starts with the bucket); TaggerError (redacted) when
+    pyarrow does not understand it."""
     base, path, query = _split(loc)
     try:
-        return _filesystem(base, query), path
+        fs, root = _filesystem(base, query)
     except (pa.ArrowException, OSError, ValueError) as e:
         raise TaggerError(f"cannot open {redact(loc)}: {one_line(e)}") from None
+    return fs, f"{root}/{path}" if root or base.startswith("file:") else path
 
 
 def arrow_source(loc: Location) -> tuple[str, pafs.FileSystem | None]:
@@ -436,9 +438,9 @@ def remove_tree(loc: Location) -> None:
     if not is_uri(loc):
         shutil.rmtree(loc, ignore_errors=True)
         return
-    for name in list_names(loc):
-        with contextlib.suppress(OSError):
-            remove(join(loc, name))
+    fs, path = _fs(str(loc))
+    with contextlib.suppress(OSError):  # delete_dir: also the folder marker S3 leaves once its last object goes
+        fs.delete_dir(path)
 
 
 LOCK_LEASE_S = 900.0  # an object lock not refreshed for this long belongs to a dead run

@@ -250,3 +250,35 @@ def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 def tiny_onnx(tiny_export: ExportReport) -> Path:
     """`tiny_checkpoint` exported by `tagger export`: a real EfficientNet-style graph, 32 px input; read-only."""
     return tiny_export.path
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> typing.Iterator["S3Server"]:
+    """A moto_server for the session, with AWS_* pointing at it (and at nothing else) for this process and its
+    subprocesses; stopped at the end."""
+    from s3server import S3Server, apply_env, restore_env
+
+    server = S3Server(tmp_path_factory.mktemp("aws"))
+    saved = apply_env(server.env())
+    try:
+        yield server
+    finally:
+        restore_env(saved)
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server: "S3Server", request: pytest.FixtureRequest) -> str:
+    """A fresh, empty bucket on the test S3 server; its s3:// URI."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    name = "t-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-") + f"-{len(request.node.name)}"
+    fs, _ = pafs.FileSystem.from_uri("s3://x/?allow_bucket_creation=true&allow_delayed_open=true")
+    fs.create_dir(name)
+    return f"s3://{name}"
+
+
+if typing.TYPE_CHECKING:
+    from s3server import S3Server
