@@ -239,7 +239,7 @@ def read_file(path: Location) -> bytes:
     """
     if is_uri(path):
         fs, key = _fs(str(path))
-        with fs.open_input_stream(key) as f:
+        with fs.open_input_stream(key, compression=None) as f:  # never 'detect': a photo named x.gz stays bytes
             data: bytes = f.read()
             return data
     _check_regular(os.stat(path).st_mode)
