@@ -265,8 +265,9 @@ def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
     else:
         # Like the local engine, decode workers take every core and inference threads share them (ORT threads
         # sleep while they wait): one logical CPU per core for decode tasks, plus one per inference actor.
+        # address="local": a bare ray.init() would join a cluster that `ray start` left on this machine.
         cpus = options.num_cpus or (os.cpu_count() or 1) + (options.actors or 1)
-        ray.init(num_cpus=cpus, **quiet)
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, **quiet)
     try:
         yield
     finally:
