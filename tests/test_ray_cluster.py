@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -112,8 +113,52 @@ def ray_cluster() -> Iterator[str]:
         assert not left, f"Ray processes left running: {left}"
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+MOTO_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}  # fmt: skip
+
+
+@pytest.fixture
+def s3_catalog(catalog: tuple[Path, dict[str, str]]) -> Iterator[tuple[str, dict[str, str]]]:
+    """The catalog's regular files as objects of a moto S3 server on 127.0.0.1; yields (URI, environment).
+
+    Uploaded with boto3's PutObject (moto 5.2 answers a multipart upload's completion in a way pyarrow rejects).
+    """
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto.server", reason="needs moto's server: pip install 'moto[server]'")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + NODE_START_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+        s3 = boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )  # fmt: skip
+        s3.create_bucket(Bucket="photos")
+        root = catalog[0]
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                s3.put_object(Bucket="photos", Key=f"cat/{path.relative_to(root).as_posix()}", Body=path.read_bytes())
+        yield "s3://photos/cat", {**MOTO_ENV, "AWS_ENDPOINT_URL": endpoint}
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "tagger.cli", "-q", "run", *args], env=env, capture_output=True, text=True,
         timeout=180,
@@ -135,3 +180,41 @@ def test_ray_across_two_nodes_writes_the_local_engines_rows(
     assert got.schema.equals(want.schema)
     assert got.column("path").to_pylist() == sorted(expected)  # discovery order
     _assert_same_rows(got.to_pylist(), want.to_pylist())
+
+
+def test_ray_across_two_nodes_reads_and_writes_the_bucket(
+    ray_cluster: str, s3_catalog: tuple[str, dict[str, str]], contract_onnx: Path, tmp_path: Path
+) -> None:
+    """No shared files: both engines tag the same objects, Ray's decode tasks read them from the store on either
+    node, and the Ray driver writes its output into the bucket; the rows are the local engine's."""
+    uri, env = s3_catalog
+    local, remote = tmp_path / "local.parquet", "s3://photos/out/ray.parquet"
+    common = ["--model", str(contract_onnx), "--device", "cpu", "--batch-size", "4"]
+    done = _cli(uri, "--out", str(local), "--workers", "0", *common, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _cli(uri, "--out", remote, "--engine", "ray", "--ray-address", ray_cluster, *common, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import pyarrow.fs as pafs
+
+    with _environ(env):
+        fs, key = pafs.FileSystem.from_uri(remote)
+        with fs.open_input_file(key) as f:
+            got = pq.read_table(f)
+    want = pq.read_table(local)
+    assert want.num_rows > 0 and got.schema.equals(want.schema)
+    assert got.column("path").to_pylist() == want.column("path").to_pylist()  # discovery order
+    _assert_same_rows(got.to_pylist(), want.to_pylist())
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
