@@ -122,8 +122,8 @@ def train(**kw: Any) -> None:
 
 
 @main.command("run")
-@click.argument("catalog", type=click.Path(path_type=Path))
-@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Parquet file to write (replaced only on success).")
+@click.argument("catalog")
+@click.option("--out", "out", required=True, help="Parquet file to write, local or a URI such as s3://bucket/tags.parquet (replaced only on success).")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Exported .onnx model, or a shipped one: default, default-int8 (faster on CPUs) [default: default].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when it really works, else CPU; cuda: fail unless it works.")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Images per inference call [default: 64 on CPU, 256 on CUDA].")
@@ -133,7 +133,8 @@ def train(**kw: Any) -> None:
 @click.option("--ext", default=None, metavar="LIST", help="Extensions to tag, comma-separated [default: jpg,jpeg,jfif,png,webp,avif,bmp,gif,tif,tiff].")
 @click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images with more pixels (error row) [default: 150000000].")
 @click.option("--decode-memory", default="4GiB", show_default=True, type=_Bytes(), help="Decoding all decode workers may hold at once (e.g. 512MiB): a large image waits for room; one larger than this is an error row.")
-@click.option("--files-from", type=click.Path(path_type=Path), default=None, help="Tag the paths listed in this file (relative to CATALOG or absolute) instead of walking CATALOG.")
+@click.option("--files-from", default=None, help="Tag the paths listed in this file (relative to CATALOG, absolute, or URIs) instead of walking CATALOG; may itself be a URI.")
+@click.option("--io-threads", default=16, show_default=True, type=click.IntRange(1), help="Concurrent object-store reads per decode worker (a CATALOG in a bucket).")
 @click.option("--incremental", is_flag=True, help="Reuse the rows of --out for unchanged files (same path, size and mtime, same model); tag new and changed ones; drop deleted ones.")
 @click.option("--retry-errors", is_flag=True, help="--incremental: also tag files with an error row again, even when unchanged.")
 @click.option("--checksum", is_flag=True, help="--incremental: also read and hash files whose path, size and mtime match, and tag them again when their bytes changed.")
@@ -147,8 +148,9 @@ def train(**kw: Any) -> None:
 @click.option("--num-gpus-per-actor", type=click.FloatRange(0), default=None, help="--engine ray: GPUs per inference actor, fractions share a GPU [default: 1 with a GPU and --device auto/cuda, else 0].")
 @click.option("--actors", type=click.IntRange(1), default=None, help="--engine ray: inference actors [default: cluster GPUs / --num-gpus-per-actor, or 1].")
 @_friendly
-def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | None, **kw: Any) -> None:
-    """Tag every photo under CATALOG into a Parquet file: one row per file, errors included."""
+def run_command(catalog: str, out: str, ext: str | None, max_pixels: int | None, **kw: Any) -> None:
+    """Tag every photo under CATALOG (a folder, or s3://bucket/prefix, gs://..., any pyarrow.fs URI) into a
+    Parquet file: one row per file, errors included."""
     from tagger import RunConfig, run
     from tagger.pipeline.discover import parse_extensions
 
@@ -177,10 +179,10 @@ def run_command(catalog: Path, out: Path, ext: str | None, max_pixels: int | Non
 
 
 @main.command("merge")
-@click.argument("out", type=click.Path(path_type=Path))
-@click.argument("shards", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("out")
+@click.argument("shards", nargs=-1, required=True)
 @_friendly
-def merge_command(out: Path, shards: tuple[Path, ...]) -> None:
+def merge_command(out: str, shards: tuple[str, ...]) -> None:
     """Merge the outputs of `tagger run --shard I/N` (all N) into OUT, as one unsharded run would have written it."""
     from tagger.nightly.shard import merge_shards
 

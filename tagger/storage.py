@@ -1,18 +1,212 @@
-"""Where files live: the one way tagger reads a catalog file's bytes, and the one way it publishes a file (temp file
-beside it, fsync, rename, fsync the folder)."""
+"""Where files live: the one place that knows a local folder from an object store (s3://, gs://, any URI
+pyarrow.fs.FileSystem.from_uri understands). Every stage lists, stats, reads, publishes and locks through it.
+
+A location is a local path (str or PathLike) or a URI string (pathlib would collapse 's3://' to 's3:/'). Local paths
+keep their behaviour: read non-blocking, publish by temp file beside it, fsync, rename, fsync the folder. Object
+stores: read with one GET, publish by uploading a finished local file in one call (an object appears whole or not at
+all). redact() is how a location is shown or recorded: never with its credentials.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import json
+import logging
 import os
+import re
 import shutil
+import socket
 import stat
 import tempfile
+import time
+import urllib.parse
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
+
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 from tagger.errors import TaggerError, one_line
+
+log = logging.getLogger(__name__)
+
+Location = Union[str, "os.PathLike[str]"]  # a local path, or a URI such as s3://bucket/prefix
+
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # two letters at least: C:\\ is a Windows drive, not a scheme
+
+
+def is_uri(loc: Location) -> bool:
+    """Whether `loc` names an object-store location (scheme://...) rather than a local path."""
+    return isinstance(loc, str) and _URI.match(loc) is not None
+
+
+def as_location(loc: Location) -> str | Path:
+    """A URI kept as the exact string, anything else as a Path: what RunConfig and friends hold."""
+    return loc if is_uri(loc) else Path(loc)  # type: ignore[return-value]
+
+
+def redact(loc: Location) -> str:
+    """`loc` as it may be shown or recorded: a URI without user info (access keys) and without its query (which
+    may carry secret_key=, session_token=, ...); a local path as is."""
+    if not is_uri(loc):
+        return os.fspath(loc)
+    u = urllib.parse.urlsplit(str(loc))
+    return urllib.parse.urlunsplit((u.scheme, u.hostname or "", u.path, "", "")) if u.hostname else f"{u.scheme}://{u.path.lstrip('/')}"
+
+
+def absolute(loc: Location) -> str:
+    """The location a run records (tagger.output.catalog, ...): a local path resolved, a URI redacted."""
+    return redact(loc) if is_uri(loc) else os.path.realpath(loc)
+
+
+def _split(uri: str) -> tuple[str, str, str]:
+    """(scheme://authority, path without leading '/', query) of a URI; the path percent-decoded."""
+    u = urllib.parse.urlsplit(uri)
+    return f"{u.scheme}://{u.netloc}", urllib.parse.unquote(u.path).lstrip("/"), u.query
+
+
+def join(loc: Location, name: str) -> str | Path:
+    """`loc`/`name` (name: a relative posix path, e.g. a key below a catalog prefix)."""
+    if not is_uri(loc):
+        return Path(loc) / name
+    base, path, query = _split(str(loc))
+    full = f"{path.rstrip('/')}/{name}" if path else name
+    return f"{base}/{urllib.parse.quote(full)}" + (f"?{query}" if query else "")
+
+
+def with_suffix_name(loc: Location, suffix: str) -> str | Path:
+    """A sibling of `loc` named its name + suffix (OUT -> OUT.work)."""
+    if not is_uri(loc):
+        p = Path(loc)
+        return p.with_name(p.name + suffix)
+    base, path, query = _split(str(loc))
+    return f"{base}/{urllib.parse.quote(path + suffix)}" + (f"?{query}" if query else "")
+
+
+def name_of(loc: Location) -> str:
+    """The last component of a location's path."""
+    return _split(str(loc))[1].rstrip("/").rsplit("/", 1)[-1] if is_uri(loc) else Path(loc).name
+
+
+def relative_key(root: Location, loc: Location) -> str | None:
+    """`loc`'s path below `root`, posix style, when both are URIs of one store and loc lies under root; else None."""
+    if not (is_uri(root) and is_uri(loc)):
+        return None
+    rb, rp, _ = _split(str(root))
+    lb, lp, _ = _split(str(loc))
+    prefix = rp.rstrip("/") + "/" if rp else ""
+    if urllib.parse.urlsplit(rb).hostname != urllib.parse.urlsplit(lb).hostname or not lp.startswith(prefix):
+        return None
+    return lp[len(prefix) :] or None
+
+
+def has_latency(loc: Location) -> bool:
+    """Whether reading `loc` costs a network round trip (tens of ms): worth fetching ahead in threads."""
+    return is_uri(loc)
+
+
+@functools.lru_cache(maxsize=16)
+def _filesystem(base: str, query: str) -> pafs.FileSystem:
+    """One filesystem per store and options, per process (clients hold connection pools and credentials).
+
+    Credentials come from the standard chains (AWS env vars, ~/.aws profiles, instance roles, AWS_ENDPOINT_URL;
+    GCS application default credentials) unless the URI carries them. S3: allow_delayed_open makes a small object
+    one PUT instead of create + upload part + complete (3 round trips); errors still surface at close, inside the
+    same call here.
+    """
+    options = urllib.parse.parse_qs(query)
+    if base.startswith("s3://") and "allow_delayed_open" not in options:
+        query = (query + "&" if query else "") + "allow_delayed_open=true"
+    fs, _ = pafs.FileSystem.from_uri(f"{base}/?{query}" if query else base)
+    return fs
+
+
+def _fs(loc: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path in it) of a URI; TaggerError (redacted) when pyarrow does not understand it."""
+    base, path, query = _split(loc)
+    try:
+        return _filesystem(base, query), path
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise TaggerError(f"cannot open {redact(loc)}: {one_line(e)}") from None
+
+
+def arrow_source(loc: Location) -> tuple[str, pafs.FileSystem | None]:
+    """(path, filesystem) to hand pyarrow readers (pq.ParquetFile, pq.read_metadata): a local path with None."""
+    if not is_uri(loc):
+        return os.fspath(loc), None
+    fs, path = _fs(str(loc))
+    return path, fs
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file found by list_files: its path below the listed root (posix), its location, size and mtime."""
+
+    rel: str
+    location: str
+    size: int  # bytes
+    mtime: float  # seconds since the epoch; an object's LastModified (1 s granularity)
+
+
+def list_files(root: str) -> Iterator[Entry]:
+    """Every object below a URI prefix, sorted by relative path (plain string order, like the local walk).
+
+    pyarrow's recursive FileSelector returns the whole listing at once: ~100 bytes a key, 100 MB for a million.
+    TaggerError when the prefix cannot be listed (no bucket, no permission) or holds nothing.
+    """
+    fs, path = _fs(root)
+    prefix = path.rstrip("/")
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=False))
+    except (OSError, pa.ArrowException) as e:
+        raise TaggerError(f"cannot list catalog {redact(root)}: {one_line(e)}") from None
+    entries = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[len(prefix) + 1 :] if prefix else info.path
+        entries.append((rel, info))
+    entries.sort(key=lambda e: e[0])
+    for rel, info in entries:
+        yield Entry(rel, str(join(root, rel)), info.size, (info.mtime_ns or 0) / 1e9)
+
+
+def stat_file(loc: Location) -> tuple[int, float]:
+    """(size, mtime) of a file or object; OSError when it is missing or unreadable."""
+    if not is_uri(loc):
+        st = os.stat(loc)
+        return st.st_size, st.st_mtime
+    fs, path = _fs(str(loc))
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(2, "No such object")
+    return info.size, (info.mtime_ns or 0) / 1e9
+
+
+def exists(loc: Location) -> bool:
+    """Whether a file or object (or a local folder) is there."""
+    if not is_uri(loc):
+        return os.path.exists(loc)
+    fs, path = _fs(str(loc))
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except (OSError, pa.ArrowException) as e:
+        raise TaggerError(f"cannot read {redact(loc)}: {one_line(e)}") from None
+
+
+def is_folder(loc: Location) -> bool:
+    """A local folder; for a URI, whether objects lie below it (a key prefix) or it is a bucket."""
+    if not is_uri(loc):
+        return os.path.isdir(loc)
+    fs, path = _fs(str(loc))
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.Directory
+    except (OSError, pa.ArrowException):
+        return False  # no bucket or no access: writing it says so
 
 
 class NotARegularFile(OSError):
@@ -34,12 +228,18 @@ def _check_regular(mode: int) -> None:
         raise NotARegularFile(f"{kind}, not a regular file")
 
 
-def read_file(path: str | os.PathLike[str]) -> bytes:
-    """The whole content of a catalog file; NotARegularFile (an OSError) for anything but a regular file.
+def read_file(path: Location) -> bytes:
+    """The whole content of a catalog file; NotARegularFile (an OSError) for anything but a regular file. An object
+    is read with one GET; its errors (403, deleted) are OSErrors too.
 
     Checked with stat before opening, and opened non-blocking and checked again on the descriptor, so a path swapped
     for a FIFO in between cannot block either (a non-blocking open of a FIFO returns at once; a socket fails).
     """
+    if is_uri(path):
+        fs, key = _fs(str(path))
+        with fs.open_input_stream(key) as f:
+            data: bytes = f.read()
+            return data
     _check_regular(os.stat(path).st_mode)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with open(fd, "rb", buffering=0) as f:
@@ -52,7 +252,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
+def file_sha256(path: Location) -> str:
     """sha256_hex of a catalog file's bytes, read by read_file (same errors)."""
     return sha256_hex(read_file(path))
 
@@ -64,14 +264,17 @@ def check_destination(out: Path, source: Path, source_kind: str = "model") -> No
     check_not_input(out, source, source_kind)
 
 
-def check_not_input(out: Path, source: Path, source_kind: str) -> None:
+def check_not_input(out: Location, source: Location, source_kind: str) -> None:
     """TaggerError when `out` is the file `source` (by any name: links, relative paths): writing would destroy it."""
     if same_file(out, source):
-        raise TaggerError(f"output {out} is the {source_kind} itself; choose another name")
+        raise TaggerError(f"output {redact(out)} is the {source_kind} itself; choose another name")
 
 
-def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
-    """Whether two paths name one file: the same inode when both exist (hard links too), else the same resolved path."""
+def same_file(a: Location, b: Location) -> bool:
+    """Whether two paths name one file: the same inode when both exist (hard links too), else the same resolved path;
+    two URIs the same object (a URI and a local path never)."""
+    if is_uri(a) or is_uri(b):
+        return is_uri(a) and is_uri(b) and _split(str(a))[:2] == _split(str(b))[:2]
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -93,13 +296,19 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def reserve_temp(out: Path, tmp_dir: str | os.PathLike[str] | None = None) -> Path:
+def reserve_temp(out: Location, tmp_dir: Location | None = None) -> Path:
     """Create the temp file for `out` now (beside it, or in tmp_dir on the same file system), so the final rename
-    stays on one file system and an unwritable destination fails before any expensive work."""
+    stays on one file system and an unwritable destination fails before any expensive work. For an object: a file
+    in the system's temp folder, uploaded by publish."""
+    name = name_of(out)
+    if is_uri(out):
+        folder: Location | None = tmp_dir if tmp_dir is not None and not is_uri(tmp_dir) else None
+    else:
+        folder = tmp_dir or Path(out).parent
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=tmp_dir or out.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     except OSError as e:
-        raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
+        raise TaggerError(f"cannot write {redact(out)}: {one_line(e)}") from None
     os.close(fd)
     return Path(name)
 
@@ -112,13 +321,27 @@ def reserve_temp_dir(out: Path) -> Path:
         raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
 
 
-def publish(tmp: Path, out: Path) -> None:
+def publish(tmp: Path, out: Location) -> None:
     """Move a complete temp file (file or folder) onto `out` durably, with the mode a new one would get.
 
     Files are fsynced before the rename and the folder after it, so after a power loss `out` is either what it was
     or the complete new one. mkstemp/mkdtemp create owner-only entries; the runtime may run as another user, so
     the umask decides, as for any new file.
+
+    An object is uploaded from the finished file in one call (pyarrow's copy, in C++: a large file goes as one
+    multipart upload, completed only once every part is sent, and a completed upload is atomic). Nothing is ever
+    streamed from Python into an open object stream: its destructor would complete a half-written upload.
     """
+    if is_uri(out):
+        fs, path = _fs(str(out))
+        try:
+            pafs.copy_files(str(tmp), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        except (OSError, pa.ArrowException) as e:
+            raise TaggerError(f"cannot write {redact(out)}: {one_line(e)}") from None
+        finally:
+            discard(tmp)
+        return
+    out = Path(out)
     try:
         if tmp.is_dir():
             tmp.chmod(0o777 & ~_umask())
@@ -151,9 +374,9 @@ def discard(tmp: Path) -> None:
 
 
 @contextlib.contextmanager
-def publishing(out: str | os.PathLike[str], tmp_dir: str | os.PathLike[str] | None = None) -> Iterator[Path]:
+def publishing(out: Location, tmp_dir: Location | None = None) -> Iterator[Path]:
     """Yield a temp path to write `out` to; publish it when the block ends normally, remove it otherwise."""
-    out = Path(out)
+    out = as_location(out)
     tmp = reserve_temp(out, tmp_dir)
     try:
         yield tmp
@@ -163,17 +386,188 @@ def publishing(out: str | os.PathLike[str], tmp_dir: str | os.PathLike[str] | No
     publish(tmp, out)
 
 
-def publish_bytes(out: str | os.PathLike[str], data: bytes, tmp_dir: str | os.PathLike[str] | None = None) -> None:
-    """Write `data` as the whole of `out`, atomically and durably."""
+def publish_bytes(out: Location, data: bytes, tmp_dir: Location | None = None) -> None:
+    """Write `data` as the whole of `out`, atomically and durably (an object: one PUT of the whole buffer)."""
+    if is_uri(out):
+        fs, path = _fs(str(out))
+        try:
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+        except (OSError, pa.ArrowException) as e:
+            raise TaggerError(f"cannot write {redact(out)}: {one_line(e)}") from None
+        return
     with publishing(out, tmp_dir) as tmp:
         try:
             tmp.write_bytes(data)
         except OSError as e:
-            raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
+            raise TaggerError(f"cannot write {redact(out)}: {one_line(e)}") from None
+
+
+def make_folder(loc: Location) -> None:
+    """Create a local folder (parents must exist); nothing for an object store, whose folders are key prefixes."""
+    if not is_uri(loc):
+        Path(loc).mkdir(exist_ok=True)
+
+
+def list_names(folder: Location) -> list[str]:
+    """The names of the files directly in a folder (or below a key prefix), sorted; [] when there is none."""
+    if not is_uri(folder):
+        try:
+            return sorted(e.name for e in os.scandir(folder) if e.is_file())
+        except FileNotFoundError:
+            return []
+    fs, path = _fs(str(folder))
+    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+
+def remove(loc: Location) -> None:
+    """Delete a file or object; nothing when it is already gone."""
+    if not is_uri(loc):
+        Path(loc).unlink(missing_ok=True)
+        return
+    fs, path = _fs(str(loc))
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_file(path)
+
+
+def remove_tree(loc: Location) -> None:
+    """Delete a folder (or every object below a key prefix) and what it holds, as far as possible."""
+    if not is_uri(loc):
+        shutil.rmtree(loc, ignore_errors=True)
+        return
+    for name in list_names(loc):
+        with contextlib.suppress(OSError):
+            remove(join(loc, name))
+
+
+LOCK_LEASE_S = 900.0  # an object lock not refreshed for this long belongs to a dead run
+
+
+class Lock:
+    """Keeps two runs off one output: taken on a folder (OUT.work/), released by release().
+
+    Local: flock on folder/lock, released by the kernel however the process ends; exclusive and atomic.
+
+    Object store: pyarrow.fs has no conditional put, so this is best effort, not atomic: the lock object
+    (token, host, pid, expiry) is written, then read back to see that this run's token won. Two runs starting within
+    one round trip of each other can both read back their own token (the later write wins at the store, and the
+    earlier run only finds out at its next refresh). A lock of a dead run is taken over when its lease (LOCK_LEASE_S,
+    renewed by refresh()) has run out, or at once when it names this host and a pid that no longer runs.
+    """
+
+    def __init__(self, folder: Location, what: str) -> None:
+        self.folder, self.what = folder, what
+        self._fd: int | None = None
+        self._token = uuid.uuid4().hex
+        self._refreshed = 0.0
+        if is_uri(folder):
+            self._take_object()
+        else:
+            self._take_flock()
+
+    def _take_flock(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks; keeping two runs off one output is up to the scheduler
+            return
+        path = Path(self.folder) / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise TaggerError(f"cannot write output {self.what}: {one_line(e)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TaggerError(f"another tagger run is writing {self.what} (it holds {path})") from None
+        self._fd = fd
+
+    def _object(self) -> str:
+        return str(join(self.folder, "lock"))
+
+    def _holder(self) -> dict[str, object] | None:
+        try:
+            data = json.loads(read_file(self._object()))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def _take_object(self) -> None:
+        holder = self._holder()
+        if holder is not None and holder.get("token") != self._token and not _dead(holder):
+            raise TaggerError(
+                f"another tagger run is writing {self.what} (pid {holder.get('pid')} on {holder.get('host')} holds "
+                f"{redact(self._object())} until its lease runs out)"
+            )
+        self.refresh()
+        holder = self._holder()
+        if holder is None or holder.get("token") != self._token:
+            raise TaggerError(f"another tagger run took the lock on {self.what} at the same time; try again")
+
+    def refresh(self) -> None:
+        """Renew an object lock's lease (called as the run commits); nothing for a local flock."""
+        if not is_uri(self.folder):
+            return
+        self._refreshed = time.monotonic()
+        info = {"token": self._token, "host": socket.gethostname(), "pid": os.getpid(),
+                "expires": time.time() + LOCK_LEASE_S}  # fmt: skip
+        publish_bytes(self._object(), json.dumps(info).encode())
+
+    def refresh_due(self) -> bool:
+        return is_uri(self.folder) and time.monotonic() - self._refreshed > LOCK_LEASE_S / 3
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        elif is_uri(self.folder):
+            holder = self._holder()
+            if holder is not None and holder.get("token") == self._token:
+                with contextlib.suppress(OSError, TaggerError):
+                    remove(self._object())
+
+
+def _dead(holder: dict[str, object]) -> bool:
+    """Whether an object lock's run is gone: its lease ran out, or it names this host and a pid not running."""
+    expires = holder.get("expires")
+    if not isinstance(expires, (int, float)) or expires < time.time():
+        return True
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)  # type: ignore[call-overload]
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 __all__ = [
+    "Entry",
+    "LOCK_LEASE_S",
+    "Location",
+    "Lock",
     "NotARegularFile",
+    "absolute",
+    "arrow_source",
+    "as_location",
+    "exists",
+    "has_latency",
+    "is_folder",
+    "is_uri",
+    "join",
+    "list_files",
+    "list_names",
+    "make_folder",
+    "name_of",
+    "redact",
+    "relative_key",
+    "remove",
+    "remove_tree",
+    "stat_file",
+    "with_suffix_name",
     "check_destination",
     "check_not_input",
     "discard",

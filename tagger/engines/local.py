@@ -18,6 +18,7 @@ from tagger.output.writer import ResultWriter
 from tagger.pipeline.compose import StageTimer, decoded_batches, tag_batches
 from tagger.pipeline.decode import default_workers
 from tagger.pipeline.session import default_batch_size, default_inflight, default_threads, open_session
+from tagger.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ def run(config: RunConfig) -> RunSummary:
     identity = plan.identity(facts)
     log.info(
         "tagging %s%s with %s on %s: batch %d, %d decode workers, %d threads",
-        config.catalog, f" (shard {config.shard})" if config.shard else "", session.path.name, session.provider,
+        redact(config.catalog), f" (shard {config.shard})" if config.shard else "", session.path.name,
+        session.provider,
         batch_size, workers, threads,
     )  # fmt: skip
     timer = StageTimer()
@@ -76,7 +78,7 @@ def run(config: RunConfig) -> RunSummary:
             contextlib.closing(
                 decoded_batches(
                     assembler.plan(plan.refs), session.spec, batch_size, workers, config.max_pixels,
-                    config.decode_memory,
+                    config.decode_memory, config.io_threads,
                 )  # fmt: skip
             )
         )
@@ -109,7 +111,7 @@ def run(config: RunConfig) -> RunSummary:
         work.finish()
         timer.add("write", time.perf_counter() - t0)
     if previous is not None and previous.stale_model:
-        log.warning("%d rows of %s come from another model (--keep-stale-model)", a.reused, config.out)
+        log.warning("%d rows of %s come from another model (--keep-stale-model)", a.reused, redact(config.out))
     return plan.summary(
         session.provider, a.files, ok, timer.seconds, tagged=a.tagged, reused=a.reused, resumed=a.resumed,
         changes=changes, unlistable=a.unlistable,

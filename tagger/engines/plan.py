@@ -31,7 +31,7 @@ from tagger.pipeline.discover import (
     walk_would_list,
 )
 from tagger.pipeline.session import Session
-from tagger.storage import check_not_input
+from tagger.storage import Location, absolute, as_location, check_not_input, exists, is_folder, redact
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 class RunConfig:
     """Everything `tagger run` needs. None means "pick the default" (documented per field)."""
 
-    catalog: Path
-    out: Path
+    catalog: Location  # a folder, or a URI (s3://bucket/prefix, gs://..., any pyarrow.fs URI); kept as given
+    out: Location  # a .parquet file, local or a URI
     model: Path | None = None  # None: the shipped default model; a shipped model by name, e.g. "default-int8"
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int | None = None  # images per inference call; None: 64 on CPU, 256 on CUDA
@@ -51,7 +51,7 @@ class RunConfig:
     extensions: frozenset[str] = DEFAULT_EXTENSIONS
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_memory: int = DEFAULT_DECODE_MEMORY  # bytes of decoding all decode workers may hold at once
-    files_from: Path | None = None  # a list of paths to tag instead of walking the catalog
+    files_from: Location | None = None  # a list of paths (or keys, URIs) to tag instead of walking the catalog
     progress: bool | None = None  # None: a progress bar on a terminal, periodic log lines otherwise
     incremental: bool = False  # reuse the rows of `out` for unchanged files (same path, size, mtime; same model)
     retry_errors: bool = False  # incremental: tag files with an error row again even when unchanged
@@ -62,8 +62,16 @@ class RunConfig:
     commit_seconds: float = DEFAULT_COMMIT_SECONDS  # ... or every T seconds; 0: not by time (both 0: never)
     shard: Shard | None = None  # tag only the files of this shard
     inflight: int | None = None  # batches in the session at once; None: 2 on CUDA, 1 on CPU
+    io_threads: int = 16  # concurrent object-store reads per decode worker (local files are read as they decode)
 
     def __post_init__(self) -> None:
+        # A URI stays the exact string (Path would collapse s3:// to s3:/), a local name becomes a Path.
+        for name in ("catalog", "out", "files_from"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, as_location(value))
+        if self.io_threads < 1:
+            raise UsageError(f"--io-threads must be at least 1, got {self.io_threads}")
         check_stage_options(self.batch_size, self.workers, self.threads)
         if self.inflight is not None and self.inflight < 1:
             raise UsageError(f"inflight must be at least 1, got {self.inflight}")
@@ -88,7 +96,7 @@ class RunConfig:
 class RunSummary:
     """What a run did; line() is the one line `tagger run` prints."""
 
-    out: Path
+    out: Location
     files: int
     ok: int
     errors: int
@@ -119,7 +127,7 @@ class RunSummary:
         if self.unlistable:
             text += f"; {self.unlistable} folder{'s' if self.unlistable > 1 else ''} could not be listed"
         rate = f"{self.images_per_s:.1f} img/s, " if self.images_tagged else ""
-        return f"{text}, {rate}{self.elapsed_s:.1f} s on {self.provider} -> {self.out}"
+        return f"{text}, {rate}{self.elapsed_s:.1f} s on {self.provider} -> {redact(self.out)}"
 
 
 @dataclass(frozen=True)
@@ -142,18 +150,18 @@ def list_refs(config: RunConfig) -> Iterator[ImageRef]:
 
     TaggerError when the catalog holds no file to tag at all, before any model is loaded.
     """
-    if not config.catalog.exists():
-        raise TaggerError(f"catalog {config.catalog} does not exist")
+    if not exists(config.catalog):
+        raise TaggerError(f"catalog {redact(config.catalog)} does not exist")
     if config.files_from is not None:
         refs = refs_from_list(config.catalog, config.files_from)
     else:
         refs = discover(config.catalog, config.extensions)
     first = next(refs, None)
     if first is None:
-        what = f"listed in {config.files_from}" if config.files_from else "with extension " + ",".join(
+        what = f"listed in {redact(config.files_from)}" if config.files_from else "with extension " + ",".join(
             sorted(config.extensions)
         )
-        raise TaggerError(f"no image files {what} in {config.catalog}")
+        raise TaggerError(f"no image files {what} in {redact(config.catalog)}")
     listed = itertools.chain([first], refs)
     shard = config.shard
     return listed if shard is None else (r for r in listed if shard.holds(r.path))
@@ -172,10 +180,13 @@ def check_out_is_no_input(config: RunConfig) -> None:
     if config.files_from is not None:
         check_not_input(out, config.files_from, "--files-from list")
         if list_names(config.catalog, config.files_from, out):
-            raise TaggerError(f"output {out} is listed in {config.files_from} as a file to tag; choose another name")
-    elif config.catalog.is_dir() and walk_would_list(config.catalog, out, config.extensions):
+            raise TaggerError(
+                f"output {redact(out)} is listed in {redact(config.files_from)} as a file to tag; choose another name"
+            )
+    elif is_folder(config.catalog) and walk_would_list(config.catalog, out, config.extensions):
         raise TaggerError(
-            f"output {out} is a file of the catalog {config.catalog} that the run tags (an image extension); "
+            f"output {redact(out)} is a file of the catalog {redact(config.catalog)} that the run tags (an image "
+            "extension); "
             "choose another name"
         )
 
@@ -185,11 +196,11 @@ def run_identity(config: RunConfig, model_sha256: str) -> RunIdentity:
     listed = config.files_from is not None
     return RunIdentity(
         model_sha256=model_sha256,
-        catalog=path_text(str(config.catalog.resolve())),  # metadata is UTF-8 text
+        catalog=path_text(absolute(config.catalog)),  # metadata is UTF-8 text; a URI without its credentials
         top_k=config.top_k,
         max_pixels=config.max_pixels,
         extensions=None if listed else tuple(sorted(config.extensions)),
-        files_from=path_text(str(Path(config.files_from).resolve())) if config.files_from is not None else None,
+        files_from=path_text(absolute(config.files_from)) if config.files_from is not None else None,
         shard=str(config.shard) if config.shard is not None else None,
     )
 

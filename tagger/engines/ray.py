@@ -320,7 +320,8 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
         raise UsageError("--incremental and --resume work with --engine local only")
     config = dataclasses.replace(config, catalog=Path(os.path.abspath(config.catalog)))
     plan = RunPlan(config)  # first: an --out that is an input is refused as such, whatever its shape
-    _check_out(config.out)
+    out = Path(config.out)  # local outputs only so far (RunConfig.out may be a URI)
+    _check_out(out)
     # The whole listing goes into the driver's memory (~200 bytes a file); see the README for larger catalogs.
     refs = list(plan.refs)
     model = model_argument(config.model)
@@ -336,9 +337,9 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
         schema = output_schema(facts.tasks, config.top_k)
         metadata = plan.metadata(facts)
         sink: _FileSink | _PartsSink = (
-            _PartsSink(config.out, schema, metadata, options.rows_per_part)
-            if writes_folder(config.out)
-            else _FileSink(config.out, schema, metadata)
+            _PartsSink(out, schema, metadata, options.rows_per_part)
+            if writes_folder(out)
+            else _FileSink(out, schema, metadata)
         )
         files = ok = 0
         try:

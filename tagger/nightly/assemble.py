@@ -7,7 +7,6 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -20,7 +19,7 @@ from tagger.output.reader import RowIndex, RowReader, read_output_info
 from tagger.output.schema import ROW_GROUP_SIZE, RunIdentity, count_ok
 from tagger.output.writer import ResultWriter
 from tagger.pipeline.discover import ImageRef
-from tagger.storage import file_sha256
+from tagger.storage import Location, exists, file_sha256, redact
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +71,16 @@ class Previous:
 
 
 def load_previous(
-    out: Path, identity: RunIdentity, tasks: Sequence[TaskSpec], keep_stale_model: bool = False, checksums: bool = False
+    out: Location, identity: RunIdentity, tasks: Sequence[TaskSpec], keep_stale_model: bool = False, checksums: bool = False
 ) -> Previous | None:
     """Open the output of the previous run for reuse, or None when there is none; checksums: index its sha256 too.
 
     An output that is not a tagger output of this format is refused (TaggerError) and left untouched. One written
     by another model is only used to count changes (everything is tagged again), unless keep_stale_model.
     """
-    if not out.exists():
-        log.info("no previous output %s: tagging everything", out)
+    shown = redact(out)
+    if not exists(out):
+        log.info("no previous output %s: tagging everything", shown)
         return None
     try:
         info = read_output_info(out)
@@ -93,35 +93,35 @@ def load_previous(
     if not old.same_options(identity):
         log.warning(
             "%s was written with top_k %d and max_pixels %d, this run uses %d and %d: tagging everything again",
-            out, old.top_k, old.max_pixels, identity.top_k, identity.max_pixels,
+            shown, old.top_k, old.max_pixels, identity.top_k, identity.max_pixels,
         )  # fmt: skip
         reuse = False
     elif not old.same_values(identity):  # another model
         if not keep_stale_model:
             log.warning(
                 "%s was tagged by another model (sha256 %.12s, this one is %.12s): tagging everything again "
-                "(--keep-stale-model would keep its rows)", out, old.model_sha256, identity.model_sha256,
+                "(--keep-stale-model would keep its rows)", shown, old.model_sha256, identity.model_sha256,
             )  # fmt: skip
             reuse = False
         elif tuple(info.tasks) != tuple(tasks):
             raise TaggerError(
-                f"--keep-stale-model: {out} has other tasks or labels than the model; its rows cannot be mixed in"
+                f"--keep-stale-model: {shown} has other tasks or labels than the model; its rows cannot be mixed in"
             )
         else:
             log.warning(
                 "%s was tagged by another model (sha256 %.12s, this one is %.12s); --keep-stale-model: keeping its "
-                "rows of unchanged files", out, old.model_sha256, identity.model_sha256,
+                "rows of unchanged files", shown, old.model_sha256, identity.model_sha256,
             )  # fmt: skip
             stale = True
     if reuse and old.catalog != identity.catalog:
-        log.info("%s was written from %s; reusing rows of files with the same path, size and mtime", out, old.catalog)
+        log.info("%s was written from %s; reusing rows of files with the same path, size and mtime", shown, old.catalog)
     reader = RowReader([out], info.tasks, old.top_k)
     try:
         index = RowIndex(reader, checksums)
     except BaseException:
         reader.close()
         raise
-    log.info("previous output %s: %d rows", out, index.num_rows)
+    log.info("previous output %s: %d rows", shown, index.num_rows)
     return Previous(reader, index, reuse, stale)
 
 

@@ -6,10 +6,8 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -21,7 +19,7 @@ from tagger.errors import TaggerError, UsageError
 from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info
 from tagger.output.writer import ResultWriter
-from tagger.storage import same_file
+from tagger.storage import Location, as_location, exists, redact, same_file
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +61,16 @@ class Shard:
 
 @dataclass(frozen=True)
 class MergeSummary:
-    out: Path
+    out: Location
     shards: int
     files: int
     ok: int
     errors: int
 
     def line(self) -> str:
-        return f"merged {self.shards} shards: {self.files} files, {self.ok} ok, {self.errors} errors -> {self.out}"
+        return (
+            f"merged {self.shards} shards: {self.files} files, {self.ok} ok, {self.errors} errors -> {redact(self.out)}"
+        )
 
 
 def _check_shards(infos: Sequence[OutputInfo]) -> list[OutputInfo]:
@@ -80,17 +80,17 @@ def _check_shards(infos: Sequence[OutputInfo]) -> list[OutputInfo]:
     first_shard: Shard | None = None
     for info in infos:
         if info.identity.shard is None:
-            raise TaggerError(f"{info.path} is not a shard (it was not written with --shard I/N)")
+            raise TaggerError(f"{redact(info.path)} is not a shard (it was not written with --shard I/N)")
         shard = Shard.parse(info.identity.shard)
         first_shard = first_shard or shard
         if shard.count != first_shard.count:
-            raise TaggerError(f"{first.path} is shard {first_shard} but {info.path} is shard {shard}: different splits")
+            raise TaggerError(f"{redact(first.path)} is shard {first_shard} but {redact(info.path)} is shard {shard}: different splits")
         if info.identity.model_sha256 != first.identity.model_sha256:
-            raise TaggerError(f"{first.path} and {info.path} were tagged by different models")
+            raise TaggerError(f"{redact(first.path)} and {redact(info.path)} were tagged by different models")
         if dataclasses.replace(info.identity, shard=None) != dataclasses.replace(first.identity, shard=None):
-            raise TaggerError(f"{first.path} and {info.path} cover different catalogs or options")
+            raise TaggerError(f"{redact(first.path)} and {redact(info.path)} cover different catalogs or options")
         if shard.index in shards:
-            twice = f"{shards[shard.index].path}, {info.path}"
+            twice = f"{redact(shards[shard.index].path)}, {redact(info.path)}"
             raise TaggerError(f"shard {shard} is given twice ({twice}); shards must not overlap")
         shards[shard.index] = info
     assert first_shard is not None
@@ -110,29 +110,29 @@ def _merged_metadata(infos: Sequence[OutputInfo]) -> dict[str, str]:
     return meta
 
 
-def _check_out(out: Path, shard_files: Sequence[str | os.PathLike[str]]) -> None:
+def _check_out(out: Location, shard_files: Sequence[Location]) -> None:
     """Refuse an OUT that is one of the inputs, or a shard output itself: the user most likely forgot OUT."""
     usage = "OUT comes first: tagger merge OUT.parquet SHARD.parquet..."
-    if not out.exists():
+    if not exists(out):
         return
     if any(same_file(out, p) for p in shard_files):
-        raise TaggerError(f"output {out} is one of the shards to merge; {usage}")
+        raise TaggerError(f"output {redact(out)} is one of the shards to merge; {usage}")
     try:
         shard = read_output_info(out).identity.shard
     except TaggerError:
         return  # not a tagger output: replaced on success, like any output
     if shard is not None:
-        raise TaggerError(f"output {out} is a shard output (shard {shard}), not a merged one; {usage}")
+        raise TaggerError(f"output {redact(out)} is a shard output (shard {shard}), not a merged one; {usage}")
 
 
-def merge_shards(out: str | os.PathLike[str], shard_files: Sequence[str | os.PathLike[str]]) -> MergeSummary:
+def merge_shards(out: Location, shard_files: Sequence[Location]) -> MergeSummary:
     """Merge the outputs of `tagger run --shard I/N` (all N of them) into one, in global path order.
 
     The result equals an unsharded run's output (rows, order, values). Shards of different catalogs, models or
     options, a shard given twice, a missing shard, or a path in two shards are refused (TaggerError) before
     anything is written; the output is written atomically.
     """
-    out = Path(out)
+    out = as_location(out)
     if not shard_files:
         raise TaggerError("name the shard outputs to merge")
     _check_out(out, shard_files)
@@ -143,7 +143,7 @@ def merge_shards(out: str | os.PathLike[str], shard_files: Sequence[str | os.Pat
         paths = [r.keys().column("path") for r in readers]
         for info, p in zip(infos, paths):
             if len(p) > 1 and pc.any(pc.less_equal(p[1:], p[:-1])).as_py():
-                raise TaggerError(f"{info.path} is not in path order, so it is not a shard output of tagger run")
+                raise TaggerError(f"{redact(info.path)} is not in path order, so it is not a shard output of tagger run")
         sizes = np.array([len(p) for p in paths], np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)])  # [N + 1] first global row of each shard
         everything = pa.chunked_array([c for p in paths for c in p.chunks], pa.string())
@@ -179,7 +179,7 @@ def merge_shards(out: str | os.PathLike[str], shard_files: Sequence[str | os.Pat
         resumed = sum(int(i.metadata.get(out_schema.META_RESUMED, "0")) for i in infos)
         unlistable = sum(int(i.metadata.get(out_schema.META_UNLISTABLE, "0")) for i in infos)
         writer.commit(out_schema.closing_metadata(files, ok, tagged, reused, resumed, unlistable=unlistable))
-    log.info("merged %d shards into %s: %d files", len(infos), out, files)
+    log.info("merged %d shards into %s: %d files", len(infos), redact(out), files)
     return MergeSummary(out, len(infos), files, ok, files - ok)
 
 

@@ -1,15 +1,13 @@
-"""Crash-safe resume: OUT.work/ beside the output keeps the rows tagged so far, committed in checksummed parts."""
+"""Crash-safe resume: OUT.work/ beside the output (a folder, or a key prefix in the bucket) keeps the rows tagged so
+far, committed in checksummed parts."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import time
-from pathlib import Path
 from types import TracebackType
 from typing import Mapping, Sequence
 
@@ -20,12 +18,21 @@ from tagger.contract import TaskSpec
 from tagger.errors import TaggerError, one_line
 from tagger.output.reader import RowIndex, RowReader
 from tagger.output.schema import output_schema
-from tagger.storage import publish_bytes
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; keeping two runs off one output is then up to the scheduler
-    fcntl = None  # type: ignore[assignment]
+from tagger.storage import (
+    Location,
+    Lock,
+    as_location,
+    join,
+    list_names,
+    make_folder,
+    name_of,
+    publish_bytes,
+    read_file,
+    redact,
+    remove,
+    remove_tree,
+    with_suffix_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +40,17 @@ WORK_SUFFIX = ".work"
 DEFAULT_COMMIT_EVERY = 10_000  # images; a part of 10k rows is ~1.5 MB and a few ms to write
 DEFAULT_COMMIT_SECONDS = 60.0
 IDENTITY_FILE = "identity.json"
-LOCK_FILE = "lock"
 # part-<sequence>-<first 16 hex digits of the file's sha256>.parquet: the name carries the checksum, so a part and
 # its checksum appear together in one atomic rename and no manifest can disagree with the parts.
 _PART = re.compile(r"part-(\d{6})-([0-9a-f]{16})\.parquet")
 
 
-def work_dir_of(out: str | os.PathLike[str]) -> Path:
-    out = Path(out)
-    return out.with_name(out.name + WORK_SUFFIX)
+def work_dir_of(out: Location) -> Location:
+    return with_suffix_name(out, WORK_SUFFIX)
 
 
-def _sequence_of(part: Path) -> int:
-    m = _PART.fullmatch(part.name)
+def _sequence_of(part: Location) -> int:
+    m = _PART.fullmatch(name_of(part))
     return int(m[1]) if m else 0
 
 
@@ -55,7 +60,12 @@ class WorkDir:
     Parts hold freshly tagged rows (reused rows are still in the previous output, which nothing touches before the
     new one is complete). Each part is written to a temp file, fsynced and renamed; its name carries its checksum,
     so a torn or corrupt part is detected, dropped and its rows tagged again. The output's temp file lives here too,
-    so a killed run leaves nothing beside the output but this folder. finish() removes the folder.
+    so a killed run leaves nothing beside the output but this folder. finish() removes the folder. In a bucket each
+    part is one PUT of the whole object under its checksum name (written once, never overwritten), and the output's
+    temp file lives in the local temp folder instead.
+
+    Two runs on one output are kept apart by a storage.Lock on this folder: a flock locally, a best-effort lock
+    object in a bucket (see Lock: not atomic, pyarrow.fs has no conditional put).
 
     identity: what the rows depend on (model sha256, catalog, options, tool version); parts of another identity are
     discarded, as are all parts when `resume` is false.
@@ -63,7 +73,7 @@ class WorkDir:
 
     def __init__(
         self,
-        out: str | os.PathLike[str],
+        out: Location,
         identity: Mapping[str, str],
         tasks: Sequence[TaskSpec],
         top_k: int,
@@ -71,8 +81,8 @@ class WorkDir:
         commit_every: int = DEFAULT_COMMIT_EVERY,
         commit_seconds: float = DEFAULT_COMMIT_SECONDS,
     ) -> None:
-        self.out = Path(out)
-        self.path = work_dir_of(out)
+        self.out = as_location(out)
+        self.path = work_dir_of(self.out)
         self.identity = dict(identity)
         self.schema = output_schema(tasks, top_k)
         self.commit_every = commit_every  # 0: no commits by count
@@ -85,10 +95,10 @@ class WorkDir:
         self._last_commit = time.monotonic()
         self._finished = False
         try:
-            self.path.mkdir(exist_ok=True)
+            make_folder(self.path)
         except OSError as e:
-            raise TaggerError(f"cannot write output {self.out}: {one_line(e)}") from None
-        self._lock_fd = self._lock()
+            raise TaggerError(f"cannot write output {redact(self.out)}: {one_line(e)}") from None
+        self._lock = Lock(self.path, redact(self.out))
         try:
             self._clear_temp_files()
             parts = self._usable_parts(resume)
@@ -102,40 +112,28 @@ class WorkDir:
             self._unlock()
             raise
 
-    def _lock(self) -> int | None:
-        if fcntl is None:
-            return None
-        try:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as e:
-            raise TaggerError(f"cannot write output {self.out}: {one_line(e)}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released by the kernel however the process ends
-        except BlockingIOError:
-            os.close(fd)
-            raise TaggerError(f"another tagger run is writing {self.out} (it holds {self.path / LOCK_FILE})") from None
-        return fd
-
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        self._lock.release()
 
     def _clear_temp_files(self) -> None:
         # Left by a killed run: a half-written part or output. Nobody else writes here: we hold the lock.
-        for p in self.path.glob(".*.tmp"):
-            log.debug("removing leftover temp file %s", p)
-            p.unlink(missing_ok=True)
+        for name in list_names(self.path):
+            if name.startswith(".") and name.endswith(".tmp"):
+                log.debug("removing leftover temp file %s", name)
+                remove(join(self.path, name))
+
+    def _parts(self) -> list[Location]:
+        return [join(self.path, n) for n in list_names(self.path) if n.startswith("part-") and n.endswith(".parquet")]
 
     def _read_identity(self) -> dict[str, str] | None:
         try:
-            data = json.loads((self.path / IDENTITY_FILE).read_text(encoding="utf-8"))
+            data = json.loads(read_file(join(self.path, IDENTITY_FILE)).decode("utf-8"))
         except (OSError, ValueError):
             return None
         return data if isinstance(data, dict) else None
 
-    def _usable_parts(self, resume: bool) -> list[Path]:
-        parts = sorted(p for p in self.path.glob("part-*.parquet"))
+    def _usable_parts(self, resume: bool) -> list[Location]:
+        parts = self._parts()
         if not parts:
             return []
         old = self._read_identity()
@@ -143,25 +141,27 @@ class WorkDir:
             theirs = old or {}
             differs = sorted(k for k in self.identity.keys() | theirs.keys() if theirs.get(k) != self.identity.get(k))
             log.warning(
-                "discarding %d parts in %s: they belong to another run (%s)", len(parts), self.path,
+                "discarding %d parts in %s: they belong to another run (%s)", len(parts), redact(self.path),
                 f"{', '.join(differs)} differ" if old is not None else "no readable identity",
             )  # fmt: skip
             self._remove(parts)
             return []
         if not resume:
-            log.info("discarding %d parts of an interrupted run in %s (--resume reuses them)", len(parts), self.path)
+            log.info(
+                "discarding %d parts of an interrupted run in %s (--resume reuses them)", len(parts), redact(self.path)
+            )
             self._remove(parts)
             return []
         return [p for p in parts if self._check_part(p)]
 
-    def _check_part(self, part: Path) -> bool:
-        m = _PART.fullmatch(part.name)
+    def _check_part(self, part: Location) -> bool:
+        m = _PART.fullmatch(name_of(part))
         reason = None
         if m is None:
             reason = "unexpected name"
         else:
             try:
-                data = part.read_bytes()
+                data = read_file(part)
                 if hashlib.sha256(data).hexdigest()[:16] != m[2]:
                     reason = "checksum mismatch: torn or corrupt"
                 elif not pq.read_schema(pa.BufferReader(data)).equals(self.schema, check_metadata=False):
@@ -170,16 +170,16 @@ class WorkDir:
                 reason = one_line(e)
         if reason is None:
             return True
-        log.warning("work part %s is unusable (%s); its rows will be tagged again", part, reason)
+        log.warning("work part %s is unusable (%s); its rows will be tagged again", redact(part), reason)
         self._remove([part])
         return False
 
-    def _remove(self, paths: Sequence[Path]) -> None:
+    def _remove(self, paths: Sequence[Location]) -> None:
         for p in paths:
-            p.unlink(missing_ok=True)
+            remove(p)
 
     def _write_identity(self) -> None:
-        publish_bytes(self.path / IDENTITY_FILE, json.dumps(self.identity, indent=1, sort_keys=True).encode())
+        publish_bytes(join(self.path, IDENTITY_FILE), json.dumps(self.identity, indent=1, sort_keys=True).encode())
 
     def add(self, table: pa.Table) -> None:
         """Buffer freshly tagged rows; commit them when commit_every rows or commit_seconds have gone by."""
@@ -191,6 +191,8 @@ class WorkDir:
         due_time = self.commit_seconds and time.monotonic() - self._last_commit >= self.commit_seconds
         if due_rows or due_time:
             self.commit()
+        elif self._lock.refresh_due():
+            self._lock.refresh()
 
     def commit(self) -> None:
         """Write the buffered rows as one part: temp file, fsync, rename to a name carrying its checksum."""
@@ -202,7 +204,8 @@ class WorkDir:
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue()
         name = f"part-{self._sequence:06d}-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
-        publish_bytes(self.path / name, data.to_pybytes())
+        publish_bytes(join(self.path, name), data.to_pybytes())
+        self._lock.refresh()
         self._sequence += 1
         self.committed += table.num_rows
         self._pending, self._pending_rows = [], 0
@@ -216,7 +219,7 @@ class WorkDir:
         """The output is in place: the work folder has served its purpose."""
         self._finished = True
         self._close_rows()
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_tree(self.path)  # before unlocking: no other run can be using the folder yet
         self._unlock()
 
     def abandon(self) -> None:
@@ -227,11 +230,12 @@ class WorkDir:
             self.commit()
         except TaggerError as e:
             log.warning("%s", e)
-        if any(self.path.glob("part-*.parquet")):
-            log.warning("%s keeps the rows tagged so far; rerun with --resume to continue", self.path)
+        if self._parts():
+            log.warning("%s keeps the rows tagged so far; rerun with --resume to continue", redact(self.path))
+            self._unlock()
         else:
-            shutil.rmtree(self.path, ignore_errors=True)
-        self._unlock()
+            remove_tree(self.path)
+            self._unlock()
 
     def __enter__(self) -> WorkDir:
         return self

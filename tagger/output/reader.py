@@ -6,9 +6,7 @@ import bisect
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Mapping, Sequence
 
@@ -21,6 +19,7 @@ from tagger.contract import FORMAT_VERSION, META_FORMAT, META_TASKS, TaskSpec, t
 from tagger.errors import TaggerError
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
+from tagger.storage import Location, arrow_source, as_location, redact
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ _ARROW_SCHEMA_KEY = "ARROW:schema"  # pyarrow's own copy of the schema; not tagg
 class OutputInfo:
     """A tagger output file, checked: its run identity, tasks and row count."""
 
-    path: Path
+    path: Location
     identity: RunIdentity
     tasks: tuple[TaskSpec, ...]
     num_rows: int
@@ -44,16 +43,18 @@ def _text_metadata(parquet_meta: pq.FileMetaData) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in raw.items() if k.decode() != _ARROW_SCHEMA_KEY}
 
 
-def file_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+def file_metadata(path: Location) -> dict[str, str]:
     """A Parquet file's key-value metadata as text (pyarrow's own schema entry left out)."""
-    return _text_metadata(pq.read_metadata(path))
+    source, fs = arrow_source(path)
+    return _text_metadata(pq.read_metadata(source, filesystem=fs))
 
 
-def read_output_info(path: str | os.PathLike[str]) -> OutputInfo:
-    """Check that `path` is a Parquet file this tagger wrote (format, metadata keys, columns); TaggerError if not."""
-    path = Path(path)
+def read_output_info(loc: Location) -> OutputInfo:
+    """Check that `loc` is a Parquet file this tagger wrote (format, metadata keys, columns); TaggerError if not."""
+    path = redact(loc)  # how messages name it
     try:
-        parquet_meta = pq.read_metadata(path)
+        source, fs = arrow_source(loc)
+        parquet_meta = pq.read_metadata(source, filesystem=fs)
         meta, num_rows = _text_metadata(parquet_meta), parquet_meta.num_rows
         schema = parquet_meta.schema.to_arrow_schema()
     except (pa.ArrowException, OSError, UnicodeDecodeError) as e:
@@ -74,7 +75,7 @@ def read_output_info(path: str | os.PathLike[str]) -> OutputInfo:
         raise TaggerError(f"{path} is of an older output format, without the sha256 column")
     if not schema.equals(s.output_schema(tasks, identity.top_k), check_metadata=False):
         raise TaggerError(f"{path} does not have the columns tagger writes for its tasks and options")
-    return OutputInfo(path, identity, tasks, num_rows, meta)
+    return OutputInfo(as_location(loc), identity, tasks, num_rows, meta)
 
 
 def _encode(column: pa.ChunkedArray, labels: pa.Array) -> pa.ChunkedArray:
@@ -104,7 +105,7 @@ class RowReader:
     so a reused row is written exactly like a freshly tagged one. Sequential reads load each row group once.
     """
 
-    def __init__(self, paths: Sequence[str | os.PathLike[str]], tasks: Sequence[TaskSpec], top_k: int) -> None:
+    def __init__(self, paths: Sequence[Location], tasks: Sequence[TaskSpec], top_k: int) -> None:
         self.schema = s.output_schema(tasks, top_k)
         self._labels = {t.name: pa.array(t.labels, pa.string()) for t in tasks}
         self._files: list[pq.ParquetFile] = []
@@ -114,7 +115,8 @@ class RowReader:
         n = 0
         try:
             for path in paths:
-                f = pq.ParquetFile(path)
+                source, fs = arrow_source(path)
+                f = pq.ParquetFile(source, filesystem=fs)
                 self._files.append(f)
                 for g in range(f.num_row_groups):
                     self._starts.append(n)
@@ -122,7 +124,7 @@ class RowReader:
                     n += f.metadata.row_group(g).num_rows
         except (pa.ArrowException, OSError) as e:
             self.close()
-            raise TaggerError(f"cannot read {path}: {' '.join(str(e).split())[:200]}") from None
+            raise TaggerError(f"cannot read {redact(path)}: {' '.join(str(e).split())[:200]}") from None
         self.num_rows = n
 
     def keys(self, columns: Sequence[str] = KEY_COLUMNS) -> pa.Table:

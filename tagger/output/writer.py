@@ -1,10 +1,9 @@
-"""Output writer: rows -> Parquet, in row groups, into a temp file that replaces the output only on success."""
+"""Output writer: rows -> Parquet, in row groups, into a temp file that replaces the output only on success (or is
+uploaded as one object, for an output in a bucket)."""
 
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from types import TracebackType
 from typing import Mapping, NoReturn
 
@@ -13,14 +12,15 @@ import pyarrow.parquet as pq
 
 from tagger.errors import TaggerError, one_line
 from tagger.output.schema import ROW_GROUP_SIZE
-from tagger.storage import discard, publish, reserve_temp
+from tagger.storage import Location, as_location, discard, is_folder, publish, redact, reserve_temp
 
 log = logging.getLogger(__name__)
 
 
 class ResultWriter:
     """Incremental Parquet writer: a temp file beside `out` (or in `tmp_dir`, same file system), renamed over `out`
-    by commit(), removed otherwise.
+    by commit(), removed otherwise. An output in a bucket is written to a local temp file and uploaded whole by
+    commit(): readers never see a half-written object, and a failed run never starts an upload.
 
     A crash, an error or a full disk therefore never leaves a truncated output, nor clobbers an existing one. Rows
     are buffered and written in row groups of `row_group_size`, so memory stays bounded on runs of millions.
@@ -28,20 +28,20 @@ class ResultWriter:
 
     def __init__(
         self,
-        out: str | os.PathLike[str],
+        out: Location,
         schema: pa.Schema,
         metadata: Mapping[str, str] | None = None,
         row_group_size: int = ROW_GROUP_SIZE,
-        tmp_dir: str | os.PathLike[str] | None = None,
+        tmp_dir: Location | None = None,
     ) -> None:
-        self.out = Path(out)
+        self.out = as_location(out)
         self.schema = schema.with_metadata(dict(metadata or {}))
         self.row_group_size = row_group_size
         self.rows = 0
         self._pending: list[pa.Table] = []
         self._pending_rows = 0
-        if self.out.is_dir():
-            raise TaggerError(f"output {self.out} is a folder; name a .parquet file")
+        if is_folder(self.out):
+            raise TaggerError(f"output {redact(self.out)} is a folder; name a .parquet file")
         self._tmp = reserve_temp(self.out, tmp_dir)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
         self._done = False
@@ -64,9 +64,9 @@ class ResultWriter:
 
     def _fail(self, e: OSError) -> NoReturn:
         self.abort()
-        raise TaggerError(f"cannot write output {self.out}: {one_line(e)}") from None
+        raise TaggerError(f"cannot write output {redact(self.out)}: {one_line(e)}") from None
 
-    def commit(self, metadata: Mapping[str, str] | None = None) -> Path:
+    def commit(self, metadata: Mapping[str, str] | None = None) -> Location:
         """Flush, add final key-value metadata (counts, end time), and atomically move the file into place.
 
         Published with tagger.storage.publish: after a power loss `out` is either the previous file or the new one.
@@ -82,7 +82,7 @@ class ResultWriter:
             self._fail(e)
         publish(self._tmp, self.out)
         self._done = True
-        log.debug("wrote %d rows to %s", self.rows, self.out)
+        log.debug("wrote %d rows to %s", self.rows, redact(self.out))
         return self.out
 
     def abort(self) -> None:

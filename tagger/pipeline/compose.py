@@ -21,6 +21,7 @@ from tagger.output import schema as s
 from tagger.pipeline.batch import Batch, prefetch, rebatch
 from tagger.pipeline.decode import (
     DEFAULT_DECODE_MEMORY,
+    DEFAULT_IO_THREADS,
     DEFAULT_MAX_PIXELS,
     Sample,
     decode_chunk,
@@ -64,11 +65,12 @@ def decoded_batches(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     decode_memory: int = DEFAULT_DECODE_MEMORY,
+    io_threads: int = DEFAULT_IO_THREADS,
 ) -> Generator[Batch, None, None]:
     """discover's refs -> fixed-size decoded Batches, in order, decoded ahead in a bounded background thread."""
     workers = default_workers() if workers is None else workers
     chunk = decode_chunk(batch_size)
-    decoded = decode_stream(refs, spec, max_pixels, workers, chunk, decode_memory=decode_memory)
+    decoded = decode_stream(refs, spec, max_pixels, workers, chunk, decode_memory=decode_memory, io_threads=io_threads)
     return prefetch(rebatch(decoded, batch_size), depth=PREFETCH_BATCHES)
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 import warnings
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence, Union
@@ -28,7 +28,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from tagger.contract import PreprocessSpec
 from tagger.errors import TaggerError, one_line
 from tagger.pipeline.discover import ImageRef
-from tagger.storage import read_file, sha256_hex
+from tagger.storage import has_latency, read_file, redact, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ DECODE_CHUNK = 32  # files per decode call at most: one array crosses processes 
 DEFAULT_MAX_PIXELS = 150_000_000  # above any camera photo (a 100 MP sensor is 102M); far below a decompression bomb
 
 DEFAULT_DECODE_MEMORY = 4 * 1024**3  # bytes of decoding all decoders of a run may hold at once (--decode-memory)
+
+DEFAULT_IO_THREADS = 16  # object-store reads in flight per decoder (--io-threads): ~16 GETs of 30 ms hide the latency
 
 # What a bad file raises from Pillow's readers: unreadable/truncated (OSError incl. UnidentifiedImageError),
 # malformed headers (SyntaxError, ValueError, struct.error), short frames (EOFError), our own pixel limit.
@@ -202,6 +204,20 @@ class DecodeMemory:
             self._free.value += nbytes
             self._cond.notify_all()
 
+    def acquire_ahead(self, nbytes: int, stopped: threading.Event) -> bool:
+        """Hold nbytes for a file read ahead of its decoding, leaving half the budget free for the decodes: files
+        read ahead never hold more than half, so a decode (one of at most half the budget) always gets room. False
+        (nothing held) when nbytes alone is more than that, or when `stopped` is set while waiting."""
+        reserve = self.limit // 2
+        if nbytes > self.limit - reserve:
+            return False
+        with self._cond:
+            while not self._cond.wait_for(lambda: self._free.value - nbytes >= reserve, timeout=0.2):
+                if stopped.is_set():
+                    return False
+            self._free.value -= nbytes
+        return True
+
 
 # This thread's DecodeMemory (.budget; a pool worker's for its life, in-process decoding's for one call) and the
 # (budget, bytes) its current image holds (.held).
@@ -222,12 +238,18 @@ def _decode_memory(budget: DecodeMemory | None) -> Iterator[None]:
 
 
 def _reserve_decode_memory(img: Image.Image, w: int, h: int, transposed: bool) -> None:
-    """Wait for room for img's decoding in this thread's budget (none: no wait); held until the image is fitted."""
+    """Wait for room for img's decoding in this thread's budget (none: no wait); held until the image is fitted.
+
+    The file's bytes, when read ahead, were held since; they are released and taken again with the decoding, so
+    the thread holds nothing while it waits.
+    """
     budget: DecodeMemory | None = getattr(_decoding, "budget", None)
     if budget is None:
         return
+    held = getattr(_decoding, "held", None)
+    carried = held[1] if held is not None else 0
     _release_decode_memory()
-    need = decode_bytes(img, w, h, transposed)
+    need = decode_bytes(img, w, h, transposed) + carried
     budget.acquire(need, f"{w}x{h}")
     _decoding.held = (budget, need)
 
@@ -274,29 +296,108 @@ def load_image(
 
 
 def decode_one(
-    src: Source, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS, index: int = 0
+    src: Source,
+    spec: PreprocessSpec,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    index: int = 0,
+    fetched: Future[bytes] | None = None,
 ) -> DecodeResult:
     """Decode one file into the model's input (uint8 [S, S, 3]); a bad file becomes a Failure, never an exception.
 
     The bytes are read once, through storage, and hashed before decoding: a file that fails to decode keeps its sha256.
-    A ref of a folder that could not be listed becomes its Failure without opening anything.
+    A ref of a folder that could not be listed becomes its Failure without opening anything. fetched: the bytes,
+    read ahead (see _ReadAhead); its read error is the row's error.
     """
     if isinstance(src, ImageRef) and src.unlistable is not None:
         return Failure(index, src.unlistable)
     path = src.abspath if isinstance(src, ImageRef) else src
     digest = None
     try:
-        data = read_file(path)
+        data = fetched.result() if fetched is not None else read_file(path)
         digest = sha256_hex(data)
         img, w, h = load_image(data, spec, max_pixels)
         return Sample(index, fit_and_pad(img, spec), w, h, digest)
     except DECODE_ERRORS as e:
-        return Failure(index, one_line(e, path, named=True), digest)
+        return Failure(index, _error_text(e, path), digest)
     except Exception as e:  # noqa: BLE001
         # Last resort, recorded in the row: decoder plugins raise arbitrary types on malformed files (fuzzers find
         # IndexError, TypeError, ...), and one such photo must not end a run over millions.
-        log.debug("unexpected decode error for %s", path, exc_info=True)
-        return Failure(index, one_line(e, path, named=True), digest)
+        log.debug("unexpected decode error for %s", redact(path), exc_info=True)
+        return Failure(index, _error_text(e, path), digest)
+
+
+def _error_text(e: BaseException, path: str | os.PathLike[str]) -> str:
+    """A row's error: one line without the file's name (the row has it), a URI's query or credentials neither."""
+    text = one_line(e, path, named=True)
+    shown = redact(path)
+    return text if shown == os.fspath(path) else text.replace(shown, "")
+
+
+class _ReadAhead:
+    """Reads a chunk's objects (files with latency: storage.has_latency) in io_threads threads while the decoding
+    thread decodes the ones before, so decoding never waits on the network when enough reads are in flight.
+
+    Each object's size is held in the decode budget before its read (in order: DecodeMemory.acquire_ahead, so read-
+    ahead bytes never take more than half of it) and released once its decoding is done or failed. Local files are
+    not read ahead: they are read in the decoding thread, as before.
+    """
+
+    def __init__(self, srcs: Sequence[Source], io_threads: int) -> None:
+        self.budget: DecodeMemory | None = getattr(_decoding, "budget", None)
+        self.futures: dict[int, Future[bytes]] = {}
+        self.held: dict[int, int] = {}  # index in srcs -> bytes it holds in the budget
+        self._stopped = threading.Event()
+        self._turn = 0  # position in `order` whose budget is taken next: in order, so a chunk never deadlocks
+        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        order = [
+            i for i, src in enumerate(srcs)
+            if isinstance(src, ImageRef) and src.unlistable is None and has_latency(src.abspath)
+        ]  # fmt: skip
+        self._pool = ThreadPoolExecutor(min(io_threads, len(order))) if order else None
+        for k, i in enumerate(order):
+            ref = srcs[i]
+            assert isinstance(ref, ImageRef)
+            self.futures[i] = self._pool.submit(self._read, k, i, ref)  # type: ignore[union-attr]
+
+    def _read(self, k: int, i: int, ref: ImageRef) -> bytes:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == k)
+        try:
+            if self.budget is not None and ref.size > 0 and self.budget.acquire_ahead(ref.size, self._stopped):
+                with self._lock:
+                    self.held[i] = ref.size
+        finally:
+            with self._cond:
+                self._turn += 1
+                self._cond.notify_all()
+        if self._stopped.is_set():
+            raise OSError("decoding stopped")
+        return read_file(ref.abspath)
+
+    def take(self, i: int) -> Future[bytes] | None:
+        """Source i's read (None: decode reads it itself); its held bytes pass to this thread's decode holding."""
+        future = self.futures.get(i)
+        if future is None:
+            return None
+        future.exception()  # wait for it, so its budget is taken and known
+        with self._lock:
+            nbytes = self.held.pop(i, 0)
+        if nbytes and self.budget is not None:
+            _release_decode_memory()
+            _decoding.held = (self.budget, nbytes)
+        return future
+
+    def close(self) -> None:
+        """Stop reading ahead; give back what reads not decoded still hold."""
+        self._stopped.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            held, self.held = self.held, {}
+        if self.budget is not None:
+            for nbytes in held.values():
+                self.budget.release(nbytes)
 
 
 def _rebuild_batch(images: np.ndarray, meta: list[_Meta], seconds: float) -> DecodedBatch:
@@ -338,6 +439,7 @@ def decode_many(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     start: int = 0,
     memory: DecodeMemory | None = None,
+    io_threads: int = DEFAULT_IO_THREADS,
 ) -> DecodedBatch:
     """Decode files into one contiguous uint8 [k, S, S, 3] array of the ok ones; result i has index start + i.
 
@@ -347,19 +449,23 @@ def decode_many(
     s = spec.size
     buf = np.empty((len(srcs), s, s, 3), dtype=np.uint8)
     with _decode_memory(memory):
-        meta = _decode_to(buf, srcs, spec, max_pixels, start)
+        meta = _decode_to(buf, srcs, spec, max_pixels, start, io_threads)
     return _rebuild_batch(buf, meta, time.perf_counter() - t0)
 
 
 def _decode_to(
-    buf: np.ndarray, srcs: Sequence[Source], spec: PreprocessSpec, max_pixels: int, start: int
+    buf: np.ndarray, srcs: Sequence[Source], spec: PreprocessSpec, max_pixels: int, start: int, io_threads: int
 ) -> list[_Meta]:
     """Decode srcs, packing the ok ones in order into buf [>= len(srcs), S, S, 3]; one _Meta per source."""
 
     def decoded() -> Iterator[DecodeResult]:
-        for i, src in enumerate(srcs):
-            yield decode_one(src, spec, max_pixels, start + i)
-            _release_decode_memory()  # the image is fitted: its full-size pixels are gone
+        ahead = _ReadAhead(srcs, io_threads)
+        try:
+            for i, src in enumerate(srcs):
+                yield decode_one(src, spec, max_pixels, start + i, ahead.take(i))
+                _release_decode_memory()  # the image is fitted: its full-size pixels (and its file's bytes) are gone
+        finally:
+            ahead.close()
 
     return _pack(buf, decoded())
 
@@ -443,14 +549,14 @@ def _shared_file(nbytes: int) -> tuple[str, mmap.mmap]:
 
 def _decode_into(
     arena: str, offset: int, shape: tuple[int, int, int, int], srcs: Sequence[Source], spec: PreprocessSpec,
-    max_pixels: int, start: int,
+    max_pixels: int, start: int, io_threads: int = DEFAULT_IO_THREADS,
 ) -> tuple[list[_Meta], float]:
     """Worker side of decode_stream: decode srcs straight into one arena slot; return only the metadata."""
     t0 = time.perf_counter()
     n = shape[0] * shape[1] * shape[2] * shape[3]
     with open(arena, "r+b") as f, mmap.mmap(f.fileno(), n, offset=offset) as m:
         buf = np.frombuffer(m, np.uint8, n).reshape(shape)
-        meta = _decode_to(buf, srcs, spec, max_pixels, start)
+        meta = _decode_to(buf, srcs, spec, max_pixels, start, io_threads)
         del buf  # the map cannot close while a view of it exists
     return meta, time.perf_counter() - t0
 
@@ -463,6 +569,7 @@ def decode_stream(
     chunk_size: int = DECODE_CHUNK,
     max_pending: int | None = None,
     decode_memory: int = DEFAULT_DECODE_MEMORY,
+    io_threads: int = DEFAULT_IO_THREADS,
 ) -> Iterator[tuple[tuple[ImageRef, ...], DecodedBatch]]:
     """Decode refs in chunks, yielding (refs of the chunk, its DecodedBatch) in input order.
 
@@ -471,7 +578,7 @@ def decode_stream(
     stays bounded however slow the consumer is (Pool.imap would buffer every finished result). With a pool, a
     chunk's pixels are only valid until the next chunk is requested: the consumer copies what it keeps.
     decode_memory: bytes all decoders may hold at once (see DecodeMemory). A worker that dies costs no rows (see
-    _Decoders).
+    _Decoders). io_threads: object-store reads in flight per decoder (see _ReadAhead).
     """
     workers = default_workers() if workers is None else workers
     chunks = _chunks(refs, chunk_size)
@@ -479,11 +586,11 @@ def decode_stream(
         memory = DecodeMemory(decode_memory)
         start = 0
         for chunk in chunks:
-            yield chunk, decode_many(chunk, spec, max_pixels, start, memory)
+            yield chunk, decode_many(chunk, spec, max_pixels, start, memory, io_threads)
             start += len(chunk)
         return
     window = max_pending or 2 * workers
-    decoders = _Decoders(workers, _Arena(window, chunk_size, spec.size), spec, max_pixels, decode_memory)
+    decoders = _Decoders(workers, _Arena(window, chunk_size, spec.size), spec, max_pixels, decode_memory, io_threads)
     try:
         start = 0
         for chunk in chunks:
@@ -511,8 +618,8 @@ class _Job:
 
 def _sources(chunk: Sequence[ImageRef]) -> list[Source]:
     """What workers decode: a name crosses the pipe more cheaply than a ref; an unlistable folder's ref carries its
-    error."""
-    return [r.abspath if r.unlistable is None else r for r in chunk]
+    error, an object's ref its size (read ahead, see _ReadAhead)."""
+    return [r.abspath if r.unlistable is None and not has_latency(r.abspath) else r for r in chunk]
 
 
 class _Decoders:
@@ -525,8 +632,11 @@ class _Decoders:
     DecoderCrashed row, every other file its real one.
     """
 
-    def __init__(self, workers: int, arena: _Arena, spec: PreprocessSpec, max_pixels: int, decode_memory: int) -> None:
+    def __init__(
+        self, workers: int, arena: _Arena, spec: PreprocessSpec, max_pixels: int, decode_memory: int, io_threads: int
+    ) -> None:
         self.arena, self.spec, self.max_pixels, self.decode_memory = arena, spec, max_pixels, decode_memory
+        self.io_threads = io_threads
         self.workers = workers
         self.pending: deque[_Job] = deque()
         # spawn: safe next to the inference threads of this process, and the same on every OS. An executor rather
@@ -546,7 +656,7 @@ class _Decoders:
     def _send(self, job: _Job) -> None:
         args = (
             self.arena.path, job.slot * self.arena.slot_bytes, (len(job.chunk), *self.arena.shape[1:]),
-            _sources(job.chunk), self.spec, self.max_pixels, job.start,
+            _sources(job.chunk), self.spec, self.max_pixels, job.start, self.io_threads,
         )  # fmt: skip
         try:
             job.future = self._pool.submit(_decode_into, *args)
@@ -626,7 +736,9 @@ class _Decoders:
         """paths decoded in a process of its own, or how that process ended when it died ('SIGSEGV', 'exit code 3')."""
         receive, send = self._ctx.Pipe(duplex=False)
         memory = DecodeMemory(self.decode_memory)  # referenced here until the child has it: start() drops its args
-        proc = self._ctx.Process(target=_decode_alone, args=(send, memory, paths, self.spec, self.max_pixels, start))
+        proc = self._ctx.Process(
+            target=_decode_alone, args=(send, memory, paths, self.spec, self.max_pixels, start, self.io_threads)
+        )
         proc.start()
         send.close()
         try:
@@ -649,11 +761,12 @@ class _Decoders:
 
 
 def _decode_alone(
-    send: Any, memory: DecodeMemory, paths: list[str], spec: PreprocessSpec, max_pixels: int, start: int
+    send: Any, memory: DecodeMemory, paths: list[Source], spec: PreprocessSpec, max_pixels: int, start: int,
+    io_threads: int,
 ) -> None:
     """_Decoders._alone's process: decode paths and send the batch back."""
     _worker_init(memory)
-    send.send(decode_many(paths, spec, max_pixels, start))
+    send.send(decode_many(paths, spec, max_pixels, start, io_threads=io_threads))
     send.close()
 
 

@@ -1,7 +1,9 @@
-"""Discover stage: stream the image files of a catalog folder (or of a list) as ImageRefs, in a deterministic order."""
+"""Discover stage: stream the image files of a catalog (a folder, a bucket prefix, or a list) as ImageRefs, in a
+deterministic order."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import stat
@@ -10,7 +12,18 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from tagger.errors import TaggerError, UsageError, one_line
-from tagger.storage import same_file
+from tagger.storage import (
+    Location,
+    is_uri,
+    join,
+    list_files,
+    name_of,
+    read_file,
+    redact,
+    relative_key,
+    same_file,
+    stat_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +38,8 @@ MISSING_SIZE = -1  # ImageRef.size of a listed file that could not be stat'ed; i
 @dataclass(frozen=True)
 class ImageRef:
     """One file to tag. `path` is relative to the catalog root, posix style (absolute when listed outside it), as
-    path_text writes it; abspath is the real name (os.fsdecode'd: undecodable bytes kept as surrogates).
+    path_text writes it; abspath is the real name (os.fsdecode'd: undecodable bytes kept as surrogates), or the
+    object's URI (storage reads either).
 
     A folder that could not be listed is a ref too: path 'sub/', `unlistable` the reason, which decode turns into its
     error row without opening anything.
@@ -34,7 +48,7 @@ class ImageRef:
     path: str
     abspath: str
     size: int  # bytes; MISSING_SIZE when the file could not be stat'ed
-    mtime: float  # seconds since the epoch (os.stat's st_mtime); NaN when missing
+    mtime: float  # seconds since the epoch (os.stat's st_mtime, an object's LastModified); NaN when missing
     unlistable: str | None = None  # a folder that could not be listed: why, one line
 
     @property
@@ -62,13 +76,13 @@ def parse_extensions(text: str | Iterable[str]) -> frozenset[str]:
 
 def _ref(path: str, abspath: str) -> ImageRef:
     try:
-        st = os.stat(abspath)
+        size, mtime = stat_file(abspath)
     except OSError:
         return ImageRef(path, abspath, MISSING_SIZE, float("nan"))
-    return ImageRef(path, abspath, st.st_size, st.st_mtime)
+    return ImageRef(path, abspath, size, mtime)
 
 
-def discover(root: str | os.PathLike[str], extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> Iterator[ImageRef]:
+def discover(root: Location, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> Iterator[ImageRef]:
     """Walk `root` recursively and yield its image files, sorted by relative path (plain string order).
 
     Hidden files and folders (name starting with '.') are skipped. Symlinked folders are followed once: a folder
@@ -76,11 +90,19 @@ def discover(root: str | os.PathLike[str], extensions: Iterable[str] = DEFAULT_E
     A folder that cannot be listed (permissions, a path too long, an I/O error) yields one ref with `unlistable`
     set, never a silent drop; the root itself is a TaggerError. A generator: millions of files stream without being
     listed first; the walk keeps a stack, not recursion, so any depth works.
+
+    A URI root is listed by storage (sorted the same way, hidden names skipped the same way), so a catalog in a
+    bucket gives the rows the same catalog on disk gives.
     """
+    exts = frozenset(e.lower().lstrip(".") for e in extensions)
+    if is_uri(root):
+        for obj in list_files(str(root)):
+            if _extension(obj.rel) in exts and not any(part.startswith(".") for part in obj.rel.split("/")):
+                yield ImageRef(obj.rel, obj.location, obj.size, obj.mtime)
+        return
     root_path = Path(root)
     if not root_path.is_dir():
         raise TaggerError(f"catalog {root} is not a folder")
-    exts = frozenset(e.lower().lstrip(".") for e in extensions)
     seen: set[tuple[int, int]] = set()
     try:
         top = _listing(str(root_path), "", seen)
@@ -140,34 +162,46 @@ def _listing(
     return [(rel_dir + name, entry, is_dir) for _, name, entry, is_dir in keyed]
 
 
-def refs_from_list(root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> Iterator[ImageRef]:
+def refs_from_list(root: Location, list_file: Location) -> Iterator[ImageRef]:
     """Yield one ImageRef per line of `list_file` (paths relative to `root`, or absolute), in the listed order.
+
+    Under a URI root a line is a key relative to it or a URI (list_file itself may be a URI too); a listed object
+    is stat'ed with one HEAD request. A URI outside the root keeps its (redacted) URI as its path.
 
     No extension filter: the list is explicit. A listed file that does not exist still yields a ref (size
     MISSING_SIZE) so it becomes an error row rather than a silent drop. Blank lines are skipped; a path listed twice
     gives two rows (no set of seen paths, so memory stays flat on lists of millions).
     """
-    root_abs = os.path.abspath(root)
+    root_abs = "" if is_uri(root) else os.path.abspath(root)
     for abspath in _listed(root, list_file):
+        if is_uri(abspath):
+            rel_key = relative_key(root, abspath)
+            yield _ref(rel_key if rel_key is not None else redact(abspath), abspath)
+            continue
         rel = os.path.relpath(abspath, root_abs)
         outside = rel == os.pardir or rel.startswith(os.pardir + os.sep)
         yield _ref(path_text(Path(abspath if outside else rel).as_posix()), abspath)
 
 
-def _listed(root: str | os.PathLike[str], list_file: str | os.PathLike[str]) -> Iterator[str]:
-    """The absolute path of each line of `list_file` (os.fsdecode'd: a name need not be UTF-8)."""
-    root_path = Path(root)
-    if not root_path.is_dir():
+def _listed(root: Location, list_file: Location) -> Iterator[str]:
+    """The absolute path (or URI) of each line of `list_file` (os.fsdecode'd: a name need not be UTF-8)."""
+    if not is_uri(root) and not Path(root).is_dir():
         raise TaggerError(f"catalog {root} is not a folder")
     try:
-        f = open(list_file, "rb")
+        f = io.BytesIO(read_file(list_file)) if is_uri(list_file) else open(list_file, "rb")
     except OSError as e:
-        raise TaggerError(f"cannot read --files-from {list_file}: {one_line(e)}") from None
-    root_abs = os.path.abspath(root_path)
+        raise TaggerError(f"cannot read --files-from {redact(list_file)}: {one_line(e)}") from None
+    root_abs = "" if is_uri(root) else os.path.abspath(root)
     with f:
         for line in f:
             name = os.fsdecode(line.rstrip(b"\r\n"))
-            if name.strip():
+            if not name.strip():
+                continue
+            if is_uri(name):
+                yield name
+            elif is_uri(root):
+                yield str(join(root, name.lstrip("/")))
+            else:
                 yield os.path.normpath(os.path.join(root_abs, name))  # join keeps `name` when it is absolute
 
 
@@ -175,20 +209,25 @@ def _extension(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
 
-def walk_would_list(root: str | os.PathLike[str], path: str | os.PathLike[str], extensions: Iterable[str]) -> bool:
+def walk_would_list(root: Location, path: Location, extensions: Iterable[str]) -> bool:
     """Whether discover(root, extensions) lists `path`, existing or not: inside root (links resolved), no hidden
     name on the way, a listed extension. Folders linked in from outside root are not followed here."""
-    rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
+    if is_uri(root) or is_uri(path):
+        key = relative_key(root, path)
+        rel = key if key is not None else os.pardir
+    else:
+        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
     if rel == os.pardir or rel.startswith(os.pardir + os.sep) or rel == os.curdir:
         return False
     exts = frozenset(e.lower().lstrip(".") for e in extensions)
     return not any(part.startswith(".") for part in Path(rel).parts) and _extension(Path(rel).name) in exts
 
 
-def list_names(root: str | os.PathLike[str], list_file: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
+def list_names(root: Location, list_file: Location, path: Location) -> bool:
     """Whether `list_file` (as refs_from_list reads it) names `path`, directly or through a link. One pass over the
     list with a string compare per line; only lines ending in the same file name are resolved."""
-    names = {os.path.basename(os.path.abspath(path)), os.path.basename(os.path.realpath(path))}
-    return any(
-        os.path.basename(abspath) in names and same_file(abspath, path) for abspath in _listed(root, list_file)
-    )
+    if is_uri(path):
+        names = {name_of(path)}
+    else:
+        names = {os.path.basename(os.path.abspath(path)), os.path.basename(os.path.realpath(path))}
+    return any(name_of(loc) in names and same_file(loc, path) for loc in _listed(root, list_file))
