@@ -583,7 +583,7 @@ def upload(folder: Path, endpoint: str, prefix: str) -> str:
 
     boto3's single PutObject per file: moto 5.2's answer to a multipart upload's completion trips pyarrow's writer.
     """
-    import boto3
+    import boto3  # type: ignore[import-untyped]
 
     s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_credentials())
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
