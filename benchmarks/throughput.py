@@ -60,6 +60,18 @@ WARMUP_IMAGES = 8
 RSS_SAMPLE_S = 0.05
 RSS_SCALES = (1, 10)
 RSS_WARM_BATCHES = 10  # peak RSS settles after about this many batches
+STORE_BUCKET = "tagger-bench"
+STORE_LATENCY_MS = 20.0
+STORE_ROW = "tagger s3"
+# moto accepts any credentials; the region and no instance-metadata lookup keep the SDK off the network.
+STORE_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+LATENCY_PROXY = Path(__file__).resolve().with_name("latency_proxy.py")
+SERVER_START_S = 60.0
 
 COMBINED_NOTE = (
     "combined limit = 1 / (1/decode + 1/inference): decode and inference were each measured alone on all cores, "
@@ -86,6 +98,8 @@ class BenchConfig:
     rounds: int = 1
     skip_baseline: bool = False
     skip_rss: bool = False
+    object_store: bool = False  # also tag the catalog from an S3 server on 127.0.0.1, direct and with added latency
+    latency_ms: float = STORE_LATENCY_MS  # added per request on the far store row
 
 
 def _cpu_seconds() -> float:
@@ -182,8 +196,19 @@ def build_catalog(sources: Sequence[ImageRef], dest: Path, copies: int) -> str:
 # --- the measured paths ----------------------------------------------------------------------------------------
 
 
-def measure_tagger(catalog: Path, cfg: BenchConfig, out: Path) -> Measurement:
-    """`tagger run` in this process: folder -> Parquet, session creation and worker start-up included."""
+def measure_tagger(
+    catalog: Path | str,
+    cfg: BenchConfig,
+    out: Path,
+    name: str = "tagger",
+    store: ObjectStore | None = None,
+    endpoint: str | None = None,
+) -> Measurement:
+    """`tagger run` in this process: folder or URI -> Parquet, session creation and worker start-up included.
+
+    endpoint: the S3 endpoint a URI catalog is read through; the store's own CPU time (server, proxy) is reported
+    apart, as store_cpu_seconds.
+    """
     import pyarrow.parquet as pq
 
     from tagger import RunConfig, run
@@ -199,17 +224,20 @@ def measure_tagger(catalog: Path, cfg: BenchConfig, out: Path) -> Measurement:
         inflight=cfg.inflight,
         progress=False,
     )
-    with Stopwatch() as sw:
+    store_cpu = store.cpu_seconds() if store else 0.0
+    with s3_environment(endpoint), Stopwatch() as sw:
         summary = run(config)
+    store_cpu = store.cpu_seconds() - store_cpu if store else 0.0
     if summary.errors:
-        log.warning("tagger: %d of %d files failed to decode", summary.errors, summary.files)
+        log.warning("%s: %d of %d files failed to decode", name, summary.errors, summary.files)
     rows = pq.read_metadata(out).num_rows
     if rows != summary.files:
-        raise RuntimeError(f"tagger wrote {rows} rows for {summary.files} files")
+        raise RuntimeError(f"{name} wrote {rows} rows for {summary.files} files")
     return Measurement.of(
-        "tagger",
+        name,
         summary.files,
         sw,
+        **({"store_cpu_seconds": store_cpu} if store else {}),
         errors=summary.errors,
         provider=summary.provider,
         stage_seconds=dict(summary.stage_seconds),
@@ -418,7 +446,7 @@ def _status_kib(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
     return out
 
 
-def measure_rss(catalog: Path, cfg: BenchConfig, out: Path) -> dict[str, Any]:
+def measure_rss(catalog: Path | str, cfg: BenchConfig, out: Path, endpoint: str | None = None) -> dict[str, Any]:
     """Run `python -m tagger.cli run` and sample the RSS of its process tree (the CLI plus its decode workers).
 
     peak_tree_rss_mb: the highest sum over the tree at one sample (shared library pages count once per process,
@@ -431,7 +459,7 @@ def measure_rss(catalog: Path, cfg: BenchConfig, out: Path) -> dict[str, Any]:
         "--device", cfg.device, "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers),
         "--threads", str(cfg.threads),
     ]  # fmt: skip
-    env = dict(os.environ)
+    env = {**os.environ, **({**STORE_ENV, "AWS_ENDPOINT_URL": endpoint} if endpoint else {})}
     # The child imports this very tagger, wherever it is installed or checked out.
     package_root = str(Path(tagger.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -465,6 +493,136 @@ def measure_rss(catalog: Path, cfg: BenchConfig, out: Path) -> dict[str, Any]:
         "peak_tree_rss_mb": peak_tree / 1024,
         "peak_process_rss_mb": peak_process / 1024,
     }
+
+
+# --- object store --------------------------------------------------------------------------------------------
+
+
+def delayed_row(latency_ms: float) -> str:
+    return f"{STORE_ROW} +{latency_ms:g}ms"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
+    import socket
+
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise TaggerError(f"{what} exited {proc.returncode} before it listened on 127.0.0.1:{port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.1)
+    raise TaggerError(f"{what} did not listen on 127.0.0.1:{port} within {SERVER_START_S:.0f} s")
+
+
+@contextlib.contextmanager
+def _server(cmd: list[str], port: int, what: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A server process listening on 127.0.0.1:port, stopped at the end."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_listening(port, proc, what)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process, from /proc/<pid>/stat (0.0 where there is no /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    """An S3 server (moto) on 127.0.0.1 and a latency proxy in front of it, both started by the benchmark."""
+
+    endpoint: str  # http://127.0.0.1:PORT, straight to the server
+    delayed: str  # the same server through the proxy: STORE_LATENCY_MS more per request
+    pids: tuple[int, ...]  # server and proxy, whose CPU time a row reports apart from tagger's
+
+    def cpu_seconds(self) -> float:
+        return sum(process_cpu_seconds(pid) for pid in self.pids)
+
+
+@contextlib.contextmanager
+def object_store(latency_ms: float = STORE_LATENCY_MS) -> Iterator[ObjectStore]:
+    """Start moto_server and the latency proxy on free ports of 127.0.0.1; both stop at the end."""
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None:
+        raise TaggerError("--object-store needs moto's server: pip install 'moto[server]'") from None
+    port, proxy_port = free_port(), free_port()
+    server_cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proxy_cmd = [
+        sys.executable, str(LATENCY_PROXY), "--port", str(proxy_port), "--upstream", str(port),
+        "--delay-ms", str(latency_ms),
+    ]  # fmt: skip
+    with _server(server_cmd, port, "moto_server") as server, _server(proxy_cmd, proxy_port, "latency proxy") as proxy:
+        yield ObjectStore(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{proxy_port}", (server.pid, proxy.pid))
+
+
+def upload(folder: Path, endpoint: str, prefix: str) -> str:
+    """Put every file under `folder` into STORE_BUCKET/prefix/<relative path>; returns the s3:// URI of the prefix.
+
+    boto3's single PutObject per file: moto 5.2's answer to a multipart upload's completion trips pyarrow's writer.
+    """
+    import boto3  # type: ignore[import-untyped]
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_credentials())
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket=STORE_BUCKET)
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+
+    def put(path: Path) -> None:
+        s3.put_object(Bucket=STORE_BUCKET, Key=f"{prefix}/{path.relative_to(folder).as_posix()}", Body=path.read_bytes())
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(put, files))
+    return f"s3://{STORE_BUCKET}/{prefix}"
+
+
+def _boto_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": STORE_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": STORE_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": STORE_ENV["AWS_REGION"],
+    }
+
+
+@contextlib.contextmanager
+def s3_environment(endpoint: str | None) -> Iterator[None]:
+    """AWS_ENDPOINT_URL and moto's credentials in os.environ (decode workers inherit them), restored after."""
+    if endpoint is None:
+        yield
+        return
+    env = {**STORE_ENV, "AWS_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --- facts and report ------------------------------------------------------------------------------------------
@@ -527,12 +685,17 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(f"load average (1 min) {load[0][0]:.1f} before, {load[1][0]:.1f} after: other jobs skew timings")
     lines += [*(f"note: {n}" for n in report["notes"])]
     lines += ["", f"{'path':<16} {'images':>7} {'seconds':>8} {'img/s':>8} {'cpu s':>8}"]
-    for name in ("tagger", "baseline", "decode", "inference", "gpu-decode"):
+    store_names = [n for n in res if n.startswith(STORE_ROW)]
+    if store_names:
+        lines[-1] += f" {'store cpu s':>12}"
+    for name in ("tagger", *store_names, "baseline", "decode", "inference", "gpu-decode"):
         m = res.get(name)
         if m is not None:
             label = f"{name} limit" if name in ("decode", "inference") else name
+            store_cpu = f" {m['store_cpu_seconds']:>12.1f}" if "store_cpu_seconds" in m else ""
             lines.append(
                 f"{label:<16} {m['images']:>7} {m['seconds']:>8.2f} {m['img_per_s']:>8.1f} {m['cpu_seconds']:>8.1f}"
+                + store_cpu
             )
     lines.append(f"{'combined limit':<16} {'':>7} {'':>8} {r['combined_limit_img_per_s']:>8.1f}")
     lines.append("")
@@ -545,6 +708,8 @@ def render_table(report: dict[str, Any]) -> str:
         f"tagger / min(decode, infer)    {fmt(r['tagger_over_min_stage'])}",
         f"tagger / combined limit        {fmt(r['tagger_over_combined_limit'])}",
     ]
+    for name in store_names:
+        lines.append(f"{name + ' / tagger':<30} {fmt(res[name]['img_per_s'] / res['tagger']['img_per_s'])}")
     for scale, m in report["rss"].items():
         lines.append(
             f"peak RSS `tagger run` {scale:>4} ({m['images']:>6} images): tree {m['peak_tree_rss_mb']:7.0f} MB, "
@@ -580,7 +745,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
     notes: list[str] = []
     results: dict[str, Measurement] = {}
     rss: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="tagger-bench-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="tagger-bench-") as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
         warm, catalog = tmp / "warm", tmp / "catalog"
         build_catalog(sources[:WARMUP_IMAGES], warm, 1)
@@ -588,6 +753,18 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         refs = list(discover(catalog))
         total = len(refs)
         log.info("catalog: %d images (%d x %d, %s)", total, len(sources), cfg.repeat, links)
+        # (row name, endpoint) of each object-store row: the server straight, then behind the latency proxy
+        store_rows: list[tuple[str, str]] = []
+        if cfg.object_store:
+            store = stack.enter_context(object_store(cfg.latency_ms))
+            log.info("uploading the catalog to moto_server at %s", store.endpoint)
+            warm_uri, store_uri = upload(warm, store.endpoint, "warm"), upload(catalog, store.endpoint, "catalog")
+            store_rows = [(STORE_ROW, store.endpoint), (delayed_row(cfg.latency_ms), store.delayed)]
+            notes.append(
+                f"{STORE_ROW}: the same catalog as objects in moto_server on 127.0.0.1 ({store_uri}); "
+                f"{delayed_row(cfg.latency_ms)}: the same server behind a proxy that delays every request by "
+                f"{cfg.latency_ms:g} ms; store cpu s: the server's and the proxy's CPU time, not in cpu s"
+            )
 
         session = open_session(cfg.model, cfg.device, cfg.threads)
         provider = session.provider
@@ -609,6 +786,8 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
         log.info("warm-up")
         measure_tagger(warm, cfg, tmp / "warm.parquet")
+        for name, endpoint in store_rows:
+            measure_tagger(warm_uri, cfg, tmp / "warm.parquet", name, store, endpoint)
         _, warm_images = measure_decode(warm, spec, cfg, batch_size, WARMUP_IMAGES)
         warm_batch = warm_images[np.arange(batch_size) % len(warm_images)]  # the timed shape (cuDNN tunes per shape)
         for _ in session.predict_each([warm_batch] * inflight, lambda b: b, inflight):
@@ -631,6 +810,9 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         for r in range(cfg.rounds):
             log.info("round %d/%d: tagger", r + 1, cfg.rounds)
             keep_best(results, measure_tagger(catalog, cfg, tmp / "tagger.parquet"))
+            for name, endpoint in store_rows:
+                log.info("round %d/%d: %s", r + 1, cfg.rounds, name)
+                keep_best(results, measure_tagger(store_uri, cfg, tmp / "tagger.parquet", name, store, endpoint))
             log.info("round %d/%d: decode limit", r + 1, cfg.rounds)
             m, images = measure_decode(catalog, spec, cfg, batch_size, len(sources))
             keep_best(results, m)
@@ -669,6 +851,9 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 rss_catalog = tmp / f"rss{scale}"
                 build_catalog(sources, rss_catalog, scale * cfg.repeat)
                 rss[f"{scale}x"] = measure_rss(rss_catalog, cfg, tmp / f"rss{scale}.parquet")
+            for name, endpoint in store_rows:
+                log.info("peak RSS of `tagger run` on the catalog from %s", name)
+                rss[f"1x {name}"] = measure_rss(store_uri, cfg, tmp / "rss-store.parquet", endpoint)
             if total < RSS_WARM_BATCHES * batch_size:
                 notes.append(
                     f"the 1x catalog holds under {RSS_WARM_BATCHES} batches, so its peak RSS is still ramping up "
@@ -710,6 +895,8 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="Write the full report here.")
 @click.option("--skip-baseline", is_flag=True, help="Do not run the PyTorch baseline.")
 @click.option("--skip-rss", is_flag=True, help="Do not measure the peak RSS of `tagger run`.")
+@click.option("--object-store", is_flag=True, help="Also tag the catalog from an S3 server (moto) on 127.0.0.1: direct, and behind a proxy that adds --latency-ms per request.")
+@click.option("--latency-ms", type=click.FloatRange(0), default=STORE_LATENCY_MS, show_default=True, help="Delay per request on the far object-store row.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the pipeline's own log lines.")
 def main(
     images: Path,
@@ -726,6 +913,8 @@ def main(
     json_out: Path | None,
     skip_baseline: bool,
     skip_rss: bool,
+    object_store: bool,
+    latency_ms: float,
     verbose: bool,
 ) -> None:
     """Measure `tagger run` against an eager-PyTorch baseline and its decode and inference limits."""
@@ -749,6 +938,8 @@ def main(
             rounds=rounds,
             skip_baseline=skip_baseline,
             skip_rss=skip_rss,
+            object_store=object_store,
+            latency_ms=latency_ms,
         )
         report = benchmark(cfg)
     except TaggerError as e:

@@ -138,3 +138,37 @@ def test_empty_folder_is_one_clear_error(bench: ModuleType, contract_onnx: Path,
     result = CliRunner().invoke(bench.main, ["--images", str(tmp_path), "--model", str(contract_onnx)])
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == f"error: no image files in {tmp_path}"
+
+
+def test_object_store_serves_the_uploaded_files_and_the_proxy_delays_every_request(
+    bench: ModuleType, images: Path
+) -> None:
+    """--object-store's parts: moto on 127.0.0.1 holds the files byte for byte; through the proxy each request of a
+    kept-alive connection waits the added latency once, and the server and proxy stop with the context."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto.server", reason="needs moto's server: pip install 'moto[server]'")
+    import time
+
+    import pyarrow.fs as pafs
+
+    delay, requests = 0.05, 4
+    with bench.object_store(delay * 1000) as store:
+        uri = bench.upload(images, store.endpoint, "cat")
+        assert uri == f"s3://{bench.STORE_BUCKET}/cat"
+        with bench.s3_environment(store.endpoint):
+            fs, root = pafs.FileSystem.from_uri(uri)
+            with fs.open_input_stream(f"{root}/images/2.jpg") as f:
+                assert f.read() == (images / "images" / "2.jpg").read_bytes()
+        seconds = {}
+        for name, endpoint in (("direct", store.endpoint), ("delayed", store.delayed)):
+            s3 = boto3.client("s3", endpoint_url=endpoint, **bench._boto_credentials())
+            s3.head_bucket(Bucket=bench.STORE_BUCKET)  # connect first: only the requests are timed
+            t0 = time.perf_counter()
+            for _ in range(requests):  # one GET each, on the kept-alive connection
+                body = s3.get_object(Bucket=bench.STORE_BUCKET, Key="cat/images/0.jpg")["Body"].read()
+                assert body == (images / "images" / "0.jpg").read_bytes()
+            seconds[name] = time.perf_counter() - t0
+        assert seconds["delayed"] - seconds["direct"] >= requests * delay * 0.9
+        pids = store.pids
+    time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)

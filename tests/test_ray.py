@@ -32,7 +32,7 @@ def ray_local() -> Iterator[Any]:
     """One small local Ray instance for the module; the engine uses an already connected Ray as it is."""
     ray = pytest.importorskip("ray", reason="needs the ray extra: pip install 'tagger[ray]'")
     pytest.importorskip("ray.data", reason="needs Ray Data: pip install 'tagger[ray]'")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False, logging_level="warning")
     yield ray
     ray.shutdown()
 

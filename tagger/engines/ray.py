@@ -25,7 +25,7 @@ from tagger.pipeline.compose import tag_batches
 from tagger.pipeline.decode import DecodeMemory, DecodeResult, Failure, Sample, decode_chunk, decode_many
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import CPU, CUDA, default_batch_size, open_session
-from tagger.storage import discard, publish, reserve_temp_dir
+from tagger.storage import Location, discard, is_folder, is_uri, name_of, publish, redact, reserve_temp_dir
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -85,7 +85,7 @@ def _refs_of(rows: Mapping[str, np.ndarray]) -> list[ImageRef]:
 
 
 def decode_rows(
-    rows: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: int, decode_memory: int
+    rows: dict[str, np.ndarray], spec: PreprocessSpec, max_pixels: int, decode_memory: int, io_threads: int
 ) -> dict[str, np.ndarray]:
     """Decode stage in a Ray task: decode_many on a batch of refs, its results added as columns.
 
@@ -96,7 +96,7 @@ def decode_rows(
     width/height: -1 on a failed row; sha256: '' when the file could not be read. Every row has the same shape, as
     Ray's tensor columns need.
     """
-    decoded = decode_many(_refs_of(rows), spec, max_pixels, memory=DecodeMemory(decode_memory))
+    decoded = decode_many(_refs_of(rows), spec, max_pixels, memory=DecodeMemory(decode_memory), io_threads=io_threads)
     n, s = len(decoded.results), spec.size
     image = np.zeros((n, s, s, 3), np.uint8)
     width = np.full(n, -1, np.int32)
@@ -177,7 +177,7 @@ def in_discovery_order(tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
 class _FileSink:
     """One Parquet file, written exactly as the local engine writes it."""
 
-    def __init__(self, out: Path, schema: pa.Schema, metadata: Mapping[str, str]) -> None:
+    def __init__(self, out: Location, schema: pa.Schema, metadata: Mapping[str, str]) -> None:
         self._writer = ResultWriter(out, schema, metadata)
 
     def write(self, table: pa.Table) -> None:
@@ -234,13 +234,19 @@ class _PartsSink:
         discard(self._stage)
 
 
-def writes_folder(out: Path) -> bool:
+def writes_folder(out: Location) -> bool:
     """--out names a single file when it ends in .parquet, else a folder of part files."""
-    return out.suffix.lower() != ".parquet"
+    return not name_of(out).lower().endswith(".parquet")
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Location) -> None:
     """Refuse an output that cannot be written before any work is done."""
+    if is_uri(out):
+        # The driver uploads one finished object; parts in a bucket would need an upload per part and a cleanup.
+        if writes_folder(out) or is_folder(out):
+            raise UsageError(f"--engine ray writes an output in a bucket as one .parquet object, not {redact(out)}")
+        return
+    out = Path(out)
     if writes_folder(out):
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise TaggerError(f"output folder {out} exists and is not empty; name a new folder or a .parquet file")
@@ -265,8 +271,9 @@ def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
     else:
         # Like the local engine, decode workers take every core and inference threads share them (ORT threads
         # sleep while they wait): one logical CPU per core for decode tasks, plus one per inference actor.
+        # address="local": a bare ray.init() would join a cluster that `ray start` left on this machine.
         cpus = options.num_cpus or (os.cpu_count() or 1) + (options.actors or 1)
-        ray.init(num_cpus=cpus, **quiet)
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, **quiet)
     try:
         yield
     finally:
@@ -317,9 +324,10 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     options = options or RayOptions()
     if config.incremental or config.resume:
         raise UsageError("--incremental and --resume work with --engine local only")
-    config = dataclasses.replace(config, catalog=Path(os.path.abspath(config.catalog)))
+    if not is_uri(config.catalog):  # a URI is read as it is on every node; a local path must be the same everywhere
+        config = dataclasses.replace(config, catalog=Path(os.path.abspath(config.catalog)))
     plan = RunPlan(config)  # first: an --out that is an input is refused as such, whatever its shape
-    out = Path(config.out)  # local outputs only so far (RunConfig.out may be a URI)
+    out = config.out
     _check_out(out)
     # The whole listing goes into the driver's memory (~200 bytes a file); see the README for larger catalogs.
     refs = list(plan.refs)
@@ -330,13 +338,13 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
         facts: ModelFacts = ray.get(probe.remote(model, config.device, config.threads))
         log.info(
             "tagging %d files of %s%s on Ray: %d inference actors, %g GPUs each, on %s, batch %d",
-            len(refs), config.catalog, f" (shard {config.shard})" if config.shard else "", actors, gpus,
+            len(refs), redact(config.catalog), f" (shard {config.shard})" if config.shard else "", actors, gpus,
             facts.provider, config.batch_size or default_batch_size(facts.provider),
         )  # fmt: skip
         schema = output_schema(facts.tasks, config.top_k)
         metadata = plan.metadata(facts)
         sink: _FileSink | _PartsSink = (
-            _PartsSink(out, schema, metadata, options.rows_per_part)
+            _PartsSink(Path(out), schema, metadata, options.rows_per_part)  # a URI folder was refused above
             if writes_folder(out)
             else _FileSink(out, schema, metadata)
         )
@@ -383,7 +391,10 @@ def tag_dataset(
         decode_rows,
         batch_size=chunk,
         batch_format="numpy",
-        fn_kwargs={"spec": spec, "max_pixels": config.max_pixels, "decode_memory": config.decode_memory},
+        fn_kwargs={
+            "spec": spec, "max_pixels": config.max_pixels, "decode_memory": config.decode_memory,
+            "io_threads": config.io_threads,
+        },  # fmt: skip
         num_cpus=1,
         memory=DECODE_TASK_MEMORY,
     )

@@ -1,0 +1,220 @@
+"""`tagger run s3://… --engine ray` on a real two-node Ray cluster (two raylets on 127.0.0.1), no shared files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+import pytest
+from test_ray import _assert_same_rows
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+NODE_START_S = 60.0
+STOP_GRACE_S = 3.0  # the head drains for up to 30 s on SIGTERM; what is left after this is killed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _descendants(root: int) -> list[int]:
+    """root and every process below it, from /proc/<pid>/stat parent ids."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has exited: its parent, gone, can no longer reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _nodes(address: str, env: dict[str, str]) -> int:
+    status = subprocess.run(
+        ["ray", "status", "--address", address], env=env, capture_output=True, text=True, timeout=30
+    )
+    active = status.stdout.split("Active:", 1)[-1].split("Pending:", 1)[0]
+    return active.count("node_") if status.returncode == 0 else 0
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[str]:
+    """A head and a second raylet, 1 CPU each, on 127.0.0.1 with their own temp dirs; yields the head's address.
+
+    Each `ray start --block` is this test's child: at the end it and every process below it are stopped by pid
+    (`ray stop` would stop every Ray on the machine), and the test fails if one is left.
+    """
+    if subprocess.run(["ray", "--version"], capture_output=True).returncode != 0:
+        pytest.skip("needs the ray command line: pip install 'tagger[ray]'")
+    tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
+    port = _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block"]
+    head_cmd = ["ray", "start", "--head", "--port", str(port), "--include-dashboard", "false", *common]
+    worker_cmd = ["ray", "start", "--address", address, *common]
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        for name, cmd in (("head", head_cmd), ("worker", worker_cmd)):
+            with open(tmp / f"{name}.log", "wb") as log:
+                nodes.append(subprocess.Popen(
+                    [*cmd, "--temp-dir", str(tmp / name)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ))  # fmt: skip
+            deadline = time.monotonic() + NODE_START_S
+            while _nodes(address, env) < len(nodes):
+                assert nodes[-1].poll() is None, (tmp / f"{name}.log").read_text()[-2000:]
+                assert time.monotonic() < deadline, f"the Ray {name} did not join within {NODE_START_S:.0f} s"
+                time.sleep(0.5)
+        yield address
+    finally:
+        pids = [pid for node in nodes for pid in _descendants(node.pid)]
+        for node in reversed(nodes):  # the worker first: it leaves the cluster at once
+            node.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for node in nodes:
+            node.wait(10)
+        time.sleep(0.5)
+        left = [pid for pid in pids if _alive(pid)]
+        subprocess.run(["rm", "-rf", str(tmp)])
+        assert not left, f"Ray processes left running: {left}"
+
+
+MOTO_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}  # fmt: skip
+
+
+@pytest.fixture
+def s3_catalog(catalog: tuple[Path, dict[str, str]]) -> Iterator[tuple[str, dict[str, str]]]:
+    """The catalog's regular files as objects of a moto S3 server on 127.0.0.1; yields (URI, environment).
+
+    Uploaded with boto3's PutObject (moto 5.2 answers a multipart upload's completion in a way pyarrow rejects).
+    """
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto.server", reason="needs moto's server: pip install 'moto[server]'")
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + NODE_START_S
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
+                time.sleep(0.1)
+        s3 = boto3.client(
+            "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )  # fmt: skip
+        s3.create_bucket(Bucket="photos")
+        root = catalog[0]
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and not path.is_symlink():
+                s3.put_object(Bucket="photos", Key=f"cat/{path.relative_to(root).as_posix()}", Body=path.read_bytes())
+        yield "s3://photos/cat", {**MOTO_ENV, "AWS_ENDPOINT_URL": endpoint}
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "tagger.cli", "-q", "run", *args], env=env, capture_output=True, text=True,
+        timeout=180,
+    )  # fmt: skip
+
+
+def test_ray_across_two_nodes_writes_the_local_engines_rows(
+    ray_cluster: str, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
+) -> None:
+    """Each node has 1 CPU and the inference actor holds one for the whole run, so decode runs on the other node."""
+    root, expected = catalog
+    local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
+    common = ["--model", str(contract_onnx), "--device", "cpu", "--batch-size", "4"]
+    done = _cli(str(root), "--out", str(local), "--workers", "0", *common)
+    assert done.returncode == 0, done.stderr
+    done = _cli(str(root), "--out", str(remote), "--engine", "ray", "--ray-address", ray_cluster, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+    want, got = pq.read_table(local), pq.read_table(remote)
+    assert got.schema.equals(want.schema)
+    assert got.column("path").to_pylist() == sorted(expected)  # discovery order
+    _assert_same_rows(got.to_pylist(), want.to_pylist())
+
+
+def test_ray_across_two_nodes_reads_and_writes_the_bucket(
+    ray_cluster: str, s3_catalog: tuple[str, dict[str, str]], contract_onnx: Path, tmp_path: Path
+) -> None:
+    """No shared files: both engines tag the same objects, Ray's decode tasks read them from the store on either
+    node, and the Ray driver writes its output into the bucket; the rows are the local engine's."""
+    uri, env = s3_catalog
+    local, remote = tmp_path / "local.parquet", "s3://photos/out/ray.parquet"
+    common = ["--model", str(contract_onnx), "--device", "cpu", "--batch-size", "4"]
+    done = _cli(uri, "--out", str(local), "--workers", "0", *common, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _cli(uri, "--out", remote, "--engine", "ray", "--ray-address", ray_cluster, *common, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import pyarrow.fs as pafs
+
+    with _environ(env):
+        fs, key = pafs.FileSystem.from_uri(remote)
+        with fs.open_input_file(key) as f:
+            got = pq.read_table(f)
+    want = pq.read_table(local)
+    assert want.num_rows > 0 and got.schema.equals(want.schema)
+    assert got.column("path").to_pylist() == want.column("path").to_pylist()  # discovery order
+    _assert_same_rows(got.to_pylist(), want.to_pylist())
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
