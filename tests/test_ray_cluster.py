@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from test_ray import _assert_same_rows
@@ -65,19 +66,20 @@ def _nodes(address: str, env: dict[str, str]) -> int:
     return active.count("node_") if status.returncode == 0 else 0
 
 
-@pytest.fixture
-def ray_cluster() -> Iterator[str]:
+@contextlib.contextmanager
+def _ray_cluster(node_env: dict[str, str] | None = None) -> Iterator[str]:
     """A head and a second raylet, 1 CPU each, on 127.0.0.1 with their own temp dirs; yields the head's address.
 
-    Each `ray start --block` is this test's child: at the end it and every process below it are stopped by pid
-    (`ray stop` would stop every Ray on the machine), and the test fails if one is left.
+    node_env: what each node's environment adds (an object store's endpoint and credentials, as a real node has
+    them). Each `ray start --block` is this test's child: at the end it and every process below it are stopped by
+    pid (`ray stop` would stop every Ray on the machine), and the test fails if one is left.
     """
     if subprocess.run(["ray", "--version"], capture_output=True).returncode != 0:
         pytest.skip("needs the ray command line: pip install 'tagger[ray]'")
     tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(node_env or {})}
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block"]
     head_cmd = ["ray", "start", "--head", "--port", str(port), "--include-dashboard", "false", *common]
     worker_cmd = ["ray", "start", "--address", address, *common]
@@ -111,6 +113,12 @@ def ray_cluster() -> Iterator[str]:
         left = [pid for pid in pids if _alive(pid)]
         subprocess.run(["rm", "-rf", str(tmp)])
         assert not left, f"Ray processes left running: {left}"
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[str]:
+    with _ray_cluster() as address:
+        yield address
 
 
 MOTO_ENV = {
@@ -183,18 +191,19 @@ def test_ray_across_two_nodes_writes_the_local_engines_rows(
 
 
 def test_ray_across_two_nodes_reads_and_writes_the_bucket(
-    ray_cluster: str, s3_catalog: tuple[str, dict[str, str]], contract_onnx: Path, tmp_path: Path
+    s3_catalog: tuple[str, dict[str, str]], contract_onnx: Path, tmp_path: Path
 ) -> None:
     """No shared files: both engines tag the same objects, Ray's decode tasks read them from the store on either
-    node, and the Ray driver writes its output into the bucket; the rows are the local engine's."""
+    node (each node configured with the store's endpoint and credentials, as real nodes are), and the Ray driver
+    writes its output into the bucket; the rows are the local engine's."""
     uri, env = s3_catalog
     local, remote = tmp_path / "local.parquet", "s3://photos/out/ray.parquet"
     common = ["--model", str(contract_onnx), "--device", "cpu", "--batch-size", "4"]
     done = _cli(uri, "--out", str(local), "--workers", "0", *common, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    done = _cli(uri, "--out", remote, "--engine", "ray", "--ray-address", ray_cluster, *common, env=env)
+    with _ray_cluster(env) as address:
+        done = _cli(uri, "--out", remote, "--engine", "ray", "--ray-address", address, *common, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    import pyarrow.fs as pafs
 
     with _environ(env):
         fs, key = pafs.FileSystem.from_uri(remote)
