@@ -31,7 +31,17 @@ from tagger.pipeline.discover import (
     walk_would_list,
 )
 from tagger.pipeline.session import Session
-from tagger.storage import Location, absolute, as_location, check_not_input, exists, is_folder, redact
+from tagger.storage import (
+    Location,
+    absolute,
+    as_location,
+    check_not_input,
+    exists,
+    is_folder,
+    is_uri,
+    redact,
+    same_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +166,8 @@ def list_refs(config: RunConfig) -> Iterator[ImageRef]:
         refs = refs_from_list(config.catalog, config.files_from)
     else:
         refs = discover(config.catalog, config.extensions)
+        if not is_uri(config.catalog) and not is_uri(config.out) and exists(config.out):
+            refs = _refusing_out(refs, config)
     first = next(refs, None)
     if first is None:
         what = f"listed in {redact(config.files_from)}" if config.files_from else "with extension " + ",".join(
@@ -167,9 +179,25 @@ def list_refs(config: RunConfig) -> Iterator[ImageRef]:
     return listed if shard is None else (r for r in listed if shard.holds(r.path))
 
 
+def _refusing_out(refs: Iterator[ImageRef], config: RunConfig) -> Iterator[ImageRef]:
+    """`refs`, raising TaggerError at a walked file that is the existing --out: one reached through a folder linked
+    in from outside the catalog, which walk_would_list cannot see. A string compare per ref; only refs named like
+    --out are stat'ed. The output is published only at the end, so raising here leaves everything as it was."""
+    out = config.out
+    names = {os.path.basename(os.path.abspath(out)), os.path.basename(os.path.realpath(out))}
+    for ref in refs:
+        if os.path.basename(ref.abspath) in names and same_file(ref.abspath, out):
+            raise TaggerError(
+                f"output {redact(out)} is a file of the catalog ({redact(ref.abspath)}) that the run tags; "
+                "choose another name"
+            )
+        yield ref
+
+
 def check_out_is_no_input(config: RunConfig) -> None:
     """TaggerError when --out names a file the run reads: the model, the --files-from list, or a file the run tags
-    (listed, or walked: inside the catalog with a tagged extension). Other files inside the catalog are fine."""
+    (listed, or walked: inside the catalog with a tagged extension, refused with --files-from too). Other files
+    inside the catalog are fine."""
     out = config.out
     try:
         model: Path | None = resolve_model(config.model)
@@ -183,7 +211,8 @@ def check_out_is_no_input(config: RunConfig) -> None:
             raise TaggerError(
                 f"output {redact(out)} is listed in {redact(config.files_from)} as a file to tag; choose another name"
             )
-    elif is_folder(config.catalog) and walk_would_list(config.catalog, out, config.extensions):
+    # With --files-from too: the catalog's photos are inputs of its walks (the next nightly run).
+    if is_folder(config.catalog) and walk_would_list(config.catalog, out, config.extensions):
         raise TaggerError(
             f"output {redact(out)} is a file of the catalog {redact(config.catalog)} that the run tags (an image "
             "extension); "

@@ -19,7 +19,8 @@ from tagger.errors import TaggerError, UsageError
 from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info
 from tagger.output.writer import ResultWriter
-from tagger.storage import Location, as_location, exists, redact, same_file
+from tagger.pipeline.discover import walk_would_list
+from tagger.storage import Location, as_location, exists, is_uri, redact, same_file
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,19 @@ def _check_out(out: Location, shard_files: Sequence[Location]) -> None:
         raise TaggerError(f"output {redact(out)} is a shard output (shard {shard}), not a merged one; {usage}")
 
 
+def _check_out_is_no_photo(out: Location, identity: out_schema.RunIdentity) -> None:
+    """Refuse an OUT that the shards' catalog walk lists (a photo of it, or a name the next run would tag). Shards
+    always come from a walk (--shard refuses --files-from), so the recorded extensions are there; a catalog in a
+    bucket is not checked: its recorded URI is redacted, without the options that say which store it is."""
+    if is_uri(identity.catalog) or is_uri(out) or identity.extensions is None:
+        return
+    if walk_would_list(identity.catalog, out, identity.extensions):
+        raise TaggerError(
+            f"output {redact(out)} is a file of the catalog {identity.catalog} the shards tagged (an image extension); "
+            "choose another name"
+        )
+
+
 def merge_shards(out: Location, shard_files: Sequence[Location]) -> MergeSummary:
     """Merge the outputs of `tagger run --shard I/N` (all N of them) into one, in global path order.
 
@@ -137,6 +151,7 @@ def merge_shards(out: Location, shard_files: Sequence[Location]) -> MergeSummary
         raise TaggerError("name the shard outputs to merge")
     _check_out(out, shard_files)
     infos = _check_shards([read_output_info(p) for p in shard_files])
+    _check_out_is_no_photo(out, infos[0].identity)
     tasks, top_k = infos[0].tasks, infos[0].identity.top_k
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(RowReader([i.path], tasks, top_k)) for i in infos]

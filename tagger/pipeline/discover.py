@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -56,10 +56,17 @@ class ImageRef:
         return self.size == MISSING_SIZE
 
 
+_LOOKS_ESCAPED = re.compile(r"\\(?=x[0-9A-Fa-f]{2})")  # a literal backslash that would read as the start of \xNN
+
+
 def path_text(name: str) -> str:
     """An os name (str, undecodable bytes as surrogateescape's surrogates) as the text of a row's path: each
-    undecodable byte written as the four characters \\xNN. Valid UTF-8 names are unchanged; the text is the same
-    on every run, so rows, incremental reuse and shard hashes stay stable."""
+    undecodable byte written as the four characters \\xNN, and a literal backslash that is followed by x and two hex
+    digits written as \\x5c, so every \\xNN in a path is the escape of one byte and two names never share a path.
+    Other names (valid UTF-8, no such backslash) are unchanged; the text is the same on every run, so rows,
+    incremental reuse and shard hashes stay stable."""
+    if "\\" in name:
+        name = _LOOKS_ESCAPED.sub(r"\\x5c", name)
     if name.isascii():
         return name
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -132,8 +139,9 @@ def discover(root: Location, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> 
         except OSError:  # a dangling symlink: still a listed file, so it becomes an error row
             yield ImageRef(rel, entry.path, MISSING_SIZE, float("nan"))
             continue
-        if stat.S_ISREG(est.st_mode):
-            yield ImageRef(rel, entry.path, est.st_size, est.st_mtime)
+        # A FIFO, socket or device under an image name is a row too: read_file refuses it (NotARegularFile)
+        # without opening it for reading.
+        yield ImageRef(rel, entry.path, est.st_size, est.st_mtime)
 
 
 def _listing(
@@ -210,17 +218,27 @@ def _extension(name: str) -> str:
 
 
 def walk_would_list(root: Location, path: Location, extensions: Iterable[str]) -> bool:
-    """Whether discover(root, extensions) lists `path`, existing or not: inside root (links resolved), no hidden
-    name on the way, a listed extension. Folders linked in from outside root are not followed here."""
+    """Whether discover(root, extensions) lists `path`, existing or not: inside root (links resolved, or as
+    written: the walk follows a folder linked in, so root/linked/x.jpg is listed wherever it points), no hidden name
+    on the way, a listed extension. A file reached only by its real name through a folder linked in from outside
+    root is not found here (list_refs guards against that one as it lists)."""
     if is_uri(root) or is_uri(path):
         key = relative_key(root, path)
-        rel = key if key is not None else os.pardir
+        rels = [key if key is not None else os.pardir]
     else:
-        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(root))
-    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or rel == os.curdir:
-        return False
+        real_root, lexical = os.path.realpath(root), os.path.abspath(path)
+        rels = [
+            os.path.relpath(os.path.realpath(path), real_root),
+            os.path.relpath(lexical, os.path.abspath(root)),
+            os.path.relpath(lexical, real_root),
+        ]
     exts = frozenset(e.lower().lstrip(".") for e in extensions)
-    return not any(part.startswith(".") for part in Path(rel).parts) and _extension(Path(rel).name) in exts
+    return any(
+        not (rel == os.pardir or rel.startswith(os.pardir + os.sep) or rel == os.curdir)
+        and not any(part.startswith(".") for part in Path(rel).parts)
+        and _extension(Path(rel).name) in exts
+        for rel in rels
+    )
 
 
 def list_names(root: Location, list_file: Location, path: Location) -> bool:
