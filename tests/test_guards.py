@@ -86,6 +86,40 @@ def test_an_output_that_is_an_input_is_refused_and_nothing_is_touched(
     assert _snapshot(tmp_path) == before  # byte-identical, and no temp file or OUT.work/ left
 
 
+def _entries(folder: Path) -> list[str]:
+    """Every name under `folder`, folders included (an OUT.work/ left behind shows here)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "case, workers",
+    [("real-name", "0"), ("real-name", "2"), ("through-link", "0"), ("new-through-link", "0"), ("listed-run", "0")],
+)
+def test_an_output_reached_through_a_folder_linked_into_the_catalog_is_refused(
+    case: str, workers: str, contract_onnx: Path, tmp_path: Path
+) -> None:
+    root, ext = tmp_path / "c7", tmp_path / "ext7"
+    _catalog(root, n=4)
+    _catalog(ext, n=2)
+    quadrant_image(48, 40).save(ext / "a.jpg", quality=90)
+    (root / "linked").symlink_to(ext)
+    listing = tmp_path / "list.txt"
+    listing.write_text("sub/p0.jpg\n")
+    out = {
+        "real-name": ext / "a.jpg",  # the walk tags it as linked/a.jpg
+        "through-link": root / "linked/a.jpg",
+        "new-through-link": root / "linked/NEW.JPG",  # the next walk would tag it
+        "listed-run": root / "linked/a.jpg",  # not listed, but a photo of the catalog's walk
+    }[case]
+    extra = ["--files-from", str(listing)] if case == "listed-run" else []
+    before, names = _snapshot(tmp_path), _entries(tmp_path)
+    code, errors = _cli("run", str(root), "--out", str(out), "--model", str(contract_onnx), "--workers", workers, *extra)
+    assert code == TaggerError.exit_code and len(errors) == 1 and "is a file of the catalog" in errors[0], errors
+    if case == "real-name":
+        assert "linked/a.jpg" in errors[0]
+    assert _snapshot(tmp_path) == before and _entries(tmp_path) == names  # byte-identical, no OUT.work/ left
+
+
 def test_outputs_inside_the_catalog_that_are_not_inputs_are_fine(contract_onnx: Path, tmp_path: Path) -> None:
     root = _catalog(tmp_path / "cat")
     for out in (root / "tags.parquet", root / ".hidden" / "tags.jpg"):
@@ -96,8 +130,24 @@ def test_outputs_inside_the_catalog_that_are_not_inputs_are_fine(contract_onnx: 
         assert pq.read_table(out).column("path").to_pylist() == ["sub/p0.jpg", "sub/p1.jpg", "sub/p2.jpg"]
     listing = tmp_path / "list.txt"
     listing.write_text("sub/p0.jpg\n")
-    summary = run(RunConfig(root, root / "sub/p1.jpg", model=contract_onnx, files_from=listing, workers=0))
-    assert summary.files == 1  # a catalog photo not in the list is no input of a listed run
+    summary = run(RunConfig(root, root / "sub/tags.parquet", model=contract_onnx, files_from=listing, workers=0))
+    assert summary.files == 1
+
+
+def test_a_listed_run_refuses_an_out_that_is_a_catalog_photo_not_in_the_list(
+    contract_onnx: Path, tmp_path: Path
+) -> None:
+    root = _catalog(tmp_path / "cat")
+    listing = tmp_path / "list.txt"
+    listing.write_text("sub/p0.jpg\n")
+    before, names = _snapshot(tmp_path), _entries(tmp_path)
+    for out in (root / "sub/p1.jpg", root / "sub/new.png"):  # a photo of the catalog's walk, and a name it would tag
+        code, errors = _cli(
+            "run", str(root), "--out", str(out), "--model", str(contract_onnx), "--workers", "0",
+            "--files-from", str(listing),
+        )  # fmt: skip
+        assert code == TaggerError.exit_code and len(errors) == 1 and "that the run tags" in errors[0], errors
+    assert _snapshot(tmp_path) == before and _entries(tmp_path) == names
 
 
 def test_the_shipped_default_model_is_no_output() -> None:
@@ -124,6 +174,20 @@ def test_merge_refuses_an_out_that_is_one_of_its_inputs(contract_onnx: Path, tmp
         code, errors = _cli("merge", str(out), *map(str, shards))
         assert code == TaggerError.exit_code and len(errors) == 1 and "one of the shards" in errors[0]
     assert _snapshot(tmp_path) == before
+
+
+def test_merge_refuses_an_out_that_the_shards_catalog_walk_lists(contract_onnx: Path, tmp_path: Path) -> None:
+    root = _catalog(tmp_path / "cat", n=6)
+    shards = [tmp_path / f"s{i}.parquet" for i in range(2)]
+    for i, s in enumerate(shards):
+        run(RunConfig(root, s, model=contract_onnx, workers=0, shard=Shard(i, 2)))
+    before, names = _snapshot(tmp_path), _entries(tmp_path)
+    for out in (root / "sub/p3.jpg", root / "sub/new.jpeg"):  # a photo, a name the next walk would tag
+        code, errors = _cli("merge", str(out), *map(str, shards))
+        assert code == TaggerError.exit_code and len(errors) == 1 and "is a file of the catalog" in errors[0], errors
+    assert _snapshot(tmp_path) == before and _entries(tmp_path) == names
+    merged = root / "sub/merged.parquet"  # inside the catalog, but no photo: fine
+    assert merge_shards(merged, shards).files == 6
 
 
 # --- the model's identity covers its external data ----------------------------------------------------------------
