@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from test_pipeline_discover import make_deep
 import tagger.engines.plan as plan_module
 from tagger import RunConfig, run
 from tagger.engines.plan import list_refs
+from tagger.nightly.shard import Shard, shard_of
 from tagger.output.reader import file_metadata
 from tagger.pipeline.discover import ImageRef
 
@@ -174,3 +176,83 @@ def test_files_deleted_after_listing_become_error_rows(
     assert [r["path"] for r in rows] == [f"{i}.jpg" for i in range(6)]
     assert all(r["status"] == "error" and r["error"].startswith("FileNotFoundError") for r in rows)
     assert (summary.files, summary.errors) == (6, 6)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_fifo_socket_and_device_met_in_the_walk_are_error_rows_never_read(
+    contract_onnx: Path, tmp_path: Path, workers: int
+) -> None:
+    root, out = tmp_path / "cat", tmp_path / "tags.parquet"
+    root.mkdir()
+    (root / "ok.jpg").write_bytes(PHOTO)
+    os.mkfifo(root / "fifo.jpg")
+    (root / "zero.jpg").symlink_to("/dev/zero")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "sock.jpg"))  # a live socket
+    try:
+        proc = _cli(str(root), "--out", str(out), "--model", str(contract_onnx), "--workers", str(workers))
+    finally:
+        sock.close()
+    assert proc.returncode == 0, proc.stderr[-2000:]  # within the timeout: no FIFO or /dev/zero was read
+    rows = {r["path"]: r for r in _rows(out)}
+    assert list(rows) == ["fifo.jpg", "ok.jpg", "sock.jpg", "zero.jpg"]
+    assert rows["ok.jpg"]["status"] == "ok"
+    kinds = {"fifo.jpg": "a FIFO", "sock.jpg": "a socket", "zero.jpg": "a character device"}
+    for path, kind in kinds.items():
+        assert rows[path]["status"] == "error" and rows[path]["error"] == f"NotARegularFile: {kind}, not a regular file"
+    assert rows["fifo.jpg"]["bytes"] == 0
+
+
+def test_a_catalog_of_only_a_fifo_is_one_error_row(contract_onnx: Path, tmp_path: Path) -> None:
+    root, out = tmp_path / "cat", tmp_path / "tags.parquet"
+    root.mkdir()
+    os.mkfifo(root / "only.jpg")
+    summary = run(_cfg(root, out, contract_onnx, workers=0))
+    assert [(r["path"], r["error"]) for r in _rows(out)] == [("only.jpg", "NotARegularFile: a FIFO, not a regular file")]
+    assert (summary.files, summary.errors) == (1, 1)
+
+
+def test_a_photo_replaced_by_a_fifo_is_changed_under_incremental(contract_onnx: Path, tmp_path: Path) -> None:
+    root, out = tmp_path / "cat", tmp_path / "tags.parquet"
+    root.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (root / name).write_bytes(PHOTO)
+    run(_cfg(root, out, contract_onnx, workers=0))
+    (root / "b.jpg").unlink()
+    os.mkfifo(root / "b.jpg")
+    again = run(_cfg(root, out, contract_onnx, workers=0, incremental=True))
+    assert again.changes is not None
+    assert (again.changes.unchanged, again.changes.changed, again.changes.removed) == (1, 1, 0)
+    rows = {r["path"]: r for r in _rows(out)}
+    assert rows["a.jpg"]["status"] == "ok"
+    assert rows["b.jpg"]["status"] == "error" and rows["b.jpg"]["error"].startswith("NotARegularFile: a FIFO")
+
+
+def _write_named(root: Path, name: bytes, data: bytes) -> None:
+    with open(os.fsencode(root) + b"/" + name, "wb") as f:
+        f.write(data)
+
+
+def test_a_byte_name_and_a_name_spelling_its_escape_get_their_own_paths_and_rows(
+    contract_onnx: Path, tmp_path: Path
+) -> None:
+    root, out = tmp_path / "cat", tmp_path / "tags.parquet"
+    root.mkdir()
+    other = (REPO / "sample_images/images/10257.jpg").read_bytes()
+    _write_named(root, b"x\xff.jpg", PHOTO)  # one undecodable byte
+    _write_named(root, b"x\\xff.jpg", other)  # backslash, x, f, f: the text that byte's escape used to be
+    run(_cfg(root, out, contract_onnx, workers=0))
+    rows = {r["path"]: r for r in _rows(out)}
+    assert list(rows) == ["x\\x5cxff.jpg", "x\\xff.jpg"]
+    assert rows["x\\xff.jpg"]["bytes"] == len(PHOTO) and rows["x\\x5cxff.jpg"]["bytes"] == len(other)
+    # Incremental reuse finds each file's own row (by path, then size and mtime).
+    before = {p: (r["bytes"], r["sha256"]) for p, r in rows.items()}
+    again = run(_cfg(root, out, contract_onnx, workers=0, incremental=True))
+    assert (again.tagged, again.reused) == (0, 2)
+    assert {p: (r["bytes"], r["sha256"]) for p, r in ((r["path"], r) for r in _rows(out))} == before
+    # Shards hash the same text: each row lands in exactly one shard, and the shards hold both files.
+    shards = [tmp_path / f"s{i}.parquet" for i in range(2)]
+    for i, s in enumerate(shards):
+        run(_cfg(root, s, contract_onnx, workers=0, shard=Shard(i, 2)))
+        assert all(shard_of(r["path"], 2) == i for r in _rows(s))
+    assert sorted(r["path"] for s in shards for r in _rows(s)) == sorted(rows)

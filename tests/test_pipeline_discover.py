@@ -161,3 +161,33 @@ def test_folder_named_like_an_image_is_walked_and_odd_names_keep_their_path(tmp_
     (tmp_path / "tab\tand\rcr.png").write_bytes(b"x")
     paths = [r.path for r in discover(tmp_path)]
     assert paths == ["tab\tand\rcr.png", "two\nlines.jpg", "x.jpg/in.jpg"]
+
+
+def test_path_text_escapes_are_unambiguous(tmp_path: Path) -> None:
+    cases = {
+        b"x\xff.jpg": "x\\xff.jpg",  # an undecodable byte
+        b"x\\xff.jpg": "x\\x5cxff.jpg",  # a literal backslash that reads as an escape is escaped itself
+        b"x\\xFF\\x41.jpg": "x\\x5cxFF\\x5cx41.jpg",
+        b"a\\b\\x4.jpg": "a\\b\\x4.jpg",  # other backslashes stay as they are
+        b"\\\xff.jpg": "\\\\xff.jpg",
+        b"caf\xc3\xa9.jpg": "café.jpg",
+    }
+    for name, text in cases.items():
+        assert path_text(os.fsdecode(name)) == text
+    root = tmp_path / "cat"
+    root.mkdir()
+    for name in cases:
+        with open(os.fsencode(root) + b"/" + name, "wb") as f:
+            f.write(b"x")
+    listing = tmp_path / "list.txt"
+    listing.write_bytes(b"\n".join(cases))
+    assert sorted(r.path for r in discover(root)) == sorted(cases.values())
+    assert [r.path for r in refs_from_list(root, listing)] == list(cases.values())
+
+
+def test_fifo_socket_and_device_are_refs_of_the_walk(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.jpg")
+    os.mkfifo(tmp_path / "fifo.txt")  # not an image name: not listed
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    refs = list(discover(tmp_path))
+    assert [(r.path, r.size, r.missing) for r in refs] == [("fifo.jpg", 0, False), ("zero.png", 0, False)]
