@@ -146,7 +146,8 @@ class ModelFacts:
 
 
 def list_refs(config: RunConfig) -> Iterator[ImageRef]:
-    """The files of the run in discovery order (a walk or the --files-from list, then the shard's share).
+    """The files of the run in discovery order (a walk or the --files-from list, then the shard's share; an
+    incremental shard also gets every folder that could not be listed, see Assembler).
 
     TaggerError when the catalog holds no file to tag at all, before any model is loaded.
     """
@@ -164,7 +165,12 @@ def list_refs(config: RunConfig) -> Iterator[ImageRef]:
         raise TaggerError(f"no image files {what} in {redact(config.catalog)}")
     listed = itertools.chain([first], refs)
     shard = config.shard
-    return listed if shard is None else (r for r in listed if shard.holds(r.path))
+    if shard is None:
+        return listed
+    # An incremental shard also gets the other shards' unlistable folders: its own rows beneath one may hash to it,
+    # and its Assembler keeps them (only the folder's owner writes the folder's error row).
+    keep = config.incremental
+    return (r for r in listed if shard.holds(r.path) or (keep and r.unlistable is not None))
 
 
 def check_out_is_no_input(config: RunConfig) -> None:
