@@ -19,7 +19,7 @@ from tagger.errors import TaggerError, UsageError
 from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info
 from tagger.output.writer import ResultWriter
-from tagger.storage import Location, as_location, exists, redact, same_file
+from tagger.storage import Location, as_location, check_names_file, exists, redact, same_file
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,7 @@ def merge_shards(out: Location, shard_files: Sequence[Location]) -> MergeSummary
     options, a shard given twice, a missing shard, or a path in two shards are refused (TaggerError) before
     anything is written; the output is written atomically.
     """
+    check_names_file(out, "OUT")
     out = as_location(out)
     if not shard_files:
         raise TaggerError("name the shard outputs to merge")
