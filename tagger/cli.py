@@ -13,7 +13,7 @@ import click
 
 from tagger import __version__
 from tagger.engines import ENGINES
-from tagger.errors import TaggerError
+from tagger.errors import TaggerError, one_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,6 +31,9 @@ def _friendly(fn: F) -> F:
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except MemoryError as e:  # an allocation too large for this machine: one line, no traceback
+            click.echo(f"error: out of memory: {one_line(e, named=True)}", err=True)
+            sys.exit(TaggerError.exit_code)
 
     return wrapper  # type: ignore[return-value]
 
@@ -64,7 +67,7 @@ class _Bytes(click.ParamType):
         number = text.rstrip("kmgtib")
         try:
             n = int(float(number) * self.UNITS[text[len(number):]])
-        except (KeyError, ValueError):
+        except (KeyError, ValueError, OverflowError):  # OverflowError: inf
             self.fail(f"expected a size such as 4GiB, 512MiB or a number of bytes, got {value!r}", param, ctx)
         if n < 1:
             self.fail(f"must be at least 1 byte, got {value!r}", param, ctx)

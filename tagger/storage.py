@@ -30,7 +30,7 @@ from typing import Iterator, Union
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from tagger.errors import TaggerError, one_line
+from tagger.errors import TaggerError, UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,12 @@ def with_suffix_name(loc: Location, suffix: str) -> str | Path:
 def name_of(loc: Location) -> str:
     """The last component of a location's path."""
     return _split(str(loc))[1].rstrip("/").rsplit("/", 1)[-1] if is_uri(loc) else Path(loc).name
+
+
+def check_names_file(loc: Location, what: str) -> None:
+    """UsageError when `loc` names no file to write ('', '/', '.', '..', a bare bucket): `what` must name a file."""
+    if name_of(loc) in ("", ".", ".."):
+        raise UsageError(f"{what} must name a file, got {redact(loc)!r}")
 
 
 def relative_key(root: Location, loc: Location) -> str | None:

@@ -137,12 +137,21 @@ def test_an_image_larger_than_the_whole_budget_is_an_error_row_that_says_why(tmp
     refs = list(discover(tmp_path))
     results = decode_many(refs, SPEC, memory=DecodeMemory(20 * MiB)).results
     assert isinstance(results[0], Failure) and isinstance(results[1], Sample)
-    assert results[0].error == "DecodeMemoryError: 3000x2000 needs ~29 MiB to decode, more than --decode-memory 20 MiB"
+    assert results[0].error == "DecodeMemoryError: 3000x2000 needs ~28.7 MiB to decode, more than --decode-memory 20 MiB"
     assert isinstance(decode_many(refs, SPEC, memory=DecodeMemory(30 * MiB)).results[0], Sample)
 
 
+def test_an_image_larger_than_a_tiny_budget_says_its_size_unrounded(tmp_path: Path) -> None:
+    Image.new("RGB", (60, 80)).save(tmp_path / "small.png")  # 60 x 80 x (4 + 4) bytes to decode
+    for budget, shown in ((1, "1 byte"), (1000, "1000 bytes"), (int(37.45 * 1024), "37.4 KiB")):
+        (result,) = decode_many(list(discover(tmp_path)), SPEC, memory=DecodeMemory(budget)).results
+        assert isinstance(result, Failure)
+        assert result.error == f"DecodeMemoryError: 60x80 needs ~37.5 KiB to decode, more than --decode-memory {shown}"
+
+
 @pytest.mark.parametrize(("value", "ok"), [("512MiB", True), ("4GiB", True), ("1000000", True), ("lots", False),
-                                           ("0", False), ("-3MiB", False)])  # fmt: skip
+                                           ("0", False), ("-3MiB", False), ("1048576TiB", True),
+                                           ("1048577TiB", False), ("8589934592GiB", False), ("1e400", False)])  # fmt: skip
 def test_decode_memory_option_takes_sizes(value: str, ok: bool, tmp_path: Path) -> None:
     (tmp_path / "a.png").write_bytes(b"")
     # --model that does not exist: a good size gets as far as loading it (exit 1), a bad one stops at usage (exit 2).

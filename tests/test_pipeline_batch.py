@@ -49,6 +49,21 @@ def test_rebatch_emits_a_batch_of_failures_only() -> None:
     assert len(batches) == 1 and batches[0].images.shape == (0, 4, 4, 3) and len(batches[0]) == 2
 
 
+def test_rebatch_grows_its_buffer_with_what_arrives() -> None:
+    # A batch_size far above the stream: the buffer holds what came (doubling from a chunk's worth), not batch_size.
+    (only,) = rebatch([_chunk(0, "oxoo"), _chunk(4, "oo")], 10**9)
+    assert only.images.base is not None and only.images.base.shape[0] == 8  # 4 -> 8
+    assert [int(img[0, 0, 0]) for img in only.images] == [0, 2, 3, 4, 5]
+    # Growing mid-batch keeps each Sample a view into its batch's images, and batches exactly batch_size images.
+    batches = list(rebatch([_chunk(3 * i, "ooo") for i in range(7)], 10))
+    assert [len(b.images) for b in batches] == [10, 10, 1]
+    for b in batches:
+        samples = [r for r in b.results if isinstance(r, Sample)]
+        assert all(np.shares_memory(s.array, b.images) for s in samples)
+        assert [int(s.array[0, 0, 0]) for s in samples] == [s.index for s in samples]
+    assert batches[1].images.base is None  # the second batch starts at the full size: no copy
+
+
 def test_prefetch_keeps_order_and_stays_bounded() -> None:
     produced = []
 

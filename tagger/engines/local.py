@@ -72,7 +72,8 @@ def run(config: RunConfig) -> RunSummary:
         )
         parts = (work.rows, work.index) if work.rows is not None and work.index is not None else None
         assembler = Assembler(
-            writer, previous, parts, config.retry_errors, incremental=config.incremental, checksum=config.checksum
+            writer, previous, parts, config.retry_errors, incremental=config.incremental, checksum=config.checksum,
+            shard=config.shard,
         )
         batches = stack.enter_context(
             contextlib.closing(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
 from tagger.pipeline.compose import check_stage_options
-from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_PIXELS
+from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_PIXELS, MAX_DECODE_MEMORY
 from tagger.pipeline.discover import (
     DEFAULT_EXTENSIONS,
     ImageRef,
@@ -35,6 +36,7 @@ from tagger.storage import (
     Location,
     absolute,
     as_location,
+    check_names_file,
     check_not_input,
     exists,
     is_folder,
@@ -75,6 +77,7 @@ class RunConfig:
     io_threads: int = 16  # concurrent object-store reads per decode worker (local files are read as they decode)
 
     def __post_init__(self) -> None:
+        check_names_file(self.out, "--out")  # as given: '' becomes Path('.')
         # A URI stays the exact string (Path would collapse s3:// to s3:/), a local name becomes a Path.
         for name in ("catalog", "out", "files_from"):
             value = getattr(self, name)
@@ -91,13 +94,16 @@ class RunConfig:
             raise UsageError(f"--max-pixels must be at least 1, got {self.max_pixels}")
         if self.decode_memory < 1:
             raise UsageError(f"--decode-memory must be at least 1 byte, got {self.decode_memory}")
+        if self.decode_memory > MAX_DECODE_MEMORY:
+            raise UsageError(f"--decode-memory must be at most 1 EiB (2**60 bytes), got {self.decode_memory}")
         if (self.retry_errors or self.keep_stale_model or self.checksum) and not self.incremental:
             flag = (
                 "--retry-errors" if self.retry_errors else "--keep-stale-model" if self.keep_stale_model else "--checksum"
             )
             raise UsageError(f"{flag} only applies with --incremental")
-        if self.commit_every < 0 or self.commit_seconds < 0:
-            raise UsageError("--commit-every and --commit-seconds must be >= 0")
+        if self.commit_every < 0 or not 0 <= self.commit_seconds < math.inf:  # NaN compares false
+            raise UsageError(f"--commit-every and --commit-seconds must be finite and >= 0, got {self.commit_every} "
+                             f"and {self.commit_seconds}")
         if self.shard is not None and self.files_from is not None:
             raise UsageError("--shard splits a catalog walk; with --files-from, split the list instead")
 
@@ -156,7 +162,8 @@ class ModelFacts:
 
 
 def list_refs(config: RunConfig) -> Iterator[ImageRef]:
-    """The files of the run in discovery order (a walk or the --files-from list, then the shard's share).
+    """The files of the run in discovery order (a walk or the --files-from list, then the shard's share; an
+    incremental shard also gets every folder that could not be listed, see Assembler).
 
     TaggerError when the catalog holds no file to tag at all, before any model is loaded.
     """
@@ -176,7 +183,12 @@ def list_refs(config: RunConfig) -> Iterator[ImageRef]:
         raise TaggerError(f"no image files {what} in {redact(config.catalog)}")
     listed = itertools.chain([first], refs)
     shard = config.shard
-    return listed if shard is None else (r for r in listed if shard.holds(r.path))
+    if shard is None:
+        return listed
+    # An incremental shard also gets the other shards' unlistable folders: its own rows beneath one may hash to it,
+    # and its Assembler keeps them (only the folder's owner writes the folder's error row).
+    keep = config.incremental
+    return (r for r in listed if shard.holds(r.path) or (keep and r.unlistable is not None))
 
 
 def _refusing_out(refs: Iterator[ImageRef], config: RunConfig) -> Iterator[ImageRef]:

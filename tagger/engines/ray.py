@@ -280,6 +280,27 @@ def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
         ray.shutdown()
 
 
+RAY_LOGGERS = ("ray", "ray.data")  # the driver's Python loggers of Ray and Ray Data (executor, progress lines)
+
+
+@contextlib.contextmanager
+def _quiet_ray_logs() -> Iterator[None]:
+    """Ray's driver loggers no chattier than tagger's own (WARNING by default, ERROR with -q) unless tagger logs INFO
+    (-v); their levels (which ray.init's logging_level also sets) restored after. Ray Data logs INFO to stderr by
+    default: its plan, and progress lines when stderr is no terminal."""
+    level = log.getEffectiveLevel()
+    loggers = [logging.getLogger(name) for name in RAY_LOGGERS]
+    saved = [lg.level for lg in loggers]
+    if level > logging.INFO:
+        for lg in loggers:
+            lg.setLevel(max(lg.getEffectiveLevel(), level))
+    try:
+        yield
+    finally:
+        for lg, was in zip(loggers, saved):
+            lg.setLevel(was)
+
+
 @contextlib.contextmanager
 def _unwrapped_errors(ray: ModuleType) -> Iterator[None]:
     """A TaggerError raised in a Ray worker comes back as itself; any other Ray failure as one line."""
@@ -332,7 +353,7 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     # The whole listing goes into the driver's memory (~200 bytes a file); see the README for larger catalogs.
     refs = list(plan.refs)
     model = model_argument(config.model)
-    with _connected(ray, options), _unwrapped_errors(ray), _data_context(ray, config.progress):
+    with _quiet_ray_logs(), _connected(ray, options), _unwrapped_errors(ray), _data_context(ray, config.progress):
         actors, gpus = _actor_shape(ray, config.device, options)
         probe = ray.remote(num_cpus=1, num_gpus=gpus)(probe_model)
         facts: ModelFacts = ray.get(probe.remote(model, config.device, config.threads))

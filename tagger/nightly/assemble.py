@@ -17,6 +17,7 @@ from tagger.contract import TaskSpec
 from tagger.errors import TaggerError
 from tagger.output.reader import RowIndex, RowReader, read_output_info
 from tagger.output.schema import ROW_GROUP_SIZE, RunIdentity, count_ok
+from tagger.nightly.shard import Shard
 from tagger.output.writer import ResultWriter
 from tagger.pipeline.discover import ImageRef
 from tagger.storage import Location, exists, file_sha256, redact
@@ -143,8 +144,10 @@ class Assembler:
         retry_errors: bool = False,
         incremental: bool = False,
         checksum: bool = False,
+        shard: Shard | None = None,
     ) -> None:
         self._writer = writer
+        self._shard = shard  # the run's shard: a folder it does not own only keeps this shard's rows beneath it
         self._previous = previous
         self._parts = parts
         self._retry = retry_errors
@@ -199,14 +202,18 @@ class Assembler:
         run_source, run_start, run_count = _TAG, 0, 0
         for ref in refs:
             if ref.unlistable is not None:
-                # Its error row, then the previous rows beneath it as they were (they sort right after 'sub/').
+                # Its error row (by the shard that owns its path only, so a merge has it once), then the previous
+                # rows beneath it as they were (they sort right after 'sub/').
                 if run_count:
                     self._queue.append((run_source, run_start, run_count))
                     run_count = 0
-                self.unlistable += 1
-                self._queue.append((_TAG, 0, 1))
+                owned = self._shard is None or self._shard.holds(ref.path)
+                if owned:
+                    self.unlistable += 1
+                    self._queue.append((_TAG, 0, 1))
                 self._queue.extend((_PREVIOUS, start, count) for start, count in self._keep_beneath(ref.path))
-                yield ref
+                if owned:
+                    yield ref
                 continue
             source, row = self._decide(ref)
             if source != _TAG and source == run_source and row == run_start + run_count:

@@ -20,7 +20,7 @@ from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info
 from tagger.output.writer import ResultWriter
 from tagger.pipeline.discover import walk_would_list
-from tagger.storage import Location, as_location, exists, is_uri, redact, same_file
+from tagger.storage import Location, as_location, check_names_file, exists, is_uri, redact, same_file
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ def merge_shards(out: Location, shard_files: Sequence[Location]) -> MergeSummary
     options, a shard given twice, a missing shard, or a path in two shards are refused (TaggerError) before
     anything is written; the output is written atomically.
     """
+    check_names_file(out, "OUT")
     out = as_location(out)
     if not shard_files:
         raise TaggerError("name the shard outputs to merge")

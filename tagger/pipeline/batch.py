@@ -39,33 +39,53 @@ def rebatch(decoded: Iterable[tuple[tuple[ImageRef, ...], DecodedBatch]], batch_
     """Turn (refs, DecodedBatch) chunks of any size into Batches of batch_size images, keeping the order.
 
     Pixels are copied into the batch as each chunk arrives (decode_stream's chunks are only valid until the
-    next one), and each Sample of a Batch is a view into its `images`.
+    next one), and each Sample of a Batch is a view into its `images`. The first batch's buffer starts at a chunk's
+    worth and doubles up to batch_size as images arrive, so a batch_size far above the catalog costs only what
+    arrives; later batches start at the size the previous one reached.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     refs: list[ImageRef] = []
     results: list[DecodeResult] = []
-    buf: np.ndarray | None = None  # uint8 [batch_size, S, S, 3]
+    buf: np.ndarray | None = None  # uint8 [capacity <= batch_size, S, S, 3]
+    shape: tuple[int, ...] = (0, 0, 3)  # of one image, (S, S, 3) once a chunk came
+    capacity = 0  # of the next batch's first buffer; batch_size after a full batch
     n = 0
     seconds = 0.0
     for chunk_refs, chunk in decoded:
         seconds += chunk.seconds
-        if buf is None:
-            buf = np.empty((batch_size, *chunk.images.shape[1:]), np.uint8)
+        shape = chunk.images.shape[1:]
         for ref, result in zip(chunk_refs, chunk.results, strict=True):
             refs.append(ref)
             if isinstance(result, Sample):
+                if buf is None:
+                    buf = np.empty((capacity or min(batch_size, len(chunk.results)), *shape), np.uint8)
+                elif n == len(buf):
+                    buf = _grown(buf, min(batch_size, 2 * n), results)
+                capacity = len(buf)
                 buf[n] = result.array
                 result = Sample(result.index, buf[n], result.width, result.height, result.sha256)
                 n += 1
             results.append(result)
             if n == batch_size:
-                yield Batch(tuple(refs), tuple(results), buf, seconds)
+                yield Batch(tuple(refs), tuple(results), buf, seconds)  # type: ignore[arg-type]
                 refs, results, seconds = [], [], 0.0
-                buf, n = np.empty_like(buf), 0
+                buf, n = None, 0
     if refs:
-        images = buf[:n] if buf is not None else np.empty((0, 0, 0, 3), np.uint8)
+        images = buf[:n] if buf is not None else np.empty((0, *shape), np.uint8)
         yield Batch(tuple(refs), tuple(results), images, seconds)
+
+
+def _grown(buf: np.ndarray, size: int, results: list[DecodeResult]) -> np.ndarray:
+    """A buffer of `size` images holding buf's; the Samples of `results` (views into buf, in order) re-pointed."""
+    new = np.empty((size, *buf.shape[1:]), buf.dtype)
+    k = 0
+    for i, r in enumerate(results):
+        if isinstance(r, Sample):
+            new[k] = buf[k]
+            results[i] = Sample(r.index, new[k], r.width, r.height, r.sha256)
+            k += 1
+    return new
 
 
 _END = object()

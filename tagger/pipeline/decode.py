@@ -64,6 +64,7 @@ DECODE_CHUNK = 32  # files per decode call at most: one array crosses processes 
 DEFAULT_MAX_PIXELS = 150_000_000  # above any camera photo (a 100 MP sensor is 102M); far below a decompression bomb
 
 DEFAULT_DECODE_MEMORY = 4 * 1024**3  # bytes of decoding all decoders of a run may hold at once (--decode-memory)
+MAX_DECODE_MEMORY = 2**60  # 1 EiB: far above any machine, and the budget's shared counter is a signed 64-bit int
 
 DEFAULT_IO_THREADS = 16  # object-store reads in flight per decoder (--io-threads): ~16 GETs of 30 ms hide the latency
 
@@ -172,8 +173,15 @@ def decode_bytes(img: Image.Image, w: int, h: int, transposed: bool) -> int:
     return need
 
 
-def _mib(nbytes: int) -> str:
-    return f"{-(-nbytes // 2**20)} MiB"
+def _size(nbytes: int, up: bool) -> str:
+    """nbytes in its largest unit (bytes, KiB, MiB, GiB, TiB) with one decimal at most, rounded up or down: an
+    estimate rounded up next to a budget rounded down always reads as more, as it is."""
+    unit, scale = next((u, s) for u, s in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
+                                          ("bytes", 1)) if nbytes >= s or s == 1)  # fmt: skip
+    tenths = -(-nbytes * 10 // scale) if up else nbytes * 10 // scale
+    if nbytes == 1:
+        return "1 byte"
+    return f"{tenths // 10} {unit}" if tenths % 10 == 0 else f"{tenths / 10:.1f} {unit}"
 
 
 class DecodeMemory:
@@ -185,6 +193,8 @@ class DecodeMemory:
     """
 
     def __init__(self, limit: int) -> None:
+        if not 1 <= limit <= MAX_DECODE_MEMORY:
+            raise ValueError(f"decode memory must be 1 .. {MAX_DECODE_MEMORY} bytes, got {limit}")
         ctx = multiprocessing.get_context("spawn")
         self.limit = limit
         self._cond = ctx.Condition()
@@ -193,7 +203,8 @@ class DecodeMemory:
     def acquire(self, nbytes: int, what: str) -> None:
         if nbytes > self.limit:
             raise DecodeMemoryError(
-                f"{what} needs ~{_mib(nbytes)} to decode, more than --decode-memory {_mib(self.limit)}"
+                f"{what} needs ~{_size(nbytes, up=True)} to decode, more than --decode-memory "
+                f"{_size(self.limit, up=False)}"
             )
         with self._cond:
             self._cond.wait_for(lambda: self._free.value >= nbytes)
