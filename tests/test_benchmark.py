@@ -159,16 +159,14 @@ def test_object_store_serves_the_uploaded_files_and_the_proxy_delays_every_reque
             fs, root = pafs.FileSystem.from_uri(uri)
             with fs.open_input_stream(f"{root}/images/2.jpg") as f:
                 assert f.read() == (images / "images" / "2.jpg").read_bytes()
-        seconds = {}
-        for name, endpoint in (("direct", store.endpoint), ("delayed", store.delayed)):
-            s3 = boto3.client("s3", endpoint_url=endpoint, **bench._boto_credentials())
-            s3.head_bucket(Bucket=bench.STORE_BUCKET)  # connect first: only the requests are timed
+        s3 = boto3.client("s3", endpoint_url=store.delayed, **bench._boto_credentials())
+        s3.head_bucket(Bucket=bench.STORE_BUCKET)  # connect first: only the requests are timed
+        for _ in range(requests):  # one GET each, on the kept-alive connection
             t0 = time.perf_counter()
-            for _ in range(requests):  # one GET each, on the kept-alive connection
-                body = s3.get_object(Bucket=bench.STORE_BUCKET, Key="cat/images/0.jpg")["Body"].read()
-                assert body == (images / "images" / "0.jpg").read_bytes()
-            seconds[name] = time.perf_counter() - t0
-        assert seconds["delayed"] - seconds["direct"] >= requests * delay * 0.9
+            body = s3.get_object(Bucket=bench.STORE_BUCKET, Key="cat/images/0.jpg")["Body"].read()
+            # A lower bound only: load can slow a request down, never make the delay shorter.
+            assert time.perf_counter() - t0 >= delay
+            assert body == (images / "images" / "0.jpg").read_bytes()
         pids = store.pids
     time.sleep(0.2)
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
