@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,18 +15,13 @@ from typing import Iterator
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from s3server import S3Server, free_port
 from test_ray import _assert_same_rows
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 NODE_START_S = 60.0
 STOP_GRACE_S = 3.0  # the head drains for up to 30 s on SIGTERM; what is left after this is killed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _descendants(root: int) -> list[int]:
@@ -77,7 +71,7 @@ def _ray_cluster(node_env: dict[str, str] | None = None) -> Iterator[str]:
     if subprocess.run(["ray", "--version"], capture_output=True).returncode != 0:
         pytest.skip("needs the ray command line: pip install 'tagger[ray]'")
     tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
-    port = _free_port()
+    port = free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(node_env or {})}
     common = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats", "--block"]
@@ -121,52 +115,24 @@ def ray_cluster() -> Iterator[str]:
         yield address
 
 
-MOTO_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}  # fmt: skip
-
-
 @pytest.fixture
-def s3_catalog(catalog: tuple[Path, dict[str, str]]) -> Iterator[tuple[str, dict[str, str]]]:
-    """The catalog's regular files as objects of a moto S3 server on 127.0.0.1; yields (URI, environment).
+def s3_catalog(catalog: tuple[Path, dict[str, str]], bucket: str) -> str:
+    """The catalog's regular files as objects below BUCKET/cat on the test S3 server; its URI.
 
-    Uploaded with boto3's PutObject (moto 5.2 answers a multipart upload's completion in a way pyarrow rejects).
+    Put one request each with boto3 (moto 5.2 answers a multipart upload's completion in a way pyarrow rejects);
+    the endpoint and credentials come from the environment the s3_server fixture set.
     """
     boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto.server", reason="needs moto's server: pip install 'moto[server]'")
-    port = _free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + NODE_START_S
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "moto_server did not start"
-                time.sleep(0.1)
-        s3 = boto3.client(
-            "s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )  # fmt: skip
-        s3.create_bucket(Bucket="photos")
-        root = catalog[0]
-        for path in sorted(root.rglob("*")):
-            if path.is_file() and not path.is_symlink():
-                s3.put_object(Bucket="photos", Key=f"cat/{path.relative_to(root).as_posix()}", Body=path.read_bytes())
-        yield "s3://photos/cat", {**MOTO_ENV, "AWS_ENDPOINT_URL": endpoint}
-    finally:
-        server.terminate()
-        server.wait(10)
+    s3, name = boto3.client("s3"), bucket.removeprefix("s3://")
+    root = catalog[0]
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            s3.put_object(Bucket=name, Key=f"cat/{path.relative_to(root).as_posix()}", Body=path.read_bytes())
+    return f"{bucket}/cat"
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})}
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     return subprocess.run(
         [sys.executable, "-m", "tagger.cli", "-q", "run", *args], env=env, capture_output=True, text=True,
         timeout=180,
@@ -191,39 +157,22 @@ def test_ray_across_two_nodes_writes_the_local_engines_rows(
 
 
 def test_ray_across_two_nodes_reads_and_writes_the_bucket(
-    s3_catalog: tuple[str, dict[str, str]], contract_onnx: Path, tmp_path: Path
+    s3_catalog: str, s3_server: S3Server, contract_onnx: Path, tmp_path: Path
 ) -> None:
     """No shared files: both engines tag the same objects, Ray's decode tasks read them from the store on either
     node (each node configured with the store's endpoint and credentials, as real nodes are), and the Ray driver
     writes its output into the bucket; the rows are the local engine's."""
-    uri, env = s3_catalog
-    local, remote = tmp_path / "local.parquet", "s3://photos/out/ray.parquet"
+    local, remote = tmp_path / "local.parquet", s3_catalog.replace("/cat", "/out/ray.parquet")
     common = ["--model", str(contract_onnx), "--device", "cpu", "--batch-size", "4"]
-    done = _cli(uri, "--out", str(local), "--workers", "0", *common, env=env)
+    done = _cli(s3_catalog, "--out", str(local), "--workers", "0", *common)
     assert done.returncode == 0, done.stderr[-3000:]
-    with _ray_cluster(env) as address:
-        done = _cli(uri, "--out", remote, "--engine", "ray", "--ray-address", address, *common, env=env)
+    with _ray_cluster(s3_server.env()) as address:
+        done = _cli(s3_catalog, "--out", remote, "--engine", "ray", "--ray-address", address, *common)
     assert done.returncode == 0, done.stderr[-3000:]
-
-    with _environ(env):
-        fs, key = pafs.FileSystem.from_uri(remote)
-        with fs.open_input_file(key) as f:
-            got = pq.read_table(f)
+    fs, key = pafs.FileSystem.from_uri(remote)
+    with fs.open_input_file(key) as f:
+        got = pq.read_table(f)
     want = pq.read_table(local)
     assert want.num_rows > 0 and got.schema.equals(want.schema)
     assert got.column("path").to_pylist() == want.column("path").to_pylist()  # discovery order
     _assert_same_rows(got.to_pylist(), want.to_pylist())
-
-
-@contextlib.contextmanager
-def _environ(env: dict[str, str]) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
