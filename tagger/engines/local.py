@@ -43,8 +43,7 @@ def run(config: RunConfig) -> RunSummary:
     log.info(
         "tagging %s%s with %s on %s: batch %d, %d decode workers, %d threads",
         redact(config.catalog), f" (shard {config.shard})" if config.shard else "", session.path.name,
-        session.provider,
-        batch_size, workers, threads,
+        session.provider, batch_size, workers, threads,
     )  # fmt: skip
     timer = StageTimer()
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()

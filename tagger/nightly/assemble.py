@@ -15,9 +15,9 @@ import pyarrow.compute as pc
 
 from tagger.contract import TaskSpec
 from tagger.errors import TaggerError
+from tagger.nightly.shard import Shard
 from tagger.output.reader import RowIndex, RowReader, read_output_info
 from tagger.output.schema import ROW_GROUP_SIZE, RunIdentity, count_ok
-from tagger.nightly.shard import Shard
 from tagger.output.writer import ResultWriter
 from tagger.pipeline.discover import ImageRef
 from tagger.storage import Location, exists, file_sha256, redact
@@ -72,7 +72,11 @@ class Previous:
 
 
 def load_previous(
-    out: Location, identity: RunIdentity, tasks: Sequence[TaskSpec], keep_stale_model: bool = False, checksums: bool = False
+    out: Location,
+    identity: RunIdentity,
+    tasks: Sequence[TaskSpec],
+    keep_stale_model: bool = False,
+    checksums: bool = False,
 ) -> Previous | None:
     """Open the output of the previous run for reuse, or None when there is none; checksums: index its sha256 too.
 
