@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,24 @@ def test_a_job_that_cannot_be_done_exits_1_with_one_line(photos: Path, contract_
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.startswith("error: cannot write") and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stdout == ""
+
+
+def test_a_read_only_output_folder_exits_1(photos: Path, contract_onnx: Path, tmp_path: Path) -> None:
+    """As root, the folder's mode binds only once the DAC override capabilities are dropped (setpriv)."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        prefix = ["setpriv", "--bounding-set", "-dac_override", "--inh-caps", "-dac_override"]
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: a read-only folder does not bind root")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    cmd = [*prefix, sys.executable, "-m", "tagger.cli", "run", str(photos), "--out", str(folder / "t.parquet")]
+    proc = subprocess.run([*cmd, "--model", str(contract_onnx)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0 and prefix:
+        pytest.skip("setpriv could not drop the DAC override capability here")
+    assert proc.returncode == 1 and proc.stderr.startswith("error: cannot write"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and list(folder.iterdir()) == []
 
 
 def test_missing_cuda_is_one_clean_line(photos: Path, contract_onnx: Path, tmp_path: Path) -> None:
