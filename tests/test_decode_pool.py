@@ -210,9 +210,27 @@ def test_decode_memory_bounds_the_process_tree(contract_onnx: Path, tmp_path: Pa
     baseline = _peak_tree_rss([small, "--out", tmp_path / "small.parquet", *common])
     budget = 300 * MiB
     bounded = _peak_tree_rss([big, "--out", tmp_path / "bounded.parquet", *common, "--decode-memory", str(budget)])
-    unbounded = _peak_tree_rss([big, "--out", tmp_path / "unbounded.parquet", *common])
-    print(f"peak tree RSS: baseline {baseline / MiB:.0f} MiB, budget 300 MiB {bounded / MiB:.0f} MiB, "
-          f"default budget {unbounded / MiB:.0f} MiB")  # fmt: skip
     assert {r["status"] for r in _rows(tmp_path / "bounded.parquet")} == {"ok"}
+    # Without the budget the peak depends on how the workers happen to overlap (measured once: 680 MiB against
+    # 475 MiB here); the wait that holds the bound is tested on its own below.
     assert bounded < baseline + budget
-    assert unbounded > bounded + 100 * MiB  # three at once without the budget: the bound is what holds it down
+
+
+def test_a_decode_waits_until_the_budget_has_room() -> None:
+    """Two decoders of one budget: the second one's share waits until the first releases its own, across processes
+    as across threads (a spawn Condition and a shared counter)."""
+    memory = DecodeMemory(300 * MiB)
+    memory.acquire(200 * MiB, "first")
+    acquired = threading.Event()
+
+    def second() -> None:
+        memory.acquire(200 * MiB, "second")
+        acquired.set()
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    assert not acquired.wait(0.5)  # 200 + 200 MiB does not fit in 300
+    memory.release(200 * MiB)
+    assert acquired.wait(10)
+    waiter.join()
+    memory.release(200 * MiB)
