@@ -54,8 +54,38 @@ def redact(loc: Location) -> str:
     may carry secret_key=, session_token=, ...); a local path as is."""
     if not is_uri(loc):
         return os.fspath(loc)
+    scheme, host, port, path = _place(str(loc))
+    return f"{scheme}://{host}{f':{port}' if port else ''}{path}"
+
+
+def _place(uri: str) -> tuple[str, str, int | None, str]:
+    """(scheme, host, port, path) of a URI: what names an object, without user info or query."""
+    u = urllib.parse.urlsplit(uri)
+    try:
+        port = u.port
+    except ValueError:  # not a number: no port to keep
+        port = None
+    host = u.hostname or ""
+    return u.scheme, f"[{host}]" if ":" in host else host, port, u.path
+
+
+# A URI inside an error text: its user info (group 2) and query (group 4) are cut out, even when the text was
+# truncated in the middle of it.
+_URI_IN_TEXT = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+://)([^\s'\"/@]*@)?([^\s'\"?]*)(\?[^\s'\"]*)?")
+
+
+def _why(e: BaseException, loc: Location) -> str:
+    """one_line(e) for an error about `loc`, safe to show: pyarrow quotes a URI it rejects whole, credentials
+    included, so every URI in the text is redacted and every secret of `loc` (user info, query values) masked."""
+    text = one_line(e)
+    if not is_uri(loc):
+        return text
+    text = _URI_IN_TEXT.sub(r"\1\3", text)
     u = urllib.parse.urlsplit(str(loc))
-    return urllib.parse.urlunsplit((u.scheme, u.hostname or "", u.path, "", "")) if u.hostname else f"{u.scheme}://{u.path.lstrip('/')}"
+    secrets = [u.username, u.password, u.query] + [v for _, v in urllib.parse.parse_qsl(u.query)]
+    for secret in sorted((s for s in secrets if s and len(s) > 2), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def absolute(loc: Location) -> str:
@@ -105,7 +135,7 @@ def relative_key(root: Location, loc: Location) -> str | None:
     rb, rp, _ = _split(str(root))
     lb, lp, _ = _split(str(loc))
     prefix = rp.rstrip("/") + "/" if rp else ""
-    if urllib.parse.urlsplit(rb).hostname != urllib.parse.urlsplit(lb).hostname or not lp.startswith(prefix):
+    if _place(rb)[:3] != _place(lb)[:3] or not lp.startswith(prefix):
         return None
     return lp[len(prefix) :] or None
 
@@ -138,7 +168,7 @@ def _fs(loc: str) -> tuple[pafs.FileSystem, str]:
     try:
         fs, root = _filesystem(base, query)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise TaggerError(f"cannot open {redact(loc)}: {one_line(e)}") from None
+        raise TaggerError(f"cannot open {redact(loc)}: {_why(e, loc)}") from None
     return fs, f"{root}/{path}" if root or base.startswith("file:") else path
 
 
@@ -171,7 +201,7 @@ def list_files(root: str) -> Iterator[Entry]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=False))
     except (OSError, pa.ArrowException) as e:
-        raise TaggerError(f"cannot list catalog {redact(root)}: {one_line(e)}") from None
+        raise TaggerError(f"cannot list catalog {redact(root)}: {_why(e, root)}") from None
     entries = []
     for info in infos:
         if info.type != pafs.FileType.File:
@@ -203,7 +233,7 @@ def exists(loc: Location) -> bool:
     try:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
     except (OSError, pa.ArrowException) as e:
-        raise TaggerError(f"cannot read {redact(loc)}: {one_line(e)}") from None
+        raise TaggerError(f"cannot read {redact(loc)}: {_why(e, loc)}") from None
 
 
 def is_folder(loc: Location) -> bool:
@@ -282,11 +312,16 @@ def same_file(a: Location, b: Location) -> bool:
     """Whether two paths name one file: the same inode when both exist (hard links too), else the same resolved path;
     two URIs the same object (a URI and a local path never)."""
     if is_uri(a) or is_uri(b):
-        return is_uri(a) and is_uri(b) and _split(str(a))[:2] == _split(str(b))[:2]
+        return is_uri(a) and is_uri(b) and _object_id(str(a)) == _object_id(str(b))
     try:
         return os.path.samefile(a, b)
     except OSError:
         return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _object_id(uri: str) -> tuple[object, ...]:
+    """What names one object: scheme, host, port and decoded path (not the user info or query it is reached with)."""
+    return (*_place(uri)[:3], _split(uri)[1])
 
 
 def _umask() -> int:
@@ -316,7 +351,7 @@ def reserve_temp(out: Location, tmp_dir: Location | None = None) -> Path:
     try:
         fd, name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     except OSError as e:
-        raise TaggerError(f"cannot write {redact(out)}: {one_line(e)}") from None
+        raise TaggerError(f"cannot write {redact(out)}: {_why(e, out)}") from None
     os.close(fd)
     return Path(name)
 
@@ -345,7 +380,7 @@ def publish(tmp: Path, out: Location) -> None:
         try:
             pafs.copy_files(str(tmp), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         except (OSError, pa.ArrowException) as e:
-            raise TaggerError(f"cannot write {redact(out)}: {one_line(e)}") from None
+            raise TaggerError(f"cannot write {redact(out)}: {_why(e, out)}") from None
         finally:
             discard(tmp)
         return
@@ -402,13 +437,13 @@ def publish_bytes(out: Location, data: bytes, tmp_dir: Location | None = None) -
             with fs.open_output_stream(path) as f:
                 f.write(data)
         except (OSError, pa.ArrowException) as e:
-            raise TaggerError(f"cannot write {redact(out)}: {one_line(e)}") from None
+            raise TaggerError(f"cannot write {redact(out)}: {_why(e, out)}") from None
         return
     with publishing(out, tmp_dir) as tmp:
         try:
             tmp.write_bytes(data)
         except OSError as e:
-            raise TaggerError(f"cannot write {redact(out)}: {one_line(e)}") from None
+            raise TaggerError(f"cannot write {redact(out)}: {_why(e, out)}") from None
 
 
 def make_folder(loc: Location) -> None:
