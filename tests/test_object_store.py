@@ -308,3 +308,40 @@ def test_two_runs_on_one_output_in_a_bucket_are_kept_apart(bucket: str, contract
     publish_bytes(f"{out}.work/lock", json.dumps(lock).encode())
     WorkDir(out, {"k": "v"}, [], 0, resume=False).finish()
     assert _fs().get_file_info(pafs.FileSelector(_key(out) + ".work", allow_not_found=True)) == []
+
+
+def test_resume_log_names_the_work_folder_without_credentials(
+    bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tagger.nightly.workdir import WorkDir
+    from tagger.output.schema import output_schema
+
+    out = f"s3://AKIAINLOG:log-secret-7Qw@{bucket.removeprefix('s3://')}/tags.parquet?region=us-east-1"
+    first = WorkDir(out, {"k": "v"}, (), 0, resume=True)
+    first.add(pa.Table.from_pylist([{"path": "a.jpg", "status": "error", "error": "x"}], schema=output_schema(())))
+    first.commit()
+    first.abandon()
+    with caplog.at_level("DEBUG"):
+        WorkDir(out, {"k": "v"}, (), 0, resume=True).finish()
+    assert f"1 rows already tagged in {bucket}/tags.parquet.work" in caplog.text
+    assert "log-secret-7Qw" not in caplog.text and "AKIAINLOG" not in caplog.text
+
+
+def test_a_refused_listing_is_a_tagger_error(tmp_path: Path) -> None:
+    """A server enforcing credentials from its first request: the 403 of a listing is one redacted line."""
+    from tagger.errors import TaggerError
+    from tagger.storage import list_names
+
+    saved = apply_env({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        server = S3Server(tmp_path / "aws")
+    finally:
+        restore_env(saved)
+    try:
+        host = server.endpoint.removeprefix("http://")
+        uri = f"s3://AKIAWRONG:wrong-secret-5Tz@b/x.work?endpoint_override={host}&scheme=http&region=us-east-1"
+        with pytest.raises(TaggerError, match="^cannot list s3://b/x.work: ") as info:
+            list_names(uri)
+        assert "wrong-secret-5Tz" not in str(info.value) and "AKIAWRONG" not in str(info.value)
+    finally:
+        server.stop()

@@ -198,7 +198,7 @@ class Assembler:
         try:
             return sha256 is not None and file_sha256(ref.abspath) == sha256
         except OSError as e:
-            log.debug("cannot hash %s: %s", ref.abspath, e)
+            log.debug("cannot hash %s: %s", redact(ref.abspath), e)
             return False
 
     def plan(self, refs: Iterable[ImageRef]) -> Iterator[ImageRef]:

@@ -106,7 +106,7 @@ class WorkDir:
             if parts:
                 self.rows = RowReader(parts, tasks, top_k)
                 self.index = RowIndex(self.rows)
-                log.info("resuming: %d rows already tagged in %s", self.rows.num_rows, self.path)
+                log.info("resuming: %d rows already tagged in %s", self.rows.num_rows, redact(self.path))
             self._sequence = 1 + max((_sequence_of(p) for p in parts), default=0)
         except BaseException:
             self._unlock()
