@@ -453,25 +453,33 @@ def make_folder(loc: Location) -> None:
 
 
 def list_names(folder: Location) -> list[str]:
-    """The names of the files directly in a folder (or below a key prefix), sorted; [] when there is none."""
+    """The names of the files directly in a folder (or below a key prefix), sorted; [] when there is none.
+    TaggerError (redacted) when a key prefix cannot be listed (403, no server)."""
     if not is_uri(folder):
         try:
             return sorted(e.name for e in os.scandir(folder) if e.is_file())
         except FileNotFoundError:
             return []
     fs, path = _fs(str(folder))
-    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
+    except (OSError, pa.ArrowException) as e:
+        raise TaggerError(f"cannot list {redact(folder)}: {_why(e, folder)}") from None
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
 
 def remove(loc: Location) -> None:
-    """Delete a file or object; nothing when it is already gone."""
+    """Delete a file or object; nothing when it is already gone; TaggerError (redacted) when an object cannot be."""
     if not is_uri(loc):
         Path(loc).unlink(missing_ok=True)
         return
     fs, path = _fs(str(loc))
-    with contextlib.suppress(FileNotFoundError):
+    try:
         fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+    except (OSError, pa.ArrowException) as e:
+        raise TaggerError(f"cannot remove {redact(loc)}: {_why(e, loc)}") from None
 
 
 def remove_tree(loc: Location) -> None:

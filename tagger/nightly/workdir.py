@@ -228,13 +228,13 @@ class WorkDir:
         self._close_rows()
         try:
             self.commit()
-        except TaggerError as e:
+            if self._parts():
+                log.warning("%s keeps the rows tagged so far; rerun with --resume to continue", redact(self.path))
+            else:
+                remove_tree(self.path)
+        except TaggerError as e:  # called while another error propagates: never replace it
             log.warning("%s", e)
-        if self._parts():
-            log.warning("%s keeps the rows tagged so far; rerun with --resume to continue", redact(self.path))
-            self._unlock()
-        else:
-            remove_tree(self.path)
+        finally:
             self._unlock()
 
     def __enter__(self) -> WorkDir:
