@@ -430,15 +430,8 @@ def publishing(out: Location, tmp_dir: Location | None = None) -> Iterator[Path]
 
 
 def publish_bytes(out: Location, data: bytes, tmp_dir: Location | None = None) -> None:
-    """Write `data` as the whole of `out`, atomically and durably (an object: one PUT of the whole buffer)."""
-    if is_uri(out):
-        fs, path = _fs(str(out))
-        try:
-            with fs.open_output_stream(path) as f:
-                f.write(data)
-        except (OSError, pa.ArrowException) as e:
-            raise TaggerError(f"cannot write {redact(out)}: {_why(e, out)}") from None
-        return
+    """Write `data` as the whole of `out`, atomically and durably. An object too goes through a finished temp file
+    and publish's one-call upload: a write failing in an open object stream could still complete a partial object."""
     with publishing(out, tmp_dir) as tmp:
         try:
             tmp.write_bytes(data)
