@@ -345,3 +345,22 @@ def test_a_refused_listing_is_a_tagger_error(tmp_path: Path) -> None:
         assert "wrong-secret-5Tz" not in str(info.value) and "AKIAWRONG" not in str(info.value)
     finally:
         server.stop()
+
+
+def test_an_object_too_large_to_read_ahead_is_read_within_the_budget(
+    bucket: str, contract_onnx: Path, tmp_path: Path
+) -> None:
+    """--decode-memory 100 KB: objects over half of it are not read ahead but read under their size held; one larger
+    than the whole budget is an error row (its bytes alone would exceed it), the others decode in order."""
+    root = tmp_path / "cat"
+    _photos(root, 6, seed=7, ext="png")
+    for name, junk in (("d0/p000.png", 60_000), ("d1/p001.png", 200_000)):  # bytes after IEND: Pillow ignores them
+        with open(root / name, "ab") as f:
+            f.write(bytes(junk))
+    _upload(root, f"{bucket}/cat")
+    out = tmp_path / "tags.parquet"
+    run(_cfg(f"{bucket}/cat", out, contract_onnx, io_threads=4, decode_memory=100_000, batch_size=2))
+    t = pq.read_table(out)
+    rows = dict(zip(t.column("path").to_pylist(), zip(t.column("status").to_pylist(), t.column("error").to_pylist())))
+    assert rows.pop("d1/p001.png")[0] == "error"
+    assert all(status == "ok" for status, _ in rows.values()), rows

@@ -349,14 +349,17 @@ class _ReadAhead:
     thread decodes the ones before, so decoding never waits on the network when enough reads are in flight.
 
     Each object's size is held in the decode budget before its read (in order: DecodeMemory.acquire_ahead, so read-
-    ahead bytes never take more than half of it) and released once its decoding is done or failed. Local files are
-    not read ahead: they are read in the decoding thread, as before.
+    ahead bytes never take more than half of it) and released once its decoding is done or failed. An object larger
+    than that half is not read ahead: the decoding thread reads it itself under a blocking acquire of its size, and
+    the reads after it wait for that (taking their turn earlier could leave it no room). Local files are not read
+    ahead: they are read in the decoding thread, as before.
     """
 
     def __init__(self, srcs: Sequence[Source], io_threads: int) -> None:
         self.budget: DecodeMemory | None = getattr(_decoding, "budget", None)
         self.futures: dict[int, Future[bytes]] = {}
         self.held: dict[int, int] = {}  # index in srcs -> bytes it holds in the budget
+        self.refused: dict[int, ImageRef] = {}  # too large to read ahead: take() reads them in the decoding thread
         self._stopped = threading.Event()
         self._turn = 0  # position in `order` whose budget is taken next: in order, so a chunk never deadlocks
         self._cond = threading.Condition()
@@ -373,18 +376,45 @@ class _ReadAhead:
 
     def _read(self, k: int, i: int, ref: ImageRef) -> bytes:
         with self._cond:
-            self._cond.wait_for(lambda: self._turn == k)
+            self._cond.wait_for(lambda: self._turn == k or self._stopped.is_set())
+        keeps_turn = False
         try:
-            if self.budget is not None and ref.size > 0 and self.budget.acquire_ahead(ref.size, self._stopped):
-                with self._lock:
-                    self.held[i] = ref.size
+            if self.budget is not None and ref.size > 0:
+                if self.budget.acquire_ahead(ref.size, self._stopped):
+                    with self._lock:
+                        self.held[i] = ref.size
+                elif not self._stopped.is_set():
+                    with self._lock:
+                        self.refused[i] = ref
+                    keeps_turn = True  # until take() holds its size
+                    return b""
         finally:
-            with self._cond:
-                self._turn += 1
-                self._cond.notify_all()
+            if not keeps_turn:
+                self._pass_turn()
         if self._stopped.is_set():
             raise OSError("decoding stopped")
         return read_file(ref.abspath)
+
+    def _pass_turn(self) -> None:
+        with self._cond:
+            self._turn += 1
+            self._cond.notify_all()
+
+    def _read_here(self, ref: ImageRef) -> Future[bytes]:
+        """Read a refused object in the decoding thread, its size held (blocking) as a read ahead's would be."""
+        assert self.budget is not None
+        done: Future[bytes] = Future()
+        _release_decode_memory()  # nothing held while waiting
+        try:
+            try:
+                self.budget.acquire(ref.size, f"a {_size(ref.size, up=True)} object")
+                _decoding.held = (self.budget, ref.size)
+            finally:
+                self._pass_turn()
+            done.set_result(read_file(ref.abspath))
+        except Exception as e:  # noqa: BLE001 - the row's error, as a read ahead's
+            done.set_exception(e)
+        return done
 
     def take(self, i: int) -> Future[bytes] | None:
         """Source i's read (None: decode reads it itself); its held bytes pass to this thread's decode holding."""
@@ -394,6 +424,9 @@ class _ReadAhead:
         future.exception()  # wait for it, so its budget is taken and known
         with self._lock:
             nbytes = self.held.pop(i, 0)
+            refused = self.refused.pop(i, None)
+        if refused is not None:
+            return self._read_here(refused)
         if nbytes and self.budget is not None:
             _release_decode_memory()
             _decoding.held = (self.budget, nbytes)
@@ -402,6 +435,8 @@ class _ReadAhead:
     def close(self) -> None:
         """Stop reading ahead; give back what reads not decoded still hold."""
         self._stopped.set()
+        with self._cond:
+            self._cond.notify_all()  # reads waiting for a refused object's turn
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         with self._lock:
