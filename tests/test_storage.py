@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pyarrow as pa
 import pytest
 
 from tagger.errors import TaggerError
@@ -32,3 +35,12 @@ def test_one_object_whatever_the_credentials_and_never_across_schemes() -> None:
         check_not_input("s3://k:s@b/x", "s3://b/x", "catalog")
     assert relative_key("s3://b/x", "gs://b/x/y") is None
     assert relative_key("s3://k:s@b/x", "s3://b/x/y") == "y"
+
+
+def test_a_writer_that_cannot_start_leaves_no_temp_file(tmp_path: Path) -> None:
+    from tagger.output.writer import ResultWriter
+
+    schema = pa.schema([pa.field("span", pa.month_day_nano_interval())])  # Parquet has no such type
+    with pytest.raises(TaggerError, match=f"^cannot write output {tmp_path / 'tags.parquet'}: .*month_day_nano"):
+        ResultWriter(tmp_path / "tags.parquet", schema)
+    assert list(tmp_path.iterdir()) == []

@@ -43,7 +43,11 @@ class ResultWriter:
         if is_folder(self.out):
             raise TaggerError(f"output {redact(self.out)} is a folder; name a .parquet file")
         self._tmp = reserve_temp(self.out, tmp_dir)
-        self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        try:
+            self._writer: pq.ParquetWriter | None = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        except (OSError, pa.ArrowException) as e:
+            discard(self._tmp)
+            raise TaggerError(f"cannot write output {redact(self.out)}: {one_line(e)}") from None
         self._done = False
 
     def write(self, table: pa.Table) -> None:
