@@ -290,6 +290,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """sha256_hex of a local file of any size (a model, its weights), read in 1 MiB blocks, not all at once."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def file_sha256(path: Location) -> str:
     """sha256_hex of a catalog file's bytes, read by read_file (same errors)."""
     return sha256_hex(read_file(path))
@@ -624,5 +633,6 @@ __all__ = [
     "reserve_temp",
     "reserve_temp_dir",
     "same_file",
+    "sha256_file",
     "sha256_hex",
 ]

@@ -28,6 +28,7 @@ from tagger.contract import (
     tasks_from_json,
 )
 from tagger.errors import TaggerError, one_line
+from tagger.storage import sha256_file
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -68,14 +69,6 @@ class ModelInfo:
             "preprocess": self.preprocess.to_dict(),
             "model": dict(self.model),
         }
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_sha256(path: str | os.PathLike[str]) -> str:

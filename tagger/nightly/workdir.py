@@ -3,7 +3,6 @@ far, committed in checksummed parts."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -31,6 +30,7 @@ from tagger.storage import (
     redact,
     remove,
     remove_tree,
+    sha256_hex,
     with_suffix_name,
 )
 
@@ -162,7 +162,7 @@ class WorkDir:
         else:
             try:
                 data = read_file(part)
-                if hashlib.sha256(data).hexdigest()[:16] != m[2]:
+                if sha256_hex(data)[:16] != m[2]:
                     reason = "checksum mismatch: torn or corrupt"
                 elif not pq.read_schema(pa.BufferReader(data)).equals(self.schema, check_metadata=False):
                     reason = "unexpected columns"
@@ -202,9 +202,9 @@ class WorkDir:
         table = pa.concat_tables(self._pending)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        data = sink.getvalue()
-        name = f"part-{self._sequence:06d}-{hashlib.sha256(data).hexdigest()[:16]}.parquet"
-        publish_bytes(join(self.path, name), data.to_pybytes())
+        data = sink.getvalue().to_pybytes()
+        name = f"part-{self._sequence:06d}-{sha256_hex(data)[:16]}.parquet"
+        publish_bytes(join(self.path, name), data)
         self._lock.refresh()
         self._sequence += 1
         self.committed += table.num_rows
