@@ -226,13 +226,16 @@ class WorkDir:
         """The run failed: commit what is buffered, so a resumed run need not tag it again; keep the folder only
         when it holds parts."""
         self._close_rows()
-        try:
-            self.commit()
+        try:  # called while another error propagates: never replace it
+            try:
+                self.commit()
+            except TaggerError as e:
+                log.warning("%s", e)
             if self._parts():
                 log.warning("%s keeps the rows tagged so far; rerun with --resume to continue", redact(self.path))
             else:
                 remove_tree(self.path)
-        except TaggerError as e:  # called while another error propagates: never replace it
+        except TaggerError as e:
             log.warning("%s", e)
         finally:
             self._unlock()
