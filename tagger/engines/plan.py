@@ -26,7 +26,7 @@ from tagger.pipeline.discover import (
     DEFAULT_EXTENSIONS,
     ImageRef,
     discover,
-    list_names,
+    list_contains,
     path_text,
     refs_from_list,
     walk_would_list,
@@ -219,7 +219,7 @@ def check_out_is_no_input(config: RunConfig) -> None:
         check_not_input(out, model, "model")
     if config.files_from is not None:
         check_not_input(out, config.files_from, "--files-from list")
-        if list_names(config.catalog, config.files_from, out):
+        if list_contains(config.catalog, config.files_from, out):
             raise TaggerError(
                 f"output {redact(out)} is listed in {redact(config.files_from)} as a file to tag; choose another name"
             )

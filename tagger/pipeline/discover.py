@@ -241,7 +241,7 @@ def walk_would_list(root: Location, path: Location, extensions: Iterable[str]) -
     )
 
 
-def list_names(root: Location, list_file: Location, path: Location) -> bool:
+def list_contains(root: Location, list_file: Location, path: Location) -> bool:
     """Whether `list_file` (as refs_from_list reads it) names `path`, directly or through a link. One pass over the
     list with a string compare per line; only lines ending in the same file name are resolved."""
     if is_uri(path):
