@@ -21,7 +21,7 @@ from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
 from tagger.pipeline.compose import check_stage_options
-from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_PIXELS, MAX_DECODE_MEMORY
+from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_IO_THREADS, DEFAULT_MAX_PIXELS, MAX_DECODE_MEMORY
 from tagger.pipeline.discover import (
     DEFAULT_EXTENSIONS,
     ImageRef,
@@ -74,7 +74,7 @@ class RunConfig:
     commit_seconds: float = DEFAULT_COMMIT_SECONDS  # ... or every T seconds; 0: not by time (both 0: never)
     shard: Shard | None = None  # tag only the files of this shard
     inflight: int | None = None  # batches in the session at once; None: 2 on CUDA, 1 on CPU
-    io_threads: int = 16  # concurrent object-store reads per decode worker (local files are read as they decode)
+    io_threads: int = DEFAULT_IO_THREADS  # object-store reads in flight per decode worker (not local files)
 
     def __post_init__(self) -> None:
         check_names_file(self.out, "--out")  # as given: '' becomes Path('.')
