@@ -137,7 +137,7 @@ def train(**kw: Any) -> None:
 @click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images with more pixels (error row) [default: 150000000].")
 @click.option("--decode-memory", default="4GiB", show_default=True, type=_Bytes(), help="Decoding all decode workers may hold at once (e.g. 512MiB): a large image waits for room; one larger than this is an error row.")
 @click.option("--files-from", default=None, help="Tag the paths listed in this file (relative to CATALOG, absolute, or URIs) instead of walking CATALOG; may itself be a URI.")
-@click.option("--io-threads", default=16, show_default=True, type=click.IntRange(1), help="Concurrent object-store reads per decode worker (a CATALOG in a bucket).")
+@click.option("--io-threads", default=None, type=click.IntRange(1), help="Concurrent object-store reads per decode worker (a CATALOG in a bucket) [default: 16].")
 @click.option("--incremental", is_flag=True, help="Reuse the rows of --out for unchanged files (same path, size and mtime, same model); tag new and changed ones; drop deleted ones.")
 @click.option("--retry-errors", is_flag=True, help="--incremental: also tag files with an error row again, even when unchanged.")
 @click.option("--checksum", is_flag=True, help="--incremental: also read and hash files whose path, size and mtime match, and tag them again when their bytes changed.")
@@ -151,7 +151,9 @@ def train(**kw: Any) -> None:
 @click.option("--num-gpus-per-actor", type=click.FloatRange(0), default=None, help="--engine ray: GPUs per inference actor, fractions share a GPU [default: 1 with a GPU and --device auto/cuda, else 0].")
 @click.option("--actors", type=click.IntRange(1), default=None, help="--engine ray: inference actors [default: cluster GPUs / --num-gpus-per-actor, or 1].")
 @_friendly
-def run_command(catalog: str, out: str, ext: str | None, max_pixels: int | None, **kw: Any) -> None:
+def run_command(
+    catalog: str, out: str, ext: str | None, max_pixels: int | None, io_threads: int | None, **kw: Any
+) -> None:
     """Tag every photo under CATALOG (a folder, or s3://bucket/prefix, gs://..., any pyarrow.fs URI) into a
     Parquet file: one row per file, errors included."""
     from tagger import RunConfig, run
@@ -163,6 +165,8 @@ def run_command(catalog: str, out: str, ext: str | None, max_pixels: int | None,
         kw["extensions"] = parse_extensions(ext)
     if max_pixels is not None:
         kw["max_pixels"] = max_pixels
+    if io_threads is not None:  # else RunConfig's default (decode.DEFAULT_IO_THREADS), not imported by --help
+        kw["io_threads"] = io_threads
     if kw["shard"] is not None:
         from tagger.nightly.shard import Shard
 

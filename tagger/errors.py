@@ -10,7 +10,7 @@ MAX_MESSAGE = 300  # characters of an exception's message kept in one line
 class TaggerError(Exception):
     """A job that could not be done (bad model, unwritable output, ...): one clear line and exit code 1.
 
-    Bad arguments are Click's usage errors (exit code 2); bad files are error rows, not exceptions.
+    Bad arguments are UsageErrors (exit code 2, as Click's own); bad files are error rows, not exceptions.
     """
 
     exit_code = 1

@@ -19,7 +19,7 @@ from tagger.storage import check_destination, publish, reserve_temp
 from tagger.contract import INPUT_NAME, META_MODEL
 from tagger.errors import TaggerError
 from tagger.model.info import ModelInfo, ort_errors, read_model_metadata
-from tagger.pipeline.decode import decode_many
+from tagger.pipeline.compose import decoded_batches
 from tagger.pipeline.discover import ImageRef, discover
 from tagger.model.registry import derived_model_path, resolve_model
 from tagger.pipeline.session import open_session, ort_log_severity
@@ -82,16 +82,15 @@ def quantize_model(
     check_destination(out_path, info.path)
 
     refs = _sample(images, n_images, seed)
-    decoded = decode_many(refs, info.preprocess)  # uint8 [k, S, S, 3], the runtime's own pixels
-    skipped = len(refs) - len(decoded.images)
+    with contextlib.closing(decoded_batches(refs, info.preprocess)) as batches:  # refs is never empty: >= 1 batch
+        pixels = np.concatenate([b.images for b in batches])  # uint8 [k, S, S, 3], the runtime's own pixels, in order
+    skipped = len(refs) - len(pixels)
     if skipped:
         log.warning("%d of %d sampled files did not decode and were left out", skipped, len(refs))
-    if len(decoded.images) < MIN_IMAGES:
-        raise TaggerError(
-            f"{len(decoded.images)} photos decoded from {images}; quantization needs at least {MIN_IMAGES}"
-        )
-    check = decoded.images[::CHECK_EVERY]
-    calibration = np.delete(decoded.images, np.s_[::CHECK_EVERY], axis=0)
+    if len(pixels) < MIN_IMAGES:
+        raise TaggerError(f"{len(pixels)} photos decoded from {images}; quantization needs at least {MIN_IMAGES}")
+    check = pixels[::CHECK_EVERY]
+    calibration = np.delete(pixels, np.s_[::CHECK_EVERY], axis=0)
 
     tmp = reserve_temp(out_path)
     try:

@@ -162,7 +162,7 @@ def _arena_files() -> set[str]:
 
 
 def test_decode_stream_reuses_shared_slots_without_mixing_chunks(tmp_path: Path) -> None:
-    # 30 distinct photos through 2 workers, 2-image chunks and 2 slots: every slot is refilled many times.
+    # 30 distinct photos through 2 workers, 2-image chunks and 4 slots (2 per worker): every slot is refilled.
     for i in range(30):
         Image.new("RGB", (40 + i, 30), (i * 8, 255 - i * 8, 100)).save(tmp_path / f"{i:02d}.jpg", quality=95)
     (tmp_path / "99.jpg").write_bytes(b"not a jpeg")
@@ -171,7 +171,7 @@ def test_decode_stream_reuses_shared_slots_without_mixing_chunks(tmp_path: Path)
 
     def pixels(workers: int) -> list[bytes | str]:
         out: list[bytes | str] = []
-        for _, chunk in decode_stream(refs, SPEC, workers=workers, chunk_size=2, max_pending=2):
+        for _, chunk in decode_stream(refs, SPEC, workers=workers, chunk_size=2):
             out += [r.array.tobytes() if isinstance(r, Sample) else r.error for r in chunk.results]
         return out
 

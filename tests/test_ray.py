@@ -140,6 +140,28 @@ def test_files_from_reports_missing_files_as_error_rows(
     assert summary.errors == 1
 
 
+def test_an_unlistable_folder_gets_its_listing_error_as_the_local_engine_does(
+    ray_local: Any, contract_onnx: Path, tmp_path: Path
+) -> None:
+    from tagger.engines.ray import in_discovery_order, tag_dataset
+    from tagger.pipeline.compose import decoded_batches, tag_batches
+    from tagger.pipeline.discover import MISSING_SIZE, ImageRef, discover
+    from tagger.pipeline.session import open_session
+
+    root = tmp_path / "cat"
+    (root / "sub").mkdir(parents=True)  # a real folder: decoded as a file, it would be "NotARegularFile: a folder"
+    (root / "top.jpg").write_bytes((REPO / "sample_images/images/10003.jpg").read_bytes())
+    why = "PermissionError: [Errno 13] Permission denied"  # as discover words it; root could list the folder
+    refs = [ImageRef("sub/", str(root / "sub"), MISSING_SIZE, float("nan"), why), *discover(root)]
+    config = RunConfig(root, tmp_path / "unused.parquet", model=contract_onnx, device="cpu")
+    session = open_session(contract_onnx, "cpu", threads=1)
+    ds = tag_dataset(refs, config, session.spec, str(contract_onnx), actors=1, gpus=0.0)
+    rows = pa.concat_tables(in_discovery_order(ds.iter_batches(batch_size=None, batch_format="pyarrow"))).to_pylist()
+    local = [t for _, t in tag_batches(decoded_batches(refs, session.spec, workers=0), session)]
+    assert [(r["path"], r["status"], r["error"]) for r in rows] == [("sub/", "error", why), ("top.jpg", "ok", None)]
+    _assert_same_rows(rows, pa.concat_tables(local).to_pylist())
+
+
 def test_ray_shards_merge_into_the_unsharded_output(
     ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
 ) -> None:

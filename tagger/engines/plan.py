@@ -21,12 +21,12 @@ from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
 from tagger.pipeline.compose import check_stage_options
-from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_MAX_PIXELS, MAX_DECODE_MEMORY
+from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_IO_THREADS, DEFAULT_MAX_PIXELS, MAX_DECODE_MEMORY
 from tagger.pipeline.discover import (
     DEFAULT_EXTENSIONS,
     ImageRef,
     discover,
-    list_names,
+    list_contains,
     path_text,
     refs_from_list,
     walk_would_list,
@@ -74,7 +74,7 @@ class RunConfig:
     commit_seconds: float = DEFAULT_COMMIT_SECONDS  # ... or every T seconds; 0: not by time (both 0: never)
     shard: Shard | None = None  # tag only the files of this shard
     inflight: int | None = None  # batches in the session at once; None: 2 on CUDA, 1 on CPU
-    io_threads: int = 16  # concurrent object-store reads per decode worker (local files are read as they decode)
+    io_threads: int = DEFAULT_IO_THREADS  # object-store reads in flight per decode worker (not local files)
 
     def __post_init__(self) -> None:
         check_names_file(self.out, "--out")  # as given: '' becomes Path('.')
@@ -219,7 +219,7 @@ def check_out_is_no_input(config: RunConfig) -> None:
         check_not_input(out, model, "model")
     if config.files_from is not None:
         check_not_input(out, config.files_from, "--files-from list")
-        if list_names(config.catalog, config.files_from, out):
+        if list_contains(config.catalog, config.files_from, out):
             raise TaggerError(
                 f"output {redact(out)} is listed in {redact(config.files_from)} as a file to tag; choose another name"
             )

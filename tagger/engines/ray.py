@@ -78,10 +78,9 @@ def import_ray() -> ModuleType:
 
 
 def _refs_of(rows: Mapping[str, np.ndarray]) -> list[ImageRef]:
-    return [
-        ImageRef(str(p), str(a), int(s), float(m))
-        for p, a, s, m in zip(rows["path"], rows["abspath"], rows["size"], rows["mtime"], strict=True)
-    ]
+    """tag_dataset's columns -> ImageRefs; `unlistable` is '' for a listed file (Ray's columns hold no None)."""
+    columns = (rows["path"], rows["abspath"], rows["size"], rows["mtime"], rows["unlistable"])
+    return [ImageRef(str(p), str(a), int(s), float(m), str(u) or None) for p, a, s, m, u in zip(*columns, strict=True)]
 
 
 def decode_rows(
@@ -405,7 +404,9 @@ def tag_dataset(
     batch_size = config.batch_size or default_batch_size(CUDA if gpus else CPU)
     chunk = decode_chunk(batch_size)
     items = [
-        {"path": r.path, "abspath": r.abspath, "size": r.size, "mtime": r.mtime, INDEX: i} for i, r in enumerate(refs)
+        {"path": r.path, "abspath": r.abspath, "size": r.size, "mtime": r.mtime, "unlistable": r.unlistable or "",
+         INDEX: i}
+        for i, r in enumerate(refs)
     ]
     ds = ray.data.from_items(items, override_num_blocks=min(MAX_BLOCKS, math.ceil(len(items) / chunk)))
     ds = ds.map_batches(

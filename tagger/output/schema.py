@@ -31,7 +31,7 @@ META_RESUMED = "tagger.run.resumed"  # rows taken from an interrupted run's comm
 META_CHANGES = "tagger.run.changes"  # JSON: new, changed, unchanged, removed, retried, failed, ... (--incremental)
 META_UNLISTABLE = "tagger.run.unlistable"  # folders that could not be listed (each has an error row 'sub/')
 # What the rows mean besides the model: a rerun may reuse rows only when these agree (tagger.output.reader).
-META_CATALOG = "tagger.output.catalog"  # absolute catalog folder
+META_CATALOG = "tagger.output.catalog"  # absolute catalog folder, or its URI without credentials
 META_OPTIONS = "tagger.output.options"  # JSON: top_k, max_pixels, extensions, files_from
 META_SHARD = "tagger.output.shard"  # "I/N"; absent when the whole catalog was tagged
 
@@ -74,7 +74,7 @@ class RunIdentity:
     """
 
     model_sha256: str
-    catalog: str  # absolute path of the catalog folder
+    catalog: str  # absolute path of the catalog folder, or its URI without credentials (storage.redact)
     top_k: int
     max_pixels: int
     extensions: tuple[str, ...] | None  # sorted; None when the files came from a list

@@ -613,16 +613,15 @@ def decode_stream(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     workers: int | None = None,
     chunk_size: int = DECODE_CHUNK,
-    max_pending: int | None = None,
     decode_memory: int = DEFAULT_DECODE_MEMORY,
     io_threads: int = DEFAULT_IO_THREADS,
 ) -> Iterator[tuple[tuple[ImageRef, ...], DecodedBatch]]:
     """Decode refs in chunks, yielding (refs of the chunk, its DecodedBatch) in input order.
 
     workers <= 1 decodes in this process; otherwise a pool of worker processes decodes whole chunks into shared
-    memory, with at most `max_pending` chunks (default 2 per worker) submitted and not yet consumed, so memory
-    stays bounded however slow the consumer is (Pool.imap would buffer every finished result). With a pool, a
-    chunk's pixels are only valid until the next chunk is requested: the consumer copies what it keeps.
+    memory, with at most 2 chunks per worker submitted and not yet consumed, so memory stays bounded however slow
+    the consumer is (Pool.imap would buffer every finished result). With a pool, a chunk's pixels are only valid
+    until the next chunk is requested: the consumer copies what it keeps.
     decode_memory: bytes all decoders may hold at once (see DecodeMemory). A worker that dies costs no rows (see
     _Decoders). io_threads: object-store reads in flight per decoder (see _ReadAhead).
     """
@@ -635,7 +634,7 @@ def decode_stream(
             yield chunk, decode_many(chunk, spec, max_pixels, start, memory, io_threads)
             start += len(chunk)
         return
-    window = max_pending or 2 * workers
+    window = 2 * workers
     decoders = _Decoders(workers, _Arena(window, chunk_size, spec.size), spec, max_pixels, decode_memory, io_threads)
     try:
         start = 0

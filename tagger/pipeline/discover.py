@@ -101,7 +101,7 @@ def discover(root: Location, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> 
     A URI root is listed by storage (sorted the same way, hidden names skipped the same way), so a catalog in a
     bucket gives the rows the same catalog on disk gives.
     """
-    exts = frozenset(e.lower().lstrip(".") for e in extensions)
+    exts = parse_extensions(extensions)
     if is_uri(root):
         for obj in list_files(str(root)):
             if _extension(obj.rel) in exts and not any(part.startswith(".") for part in obj.rel.split("/")):
@@ -180,7 +180,7 @@ def refs_from_list(root: Location, list_file: Location) -> Iterator[ImageRef]:
     MISSING_SIZE) so it becomes an error row rather than a silent drop. Blank lines are skipped; a path listed twice
     gives two rows (no set of seen paths, so memory stays flat on lists of millions).
     """
-    root_abs = "" if is_uri(root) else os.path.abspath(root)
+    root_abs = _absolute_root(root)
     for abspath in _listed(root, list_file):
         if is_uri(abspath):
             rel_key = relative_key(root, abspath)
@@ -199,7 +199,7 @@ def _listed(root: Location, list_file: Location) -> Iterator[str]:
         f = io.BytesIO(read_file(list_file)) if is_uri(list_file) else open(list_file, "rb")
     except OSError as e:
         raise TaggerError(f"cannot read --files-from {redact(list_file)}: {one_line(e)}") from None
-    root_abs = "" if is_uri(root) else os.path.abspath(root)
+    root_abs = _absolute_root(root)
     with f:
         for line in f:
             name = os.fsdecode(line.rstrip(b"\r\n"))
@@ -211,6 +211,11 @@ def _listed(root: Location, list_file: Location) -> Iterator[str]:
                 yield str(join(root, name.lstrip("/")))
             else:
                 yield os.path.normpath(os.path.join(root_abs, name))  # join keeps `name` when it is absolute
+
+
+def _absolute_root(root: Location) -> str:
+    """What a local line is joined to and made relative to: root made absolute ('' for a URI root)."""
+    return "" if is_uri(root) else os.path.abspath(root)
 
 
 def _extension(name: str) -> str:
@@ -232,7 +237,7 @@ def walk_would_list(root: Location, path: Location, extensions: Iterable[str]) -
             os.path.relpath(lexical, os.path.abspath(root)),
             os.path.relpath(lexical, real_root),
         ]
-    exts = frozenset(e.lower().lstrip(".") for e in extensions)
+    exts = parse_extensions(extensions)
     return any(
         not (rel == os.pardir or rel.startswith(os.pardir + os.sep) or rel == os.curdir)
         and not any(part.startswith(".") for part in Path(rel).parts)
@@ -241,7 +246,7 @@ def walk_would_list(root: Location, path: Location, extensions: Iterable[str]) -
     )
 
 
-def list_names(root: Location, list_file: Location, path: Location) -> bool:
+def list_contains(root: Location, list_file: Location, path: Location) -> bool:
     """Whether `list_file` (as refs_from_list reads it) names `path`, directly or through a link. One pass over the
     list with a string compare per line; only lines ending in the same file name are resolved."""
     if is_uri(path):
