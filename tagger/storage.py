@@ -1,5 +1,8 @@
-"""Where files live: the one place that knows a local folder from an object store (s3://, gs://, any URI
-pyarrow.fs.FileSystem.from_uri understands). Every stage lists, stats, reads, publishes and locks through it.
+"""Where files live: the one place that knows a local path from an object-store URI; read, list, publish, lock.
+
+Object stores: s3://, gs://, any URI pyarrow.fs.FileSystem.from_uri understands. Every stage reads, publishes and
+locks through this module, and lists and stats objects through it; a local catalog folder is walked by discover itself (os.scandir: links, loops, folders that
+cannot be listed).
 
 A location is a local path (str or PathLike) or a URI string (pathlib would collapse 's3://' to 's3:/'). Local paths
 keep their behaviour: read non-blocking, publish by temp file beside it, fsync, rename, fsync the folder. Object

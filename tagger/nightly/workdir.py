@@ -1,5 +1,7 @@
-"""Crash-safe resume: OUT.work/ beside the output (a folder, or a key prefix in the bucket) keeps the rows tagged so
-far, committed in checksummed parts."""
+"""Crash-safe resume: OUT.work/ beside the output keeps the rows tagged so far, committed in checksummed parts.
+
+OUT.work/ is a folder, or a key prefix in the bucket of an output in an object store.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Output writer: rows -> Parquet, in row groups, into a temp file that replaces the output only on success (or is
-uploaded as one object, for an output in a bucket)."""
+"""Output writer: rows -> Parquet, in row groups, into a temp file that becomes the output only on success.
+
+For an output in an object store the finished file is uploaded as one object.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Discover stage: stream the image files of a catalog (a folder, a bucket prefix, or a list) as ImageRefs, in a
-deterministic order."""
+"""Discover stage: stream a catalog's image files (a folder, a bucket prefix or a list) as ImageRefs, in order."""
 
 from __future__ import annotations
 
