@@ -321,7 +321,7 @@ def test_resume_log_names_the_work_folder_without_credentials(
     first.add(pa.Table.from_pylist([{"path": "a.jpg", "status": "error", "error": "x"}], schema=output_schema(())))
     first.commit()
     first.abandon()
-    with caplog.at_level("DEBUG"):
+    with caplog.at_level("DEBUG", logger="tagger"):  # whatever level an earlier in-process CLI left it at
         WorkDir(out, {"k": "v"}, (), 0, resume=True).finish()
     assert f"1 rows already tagged in {bucket}/tags.parquet.work" in caplog.text
     assert "log-secret-7Qw" not in caplog.text and "AKIAINLOG" not in caplog.text
