@@ -1,13 +1,13 @@
 """Where files live: the one place that knows a local path from an object-store URI; read, list, publish, lock.
 
 Object stores: s3://, gs://, any URI pyarrow.fs.FileSystem.from_uri understands. Every stage reads, publishes and
-locks through this module, and lists and stats objects through it; a local catalog folder is walked by discover itself (os.scandir: links, loops, folders that
-cannot be listed).
+locks through this module, and lists and stats objects through it; a local catalog folder is walked by discover
+itself (os.scandir: links, loops, folders that cannot be listed).
 
 A location is a local path (str or PathLike) or a URI string (pathlib would collapse 's3://' to 's3:/'). Local paths
 keep their behaviour: read non-blocking, publish by temp file beside it, fsync, rename, fsync the folder. Object
-stores: read with one GET, publish by uploading a finished local file in one call (an object appears whole or not at
-all). redact() is how a location is shown or recorded: never with its credentials.
+stores: read in one call (pyarrow sends a HEAD and a GET), publish by uploading a finished local file in one call
+(an object appears whole or not at all). redact() is how a location is shown or recorded: never with its credentials.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def _check_regular(mode: int) -> None:
 
 def read_file(path: Location) -> bytes:
     """The whole content of a catalog file; NotARegularFile (an OSError) for anything but a regular file. An object
-    is read with one GET; its errors (403, deleted) are OSErrors too.
+    is read in one call (a HEAD and a GET); its errors (403, deleted) are OSErrors too.
 
     Checked with stat before opening, and opened non-blocking and checked again on the descriptor, so a path swapped
     for a FIFO in between cannot block either (a non-blocking open of a FIFO returns at once; a socket fails).
