@@ -24,7 +24,8 @@ def free_port() -> int:
 class S3Server:
     """One moto_server process; env() is what a client needs to reach it (and nothing else)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, settings: Mapping[str, str] | None = None) -> None:
+        """settings: environment of the server process only (moto's own options, e.g. INITIAL_NO_AUTH_ACTION_COUNT)."""
         exe = shutil.which("moto_server")
         if exe is None:
             raise RuntimeError("moto_server is not installed (pip install 'moto[server]')")
@@ -32,7 +33,10 @@ class S3Server:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.home = home
         self.proc = subprocess.Popen(
-            [exe, "-H", "127.0.0.1", "-p", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [exe, "-H", "127.0.0.1", "-p", str(self.port)],
+            env={**os.environ, **(settings or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 30
         while True:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
-from s3server import SECRET_KEY, S3Server, apply_env, restore_env
+from s3server import SECRET_KEY, S3Server
 
 from conftest import quadrant_image
 from tagger import RunConfig, run
@@ -231,11 +231,7 @@ def test_missing_bucket_is_one_line_and_the_previous_output_survives(
 
 def test_wrong_credentials_and_a_server_that_stops(contract_onnx: Path, tmp_path: Path) -> None:
     """A server of its own, enforcing credentials after the first requests (INITIAL_NO_AUTH_ACTION_COUNT)."""
-    saved = apply_env({"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
-    try:
-        server = S3Server(tmp_path / "aws")
-    finally:
-        restore_env(saved)
+    server = S3Server(tmp_path / "aws", {"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     try:
         env = {**os.environ, **server.env()}
         fs = pafs.S3FileSystem(
@@ -332,11 +328,7 @@ def test_a_refused_listing_is_a_tagger_error(tmp_path: Path) -> None:
     from tagger.errors import TaggerError
     from tagger.storage import list_names
 
-    saved = apply_env({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    try:
-        server = S3Server(tmp_path / "aws")
-    finally:
-        restore_env(saved)
+    server = S3Server(tmp_path / "aws", {"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
     try:
         host = server.endpoint.removeprefix("http://")
         uri = f"s3://AKIAWRONG:wrong-secret-5Tz@b/x.work?endpoint_override={host}&scheme=http&region=us-east-1"
