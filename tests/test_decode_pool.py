@@ -64,20 +64,39 @@ def _decode_workers(pid: int) -> list[int]:
     return found
 
 
-def test_a_worker_killed_mid_run_costs_no_rows(contract_onnx: Path, tmp_path: Path) -> None:
-    catalog = tmp_path / "catalog"
-    catalog.mkdir()
+def _decoding(pid: int) -> bool:
+    """Whether a decode worker has an arena slot mapped: it is decoding a chunk (not starting, not idle)."""
+    try:
+        return "tagger-decode-" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def _noise_catalog(root: Path, n: int) -> Path:
+    root.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(1600):
+    for i in range(n):
         pixels = rng.integers(0, 256, (96, 128, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(catalog / f"{i:04d}.jpg", quality=80)
+        Image.fromarray(pixels).save(root / f"{i:04d}.jpg", quality=80)
+    return root
+
+
+def _wait_until_decoding(proc: subprocess.Popen[str]) -> list[int]:
+    """The run's decode workers, once both exist and one of them is decoding."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = _decode_workers(proc.pid)
+        if len(workers) >= 2 and any(_decoding(w) for w in workers):
+            return workers
+        time.sleep(0.005)
+    raise AssertionError("the run ended (or never decoded) before a worker could be killed")
+
+
+def test_a_worker_killed_mid_run_costs_no_rows(contract_onnx: Path, tmp_path: Path) -> None:
+    catalog = _noise_catalog(tmp_path / "catalog", 1600)
     out = tmp_path / "out.parquet"
     proc = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "2", "--batch-size", "16")
-    deadline = time.monotonic() + 60
-    while len(workers := _decode_workers(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    time.sleep(0.3)  # decoding under way
-    assert workers and proc.poll() is None, "the run ended before a worker could be killed"
+    workers = _wait_until_decoding(proc)
     os.kill(workers[0], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
@@ -126,6 +145,103 @@ def test_a_file_that_crashes_the_decoder_gets_an_error_row(contract_onnx: Path, 
     assert bad["status"] == "error"
     assert str(bad["error"]).startswith("DecoderCrashed: ") and "SIGSEGV" in str(bad["error"]), bad
     assert {r["status"] for r in rows} == {"ok"}
+
+
+def _tree(pid: int) -> list[int]:
+    """pid's descendants, from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie waiting for a reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killing_the_run_leaves_no_process_behind(contract_onnx: Path, tmp_path: Path) -> None:
+    catalog = _noise_catalog(tmp_path / "catalog", 1200)
+    proc = _cli(catalog, "--out", tmp_path / "out.parquet", "--model", contract_onnx, "--workers", "2",
+                "--batch-size", "16")  # fmt: skip
+    _wait_until_decoding(proc)
+    tree = _tree(proc.pid)
+    names = [Path(f"/proc/{p}/cmdline").read_bytes() for p in tree if _alive(p)]
+    assert len(tree) >= 3 and any(b"resource_tracker" in n for n in names), names  # 2 workers and the tracker
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while (left := [p for p in tree if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, [Path(f"/proc/{p}/cmdline").read_bytes() for p in left]
+
+
+# Run from standard input, as `python - <<EOF`: spawn imports the main module again in each worker, and there is no
+# file to import, so every worker dies before it decodes anything.
+FROM_STDIN = """
+import sys
+from tagger import RunConfig, run
+from tagger.errors import TaggerError
+try:
+    run(RunConfig(sys.argv[1], sys.argv[2], model=sys.argv[3], workers=2, device="cpu"))
+except TaggerError as e:
+    sys.exit(f"error: {e}")
+"""
+
+
+def test_a_pool_that_cannot_start_fails_the_run_and_blames_no_file(contract_onnx: Path, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    for i in range(12):
+        Image.new("RGB", (40, 30), (i * 20, 100, 200)).save(catalog / f"{i:02d}.png")
+    out = tmp_path / "out.parquet"
+    previous = b"the previous output"
+    out.write_bytes(previous)
+    proc = subprocess.run(
+        [sys.executable, "-", str(catalog), str(out), str(contract_onnx)], input=FROM_STDIN, cwd=tmp_path,
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("error: decode workers cannot start: its workers died before decoding anything ("), last
+    assert "No such file or directory" in last and "<stdin>" in last  # the workers' own error
+    assert "DecoderCrashed" not in proc.stderr and "kills the decoder" not in proc.stderr
+    assert out.read_bytes() == previous
+    assert not (tmp_path / "out.parquet.work").exists()  # nothing was tagged: no parts to keep
+
+
+# A main module that cannot be imported again in a spawned worker: each worker fails at start-up, in its own words.
+BROKEN_WORKERS = """
+if __name__ == "__mp_main__":
+    raise ImportError("libfoo.so.1: cannot open shared object file")
+
+if __name__ == "__main__":
+    from tagger.cli import main
+    main()
+"""
+
+
+def test_the_cli_names_why_the_workers_cannot_start(contract_onnx: Path, tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 30), (i * 20, 100, 200)).save(catalog / f"{i}.png")
+    script = tmp_path / "broken_tagger.py"
+    script.write_text(BROKEN_WORKERS)
+    out = tmp_path / "out.parquet"
+    proc = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "2", script=script)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 1, stderr[-2000:]
+    assert stderr.splitlines()[-1] == (
+        "error: decode workers cannot start: its workers died before decoding anything (ImportError: libfoo.so.1: "
+        "cannot open shared object file); --workers 0 decodes in this process"
+    )
+    assert not out.exists()
 
 
 SPEC = PreprocessSpec(size=32)

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -528,10 +529,72 @@ def _pack(buf: np.ndarray, results: Iterable[DecodeResult]) -> list[_Meta]:
     return meta
 
 
-def _worker_init(memory: DecodeMemory) -> None:
+def _worker_init(memory: DecodeMemory, begun: Any = None) -> None:
+    """Set up a decode process: its budget, its pool's start-up flag (see _Decoders), an exit with its parent."""
     # Ctrl-C reaches the whole process group; only the parent should react (it terminates the pool).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _decoding.budget = memory
+    _decoding.begun = begun
+    threading.Thread(target=_exit_with_parent, name="tagger-parent-watch", daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    """Exit as soon as the parent process is gone, however it ended (SIGKILL included): a killed run leaves no
+    workers behind, and with them gone multiprocessing's resource tracker (whose pipe they hold) exits too.
+    A spawned child's parent sentinel is a pipe whose other end only the parent holds: it reads EOF then."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        parent.join()
+        os._exit(1)
+
+
+class _Started:
+    """What _startup_error's probe is handed once spawn's start-up is done: it runs nothing and exits 0."""
+
+    def _bootstrap(self, parent_sentinel: int | None = None) -> int:
+        return 0
+
+
+def _startup_error() -> str:
+    """Why a spawned decode process dies before it runs anything, in its own words: the last line of the stderr of a
+    probe started exactly as spawn starts a worker (same interpreter, flags, path and main module, which spawn
+    imports again, as with `python - < script.py`); '' when the probe starts fine."""
+    if os.name != "posix":
+        return ""
+    from multiprocessing import reduction, spawn
+
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(
+            spawn.get_command_line(pipe_handle=r), pass_fds=(r,), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    finally:
+        os.close(r)
+    data = spawn.get_preparation_data("tagger-probe")
+    data["authkey"] = bytes(data["authkey"])  # pickled only while spawning otherwise; the child wraps it again
+    with open(w, "wb") as f, contextlib.suppress(BrokenPipeError):
+        reduction.dump(data, f)
+        reduction.dump(_Started(), f)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return ""
+    lines = [line.strip() for line in err.decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1] if proc.returncode and lines else ""
+
+
+def cannot_start(what: str) -> TaggerError:
+    """The error of a decode pool whose processes die before decoding anything: a failure of the system, not of
+    any file. Names the processes' own error when a probe reproduces it."""
+    why = _startup_error()
+    return TaggerError(
+        f"decode workers cannot start: {what} before decoding anything"
+        + (f" ({' '.join(why.split())[:300]})" if why else "")
+        + "; --workers 0 decodes in this process"
+    )
 
 
 def default_workers() -> int:
@@ -599,6 +662,9 @@ def _decode_into(
 ) -> tuple[list[_Meta], float]:
     """Worker side of decode_stream: decode srcs straight into one arena slot; return only the metadata."""
     t0 = time.perf_counter()
+    begun = getattr(_decoding, "begun", None)
+    if begun is not None:
+        begun.value = 1  # this pool started: a worker dying from now on may be a file's fault
     n = shape[0] * shape[1] * shape[2] * shape[3]
     with open(arena, "r+b") as f, mmap.mmap(f.fileno(), n, offset=offset) as m:
         buf = np.frombuffer(m, np.uint8, n).reshape(shape)
@@ -691,7 +757,8 @@ class _Decoders:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         memory = DecodeMemory(self.decode_memory)
-        return ProcessPoolExecutor(self.workers, self._ctx, initializer=_worker_init, initargs=(memory,))
+        self._begun = self._ctx.RawValue("b", 0)  # set by the first chunk any worker of this pool begins
+        return ProcessPoolExecutor(self.workers, self._ctx, initializer=_worker_init, initargs=(memory, self._begun))
 
     def submit(self, chunk: tuple[ImageRef, ...], start: int) -> None:
         job = _Job(chunk, start, self.arena.free.popleft())
@@ -727,8 +794,14 @@ class _Decoders:
         return job.chunk, _rebuild_batch(self.arena.view(job.slot), meta, seconds)
 
     def _restart(self) -> None:
-        """Replace a broken pool; send its lost chunks again, or mark those lost twice for isolation."""
+        """Replace a broken pool; send its lost chunks again, or mark those lost twice for isolation.
+
+        TaggerError when no worker of the broken pool began a chunk: the pool cannot start (a main module spawn
+        cannot import again, a missing library, no memory for a process), which no file is to blame for.
+        """
         self._pool.shutdown(wait=True, cancel_futures=True)  # a broken pool has terminated and joined its workers
+        if not self._begun.value:
+            raise cannot_start("its workers died")
         self._pool = self._new_pool()
         resent = isolated = 0
         for job in self.pending:
@@ -786,13 +859,18 @@ class _Decoders:
         )
         proc.start()
         send.close()
+        started = False
         try:
+            started = receive.recv()  # sent before it decodes
             batch: DecodedBatch = receive.recv()
             return batch
         except EOFError:
             proc.join()
             code = proc.exitcode or 0
-            return signal.Signals(-code).name if code < 0 else f"exit code {code}"
+            how = signal.Signals(-code).name if code < 0 else f"exit code {code}"
+            if not started:
+                raise cannot_start(f"a decode process ended ({how})") from None
+            return how
         finally:
             receive.close()
             proc.join(5)  # it exits once the batch is sent; killed when this ends otherwise (Ctrl-C)
@@ -811,6 +889,7 @@ def _decode_alone(
 ) -> None:
     """_Decoders._alone's process: decode paths and send the batch back."""
     _worker_init(memory)
+    send.send(True)
     send.send(decode_many(paths, spec, max_pixels, start, io_threads=io_threads))
     send.close()
 
