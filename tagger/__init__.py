@@ -8,11 +8,16 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from tagger.engines.local import run
-    from tagger.engines.plan import RunConfig, RunSummary
+    from tagger.engines.plan import ErrorLimit, RunConfig, RunSummary
     from tagger.train.checkpoint import LoadedCheckpoint
 
 # Serving entry points are imported on first use, so `import tagger` stays cheap and torch-free.
-_LAZY = {"run": "tagger.engines.local", "RunConfig": "tagger.engines.plan", "RunSummary": "tagger.engines.plan"}
+_LAZY = {
+    "run": "tagger.engines.local",
+    "ErrorLimit": "tagger.engines.plan",
+    "RunConfig": "tagger.engines.plan",
+    "RunSummary": "tagger.engines.plan",
+}
 
 
 def load_checkpoint(path: str, map_location: str = "cpu") -> "LoadedCheckpoint":
@@ -30,4 +35,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'tagger' has no attribute {name!r}")
 
 
-__all__ = ["RunConfig", "RunSummary", "__version__", "load_checkpoint", "run"]
+__all__ = ["ErrorLimit", "RunConfig", "RunSummary", "__version__", "load_checkpoint", "run"]

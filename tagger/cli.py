@@ -46,8 +46,9 @@ def main(verbose: int, quiet: bool) -> None:
     """Tag product photos with their article class and colour.
 
     \b
-    Exit codes: 0 done (a run with error rows included), 1 the job could not be done (bad model, unwritable
-    output, no CUDA with --device cuda, a refused merge), 2 bad or missing arguments.
+    Exit codes: 0 done (a run with error rows included, up to --max-errors), 1 the job could not be done (bad
+    model, unwritable output, no CUDA with --device cuda, a refused merge, more error rows than --max-errors),
+    2 bad or missing arguments.
     """
     level = logging.ERROR if quiet else (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -145,6 +146,7 @@ def train(**kw: Any) -> None:
 @click.option("--resume", is_flag=True, help="Reuse the rows an interrupted run committed to OUT.work/ (--incremental does too).")
 @click.option("--commit-every", default=10_000, show_default=True, type=click.IntRange(0), metavar="N", help="Commit tagged rows to OUT.work/ every N images (0: not by count).")
 @click.option("--commit-seconds", default=60.0, show_default=True, type=click.FloatRange(0), metavar="T", help="... or every T seconds (0: not by time).")
+@click.option("--max-errors", default="50%", show_default=True, metavar="N|P%", help="Fail the run (exit 1, the previous output stays) when its output would hold more error rows than N, or than P% of its rows.")
 @click.option("--shard", default=None, metavar="I/N", help="Tag only shard I of N (by a stable hash of each path); `tagger merge` joins the N outputs.")
 @click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True, help="ray: run on Ray Data (needs the ray extra); --out may then also name a folder of part files.")
 @click.option("--ray-address", default=None, metavar="ADDR", help="--engine ray: join this cluster ('auto', 'ray://head:10001') [default: start a local Ray instance].")
@@ -156,7 +158,7 @@ def run_command(
 ) -> None:
     """Tag every photo under CATALOG (a folder, or s3://bucket/prefix, gs://..., any pyarrow.fs URI) into a
     Parquet file: one row per file, errors included."""
-    from tagger import RunConfig, run
+    from tagger import ErrorLimit, RunConfig, run
     from tagger.pipeline.discover import parse_extensions
 
     # A scheduler's SIGTERM unwinds like Ctrl-C, so the half-written temp output is removed.
@@ -165,6 +167,7 @@ def run_command(
         kw["extensions"] = parse_extensions(ext)
     if max_pixels is not None:
         kw["max_pixels"] = max_pixels
+    kw["max_errors"] = ErrorLimit.parse(kw["max_errors"])
     if io_threads is not None:  # else RunConfig's default (decode.DEFAULT_IO_THREADS), not imported by --help
         kw["io_threads"] = io_threads
     if kw["shard"] is not None:

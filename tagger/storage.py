@@ -473,6 +473,26 @@ def list_names(folder: Location) -> list[str]:
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
 
+def list_entries(folder: Location) -> list[str] | None:
+    """Every name directly in a folder (files, folders, links) or directly below a key prefix, sorted; [] when there
+    is nothing there; None when a local `folder` is something else (a file, or a symbolic link: never followed)."""
+    if not is_uri(folder):
+        try:
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                return None
+            return sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            raise TaggerError(f"cannot list {folder}: {one_line(e)}") from None
+    fs, path = _fs(str(folder))
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
+    except (OSError, pa.ArrowException) as e:
+        raise TaggerError(f"cannot list {redact(folder)}: {_why(e, folder)}") from None
+    return sorted(i.base_name for i in infos)
+
+
 def remove(loc: Location) -> None:
     """Delete a file or object; nothing when it is already gone; TaggerError (redacted) when an object cannot be."""
     if not is_uri(loc):
@@ -614,6 +634,7 @@ __all__ = [
     "is_folder",
     "is_uri",
     "join",
+    "list_entries",
     "list_files",
     "list_names",
     "make_folder",

@@ -102,6 +102,7 @@ def run(config: RunConfig) -> RunSummary:
         if previous is not None:
             previous.close()  # before its file is replaced
         a, changes = assembler, assembler.changes
+        plan.check_errors(a.files, a.errors)
         ok = a.files - a.errors
         writer.commit(
             closing_metadata(

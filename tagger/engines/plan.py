@@ -49,6 +49,47 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class ErrorLimit:
+    """--max-errors: the most error rows an output may hold and still replace the previous one; a count, or a
+    percentage of its rows. A run past it fails (exit 1): its output is not published, its work parts stay."""
+
+    count: int | None = None  # more error rows than this fail the run
+    percent: float | None = None  # ... or more than this share of the rows, 0..100
+
+    def __post_init__(self) -> None:
+        if (self.count is None) == (self.percent is None):
+            raise UsageError("--max-errors takes a count or a percentage, not both")
+        if self.count is not None and self.count < 0:
+            raise UsageError(f"--max-errors must be >= 0, got {self.count}")
+        if self.percent is not None and not 0 <= self.percent <= 100:  # NaN compares false
+            raise UsageError(f"--max-errors must be a percentage from 0% to 100%, got {self.percent}%")
+
+    @classmethod
+    def parse(cls, text: str | int) -> ErrorLimit:
+        """'10' (error rows) or '5%' / '2.5%' (of the rows)."""
+        value = str(text).strip()
+        try:
+            if value.endswith("%"):
+                return cls(percent=float(value[:-1]))
+            return cls(count=int(value))
+        except ValueError:
+            raise UsageError(f"--max-errors takes N or P% (e.g. 100 or 5%), got {value!r}") from None
+
+    def exceeded(self, errors: int, rows: int) -> bool:
+        if self.count is not None:
+            return errors > self.count
+        return errors * 100 > (self.percent or 0.0) * rows
+
+    def __str__(self) -> str:
+        return str(self.count) if self.count is not None else f"{self.percent:g}%"
+
+
+# Past half the rows, error rows almost always mean a failure of the system (a mount or a store gone, permissions
+# changed) rather than bad photos, which a real catalog holds a few of.
+DEFAULT_MAX_ERRORS = ErrorLimit(percent=50.0)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything `tagger run` needs. None means "pick the default" (documented per field)."""
 
@@ -75,6 +116,7 @@ class RunConfig:
     shard: Shard | None = None  # tag only the files of this shard
     inflight: int | None = None  # batches in the session at once; None: 2 on CUDA, 1 on CPU
     io_threads: int = DEFAULT_IO_THREADS  # object-store reads in flight per decode worker (not local files)
+    max_errors: ErrorLimit = DEFAULT_MAX_ERRORS  # more error rows in the output fail the run, which publishes nothing
 
     def __post_init__(self) -> None:
         check_names_file(self.out, "--out")  # as given: '' becomes Path('.')
@@ -83,9 +125,7 @@ class RunConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, as_location(value))
-        if self.io_threads < 1:
-            raise UsageError(f"--io-threads must be at least 1, got {self.io_threads}")
-        check_stage_options(self.batch_size, self.workers, self.threads)
+        check_stage_options(self.batch_size, self.workers, self.threads, self.io_threads)
         if self.inflight is not None and self.inflight < 1:
             raise UsageError(f"inflight must be at least 1, got {self.inflight}")
         if self.top_k < 0:
@@ -270,6 +310,15 @@ class RunPlan:
             s.META_STARTED: self.started,
         }
 
+    def check_errors(self, rows: int, errors: int) -> None:
+        """TaggerError, before the output is published, when its error rows pass --max-errors."""
+        limit = self.config.max_errors
+        if limit.exceeded(errors, rows):
+            raise TaggerError(
+                f"{errors} of {rows} rows are errors, more than --max-errors {limit}; {redact(self.config.out)} was "
+                "not replaced"
+            )
+
     def summary(
         self,
         provider: str,
@@ -302,6 +351,8 @@ def model_argument(model: str | os.PathLike[str] | None) -> str | None:
 
 
 __all__ = [
+    "DEFAULT_MAX_ERRORS",
+    "ErrorLimit",
     "ModelFacts",
     "RunConfig",
     "RunPlan",

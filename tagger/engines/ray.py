@@ -381,6 +381,7 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
                 ok += count_ok(table)
             if files != len(refs):
                 raise TaggerError(f"the Ray run returned {files} rows for {len(refs)} files")
+            plan.check_errors(files, files - ok)
             sink.commit(files, ok)
         except BaseException:
             sink.abort()

@@ -24,6 +24,7 @@ from tagger.storage import (
     Lock,
     as_location,
     join,
+    list_entries,
     list_names,
     make_folder,
     name_of,
@@ -42,6 +43,8 @@ WORK_SUFFIX = ".work"
 DEFAULT_COMMIT_EVERY = 10_000  # images; a part of 10k rows is ~1.5 MB and a few ms to write
 DEFAULT_COMMIT_SECONDS = 60.0
 IDENTITY_FILE = "identity.json"
+# Written first into a work folder tagger makes: a folder without it (or a link) is not tagger's, and is never used.
+MARKER_FILE = "tagger-work.json"
 # part-<sequence>-<first 16 hex digits of the file's sha256>.parquet: the name carries the checksum, so a part and
 # its checksum appear together in one atomic rename and no manifest can disagree with the parts.
 _PART = re.compile(r"part-(\d{6})-([0-9a-f]{16})\.parquet")
@@ -96,10 +99,7 @@ class WorkDir:
         self._pending_rows = 0
         self._last_commit = time.monotonic()
         self._finished = False
-        try:
-            make_folder(self.path)
-        except OSError as e:
-            raise TaggerError(f"cannot write output {redact(self.out)}: {one_line(e)}") from None
+        self._claim()
         self._lock = Lock(self.path, redact(self.out))
         try:
             self._clear_temp_files()
@@ -113,6 +113,29 @@ class WorkDir:
         except BaseException:
             self._unlock()
             raise
+
+    def _claim(self) -> None:
+        """Make the work folder, or check that the one there is tagger's (a real folder holding MARKER_FILE, or an
+        empty one); TaggerError otherwise, before anything in it is touched: a link is never followed, a folder of
+        other files never cleared."""
+        shown = redact(self.path)
+        entries = list_entries(self.path)
+        if entries is None:
+            raise TaggerError(
+                f"{shown} is not a folder tagger made (a link or a file); move it away: it was left untouched"
+            )
+        if entries and MARKER_FILE not in entries:
+            raise TaggerError(
+                f"{shown} holds files tagger did not put there (no {MARKER_FILE}); move it away or choose another "
+                "--out: it was left untouched"
+            )
+        if MARKER_FILE in entries:
+            return
+        try:
+            make_folder(self.path)
+        except OSError as e:
+            raise TaggerError(f"cannot write output {redact(self.out)}: {one_line(e)}") from None
+        publish_bytes(join(self.path, MARKER_FILE), json.dumps({"output": name_of(self.out)}).encode())
 
     def _unlock(self) -> None:
         self._lock.release()
@@ -252,4 +275,4 @@ class WorkDir:
             self.abandon()
 
 
-__all__ = ["DEFAULT_COMMIT_EVERY", "DEFAULT_COMMIT_SECONDS", "WORK_SUFFIX", "WorkDir", "work_dir_of"]
+__all__ = ["DEFAULT_COMMIT_EVERY", "DEFAULT_COMMIT_SECONDS", "MARKER_FILE", "WORK_SUFFIX", "WorkDir", "work_dir_of"]

@@ -8,6 +8,7 @@ calibrate, quantize and the benchmark all get their rows or batches here.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Generator, Iterable, Iterator, Mapping, Sequence
@@ -35,14 +36,32 @@ from tagger.pipeline.session import CPU_BATCH_SIZE, Session
 PREFETCH_BATCHES = 3  # decoded batches waiting for inference: enough to absorb jitter, few enough to bound memory
 
 
-def check_stage_options(batch_size: int | None, workers: int | None, threads: int | None) -> None:
-    """Validate the decode/inference options every command that runs the pipeline takes."""
-    if batch_size is not None and batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
-    if workers is not None and workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {workers}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be at least 1, got {threads}")
+MAX_BATCH_SIZE = 16384  # images per inference call: at 160 px a batch of them is 1.2 GB of uint8 input
+PER_CORE = 4  # --workers and --threads at most this many per core: more only trades speed for memory and switches
+MAX_IO_THREADS = 256  # object reads in flight per decode worker: far more than any store's latency needs
+
+
+def max_per_machine() -> int:
+    """The most decode workers or inference threads a run may start on this machine."""
+    return PER_CORE * (os.cpu_count() or 1)
+
+
+def check_stage_options(
+    batch_size: int | None, workers: int | None, threads: int | None, io_threads: int | None = None
+) -> None:
+    """Validate the decode/inference options every command that runs the pipeline takes: a UsageError (one line,
+    exit 2) before anything starts, for a value below 1 or past a bound tied to this machine."""
+    limit = max_per_machine()
+    checks = (
+        ("--batch-size", batch_size, 1, MAX_BATCH_SIZE),
+        ("--workers", workers, 0, limit),
+        ("--threads", threads, 1, limit),
+        ("--io-threads", io_threads, 1, MAX_IO_THREADS),
+    )
+    for option, value, low, high in checks:
+        if value is not None and not low <= value <= high:
+            where = f" ({PER_CORE} per core on this machine)" if high == limit else ""
+            raise UsageError(f"{option} must be from {low} to {high}{where}, got {value}")
 
 
 @dataclass
@@ -153,4 +172,13 @@ def _topk_column(p: TaskPrediction, labels: pa.Array, ok: np.ndarray) -> pa.Arra
     return pa.ListArray.from_arrays(pa.array(offsets), values, type=s.TOPK_TYPE, mask=pa.array(~ok))
 
 
-__all__ = ["StageTimer", "check_stage_options", "decoded_batches", "rows_to_table", "tag_batches"]
+__all__ = [
+    "MAX_BATCH_SIZE",
+    "MAX_IO_THREADS",
+    "StageTimer",
+    "check_stage_options",
+    "decoded_batches",
+    "max_per_machine",
+    "rows_to_table",
+    "tag_batches",
+]
