@@ -16,7 +16,7 @@ import pytest
 from test_pipeline_discover import make_deep
 
 import tagger.engines.plan as plan_module
-from tagger import RunConfig, run
+from tagger import ErrorLimit, RunConfig, run
 from tagger.engines.plan import list_refs
 from tagger.nightly.shard import Shard, shard_of
 from tagger.output.reader import file_metadata
@@ -171,7 +171,7 @@ def test_files_deleted_after_listing_become_error_rows(
         return iter(refs)
 
     monkeypatch.setattr(plan_module, "list_refs", list_then_empty)
-    summary = run(_cfg(root, out, contract_onnx, workers=2))
+    summary = run(_cfg(root, out, contract_onnx, workers=2, max_errors=ErrorLimit.parse("100%")))
     rows = _rows(out)
     assert [r["path"] for r in rows] == [f"{i}.jpg" for i in range(6)]
     assert all(r["status"] == "error" and r["error"].startswith("FileNotFoundError") for r in rows)
@@ -190,7 +190,8 @@ def test_fifo_socket_and_device_met_in_the_walk_are_error_rows_never_read(
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(root / "sock.jpg"))  # a live socket
     try:
-        proc = _cli(str(root), "--out", str(out), "--model", str(contract_onnx), "--workers", str(workers))
+        proc = _cli(str(root), "--out", str(out), "--model", str(contract_onnx), "--workers", str(workers),
+                    "--max-errors", "3")  # fmt: skip
     finally:
         sock.close()
     assert proc.returncode == 0, proc.stderr[-2000:]  # within the timeout: no FIFO or /dev/zero was read
@@ -207,7 +208,7 @@ def test_a_catalog_of_only_a_fifo_is_one_error_row(contract_onnx: Path, tmp_path
     root, out = tmp_path / "cat", tmp_path / "tags.parquet"
     root.mkdir()
     os.mkfifo(root / "only.jpg")
-    summary = run(_cfg(root, out, contract_onnx, workers=0))
+    summary = run(_cfg(root, out, contract_onnx, workers=0, max_errors=ErrorLimit(count=1)))
     assert [(r["path"], r["error"]) for r in _rows(out)] == [("only.jpg", "NotARegularFile: a FIFO, not a regular file")]
     assert (summary.files, summary.errors) == (1, 1)
 

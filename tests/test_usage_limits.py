@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from tagger import RunConfig
 from tagger.cli import _friendly, main
 from tagger.errors import UsageError
+from tagger.pipeline.compose import MAX_BATCH_SIZE
 from tagger.pipeline.decode import MAX_DECODE_MEMORY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_decode_memory_is_bounded_where_it_is_validated(tmp_path: Path) -> None:
 def test_a_batch_size_far_above_the_catalog_just_works(contract_onnx: Path, tmp_path: Path) -> None:
     root, out = _catalog(tmp_path / "cat", 4), tmp_path / "tags.parquet"
     cmd = [sys.executable, "-m", "tagger.cli", "run", str(root), "--out", str(out), "--model", str(contract_onnx),
-           "--device", "cpu", "--batch-size", "1000000", "--workers", "2"]  # fmt: skip
+           "--device", "cpu", "--batch-size", str(MAX_BATCH_SIZE), "--workers", "2"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert pq.read_table(out).column("status").to_pylist() == ["ok"] * 4
