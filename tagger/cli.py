@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import select
 import signal
 import sys
 from pathlib import Path
@@ -34,8 +36,34 @@ def _friendly(fn: F) -> F:
         except MemoryError as e:  # an allocation too large for this machine: one line, no traceback
             click.echo(f"error: out of memory: {one_line(e, named=True)}", err=True)
             sys.exit(TaggerError.exit_code)
+        except BrokenPipeError as e:
+            if not _stdout_closed():
+                click.echo(f"error: {one_line(e, named=True)}", err=True)
+                sys.exit(TaggerError.exit_code)
+            # Whoever read stdout went away (`| head -1`): nothing to tell it. Exit as a Unix tool killed by
+            # SIGPIPE does (whatever the command did before printing, an output published included, stays done).
+            sys.exit(128 + signal.SIGPIPE)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader is gone (poll: POLLERR); if so stdout now writes to /dev/null, so that
+    the flush at exit stays quiet."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # replaced by a stream without a descriptor (a test runner's)
+        return False
+    if not hasattr(select, "poll"):
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return False
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return True
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

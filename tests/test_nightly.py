@@ -442,8 +442,8 @@ def test_full_disk_leaves_the_previous_output(
         shutil.copy2(p, small / p.name)
     run(_cfg(small, out, contract_onnx))
     before = out.read_bytes()
-    with open(tiny_disk / "filler", "wb") as f:  # leave a few KiB: less than the new output needs
-        f.write(b"\0" * (os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize - 8192))
+    with open(tiny_disk / "filler", "wb") as f:  # leave 3 pages: marker, identity, one part
+        f.write(b"\0" * (os.statvfs(tiny_disk).f_bavail * os.statvfs(tiny_disk).f_frsize - 12288))
     with pytest.raises(TaggerError, match="No space left on device"):
         run(_cfg(root, out, contract_onnx, commit_every=commit_every))
     assert out.read_bytes() == before

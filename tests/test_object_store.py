@@ -291,7 +291,7 @@ def test_two_runs_on_one_output_in_a_bucket_are_kept_apart(bucket: str, contract
     import socket
 
     from tagger.errors import TaggerError
-    from tagger.nightly.workdir import WorkDir
+    from tagger.nightly.workdir import MARKER_FILE, WorkDir
     from tagger.storage import publish_bytes
 
     out = f"{bucket}/tags.parquet"
@@ -301,6 +301,7 @@ def test_two_runs_on_one_output_in_a_bucket_are_kept_apart(bucket: str, contract
     first.finish()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock = {"token": "x", "host": socket.gethostname(), "pid": int(dead.stdout), "expires": time.time() + 600}
+    publish_bytes(f"{out}.work/{MARKER_FILE}", b"{}")  # what the dead run left: its marker and its lock
     publish_bytes(f"{out}.work/lock", json.dumps(lock).encode())
     WorkDir(out, {"k": "v"}, [], 0, resume=False).finish()
     assert _fs().get_file_info(pafs.FileSelector(_key(out) + ".work", allow_not_found=True)) == []

@@ -272,3 +272,33 @@ def test_any_number_of_tasks_trains_and_exports(catalog: Path, tmp_path: Path) -
     info = read_model_metadata(export_checkpoint(best, tmp_path / "m.onnx").path)
     assert [t.name for t in info.tasks] == ["color", "class", "season"]
     assert info.tasks[2].labels == ("Summer",)
+
+
+class _Evil:
+    """A pickle that would create a folder when unpickled: the weights loader must never run it."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[object, ...]:
+        import os
+
+        return (os.mkdir, (str(self.target),))
+
+
+@pytest.mark.parametrize("kind", ["pickle", "garbage", "tensor"])
+def test_weights_that_are_not_a_state_dict_are_one_line(catalog: Path, tmp_path: Path, kind: str) -> None:
+    evil = tmp_path / "evil.pt"
+    if kind == "pickle":
+        torch.save({"x": _Evil(tmp_path / "pwned")}, evil)
+    elif kind == "garbage":
+        evil.write_bytes(b"\x80\x04 not a torch file")
+    else:
+        torch.save(torch.zeros(3), evil)
+    result = CliRunner().invoke(
+        main, ["train", "--data", str(catalog), "--out", str(tmp_path / "run"), "--weights", str(evil), "--epochs",
+               "1", "--image-size", "32", "--backbone", "test_efficientnet", "--device", "cpu", "--workers", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith(f"error: --weights {evil} is not a weights file (") and "Traceback" not in result.output
+    assert not (tmp_path / "pwned").exists()

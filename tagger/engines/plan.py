@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import BinaryIO, Iterator, Mapping
 
 from tagger import __version__
 from tagger.contract import PreprocessSpec, TaskSpec
@@ -25,6 +25,7 @@ from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_IO_THREADS, DE
 from tagger.pipeline.discover import (
     DEFAULT_EXTENSIONS,
     ImageRef,
+    copy_of_list,
     discover,
     list_contains,
     path_text,
@@ -201,16 +202,17 @@ class ModelFacts:
         return cls(session.tasks, session.spec, session.provider, session.info.sha256, dict(session.metadata))
 
 
-def list_refs(config: RunConfig) -> Iterator[ImageRef]:
+def list_refs(config: RunConfig, list_copy: BinaryIO | None = None) -> Iterator[ImageRef]:
     """The files of the run in discovery order (a walk or the --files-from list, then the shard's share; an
-    incremental shard also gets every folder that could not be listed, see Assembler).
+    incremental shard also gets every folder that could not be listed, see Assembler). list_copy: the list's
+    copy_of_list, read instead of it.
 
     TaggerError when the catalog holds no file to tag at all, before any model is loaded.
     """
     if not exists(config.catalog):
         raise TaggerError(f"catalog {redact(config.catalog)} does not exist")
     if config.files_from is not None:
-        refs = refs_from_list(config.catalog, config.files_from)
+        refs = refs_from_list(config.catalog, config.files_from, list_copy)
     else:
         refs = discover(config.catalog, config.extensions)
         if not is_uri(config.catalog) and not is_uri(config.out) and exists(config.out):
@@ -246,10 +248,10 @@ def _refusing_out(refs: Iterator[ImageRef], config: RunConfig) -> Iterator[Image
         yield ref
 
 
-def check_out_is_no_input(config: RunConfig) -> None:
-    """TaggerError when --out names a file the run reads: the model, the --files-from list, or a file the run tags
-    (listed, or walked: inside the catalog with a tagged extension, refused with --files-from too). Other files
-    inside the catalog are fine."""
+def check_out_is_no_input(config: RunConfig, list_copy: BinaryIO | None = None) -> None:
+    """TaggerError when --out names a file the run reads: the model, the --files-from list (list_copy: its
+    copy_of_list), or a file the run tags (listed, or walked: inside the catalog with a tagged extension, refused
+    with --files-from too). Other files inside the catalog are fine."""
     out = config.out
     try:
         model: Path | None = resolve_model(config.model)
@@ -259,7 +261,7 @@ def check_out_is_no_input(config: RunConfig) -> None:
         check_not_input(out, model, "model")
     if config.files_from is not None:
         check_not_input(out, config.files_from, "--files-from list")
-        if list_contains(config.catalog, config.files_from, out):
+        if list_contains(config.catalog, config.files_from, out, list_copy):
             raise TaggerError(
                 f"output {redact(out)} is listed in {redact(config.files_from)} as a file to tag; choose another name"
             )
@@ -294,8 +296,10 @@ class RunPlan:
         self.t_start = time.perf_counter()
         self.started = s.now()
         self.config = config
-        check_out_is_no_input(config)
-        self.refs = list_refs(config)
+        # A list that cannot be read twice (a pipe) is copied once; the guard and the listing both read the copy.
+        list_copy = copy_of_list(config.files_from) if config.files_from is not None else None
+        check_out_is_no_input(config, list_copy)
+        self.refs = list_refs(config, list_copy)
 
     def identity(self, facts: ModelFacts) -> RunIdentity:
         return run_identity(self.config, facts.sha256)

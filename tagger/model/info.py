@@ -282,6 +282,11 @@ def _check_signature(
             f"{path} input {INPUT_NAME!r} is {inputs[0].type} {shape}; the contract wants tensor(uint8) "
             f"[N, {size}, {size}, 3]"
         )
+    if isinstance(shape[0], int):  # a symbolic axis is a name (or None); a number fixes every call's batch size
+        raise TaggerError(
+            f"{path} has a fixed batch size of {shape[0]} (input {INPUT_NAME!r} is {shape}); the contract wants a "
+            "symbolic batch axis N: export the model again with a dynamic batch (tagger export does)"
+        )
     outputs = {o.name: o for o in session.get_outputs()}
     for task in tasks:
         out = outputs.get(task.output)

@@ -135,7 +135,11 @@ class WorkDir:
             make_folder(self.path)
         except OSError as e:
             raise TaggerError(f"cannot write output {redact(self.out)}: {one_line(e)}") from None
-        publish_bytes(join(self.path, MARKER_FILE), json.dumps({"output": name_of(self.out)}).encode())
+        try:
+            publish_bytes(join(self.path, MARKER_FILE), json.dumps({"output": name_of(self.out)}).encode())
+        except TaggerError:
+            remove_tree(self.path)  # empty or absent before: nothing of anyone's is lost
+            raise
 
     def _unlock(self) -> None:
         self._lock.release()

@@ -6,9 +6,12 @@ import io
 import logging
 import os
 import re
+import shutil
+import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator
 
 from tagger.errors import TaggerError, UsageError, one_line
 from tagger.storage import (
@@ -169,7 +172,25 @@ def _listing(
     return [(rel_dir + name, entry, is_dir) for _, name, entry, is_dir in keyed]
 
 
-def refs_from_list(root: Location, list_file: Location) -> Iterator[ImageRef]:
+def copy_of_list(list_file: Location) -> BinaryIO | None:
+    """A --files-from list that cannot be read twice (a pipe or FIFO, as `<(printf ...)` gives), copied once into an
+    anonymous temp file, so that the output guard and the listing both read it; None for a regular file or an
+    object, which are read again where they are. TaggerError when it cannot be read."""
+    if is_uri(list_file):
+        return None
+    try:
+        if stat.S_ISREG(os.stat(list_file).st_mode):
+            return None
+        copy = tempfile.TemporaryFile()
+        with open(list_file, "rb") as f:
+            shutil.copyfileobj(f, copy)
+        copy.flush()
+    except OSError as e:
+        raise TaggerError(f"cannot read --files-from {redact(list_file)}: {one_line(e)}") from None
+    return copy
+
+
+def refs_from_list(root: Location, list_file: Location, copy: BinaryIO | None = None) -> Iterator[ImageRef]:
     """Yield one ImageRef per line of `list_file` (paths relative to `root`, or absolute), in the listed order.
 
     Under a URI root a line is a key relative to it or a URI (list_file itself may be a URI too); a listed object
@@ -177,10 +198,11 @@ def refs_from_list(root: Location, list_file: Location) -> Iterator[ImageRef]:
 
     No extension filter: the list is explicit. A listed file that does not exist still yields a ref (size
     MISSING_SIZE) so it becomes an error row rather than a silent drop. Blank lines are skipped; a path listed twice
-    gives two rows (no set of seen paths, so memory stays flat on lists of millions).
+    gives two rows (no set of seen paths, so memory stays flat on lists of millions). copy: the list's copy_of_list,
+    read instead of list_file.
     """
     root_abs = _absolute_root(root)
-    for abspath in _listed(root, list_file):
+    for abspath in _listed(root, list_file, copy):
         if is_uri(abspath):
             rel_key = relative_key(root, abspath)
             yield _ref(rel_key if rel_key is not None else redact(abspath), abspath)
@@ -190,12 +212,17 @@ def refs_from_list(root: Location, list_file: Location) -> Iterator[ImageRef]:
         yield _ref(path_text(Path(abspath if outside else rel).as_posix()), abspath)
 
 
-def _listed(root: Location, list_file: Location) -> Iterator[str]:
-    """The absolute path (or URI) of each line of `list_file` (os.fsdecode'd: a name need not be UTF-8)."""
+def _listed(root: Location, list_file: Location, copy: BinaryIO | None = None) -> Iterator[str]:
+    """The absolute path (or URI) of each line of `list_file`, or of its copy_of_list (os.fsdecode'd: a name need
+    not be UTF-8)."""
     if not is_uri(root) and not Path(root).is_dir():
         raise TaggerError(f"catalog {root} is not a folder")
     try:
-        f = io.BytesIO(read_file(list_file)) if is_uri(list_file) else open(list_file, "rb")
+        if copy is not None:
+            f: BinaryIO = os.fdopen(os.dup(copy.fileno()), "rb")  # closed after this pass, the copy stays open
+            f.seek(0)
+        else:
+            f = io.BytesIO(read_file(list_file)) if is_uri(list_file) else open(list_file, "rb")
     except OSError as e:
         raise TaggerError(f"cannot read --files-from {redact(list_file)}: {one_line(e)}") from None
     root_abs = _absolute_root(root)
@@ -245,11 +272,12 @@ def walk_would_list(root: Location, path: Location, extensions: Iterable[str]) -
     )
 
 
-def list_contains(root: Location, list_file: Location, path: Location) -> bool:
-    """Whether `list_file` (as refs_from_list reads it) names `path`, directly or through a link. One pass over the
-    list with a string compare per line; only lines ending in the same file name are resolved."""
+def list_contains(root: Location, list_file: Location, path: Location, copy: BinaryIO | None = None) -> bool:
+    """Whether `list_file` (as refs_from_list reads it; copy: its copy_of_list) names `path`, directly or through a
+    link. One pass over the list with a string compare per line; only lines ending in the same file name are
+    resolved."""
     if is_uri(path):
         names = {name_of(path)}
     else:
         names = {os.path.basename(os.path.abspath(path)), os.path.basename(os.path.realpath(path))}
-    return any(name_of(loc) in names and same_file(loc, path) for loc in _listed(root, list_file))
+    return any(name_of(loc) in names and same_file(loc, path) for loc in _listed(root, list_file, copy))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -63,9 +64,17 @@ def _offline_weights_path(name: str) -> Path | None:
 
 def _load_by_order(model: nn.Module, path: Path) -> nn.Module:
     """Load a state_dict by name when the names match, else by position when every shape matches."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch warns about pickle protocols of foreign files
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many unrelated types for a file that is not a state_dict
+        # Its own advice (retry with weights_only=False) would run arbitrary code from the file, so it is not passed on.
+        raise TaggerError(f"--weights {path} is not a weights file (torch.load failed with {type(e).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise TaggerError(f"--weights {path} is not a weights file (a state_dict of tensors)")
     target = model.state_dict()
     if set(state) == set(target):
         model.load_state_dict(state)
