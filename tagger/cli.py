@@ -170,6 +170,7 @@ def train(**kw: Any) -> None:
 @click.option("--incremental", is_flag=True, help="Reuse the rows of --out for unchanged files (same path, size and mtime, same model); tag new and changed ones; drop deleted ones.")
 @click.option("--retry-errors", is_flag=True, help="--incremental: also tag files with an error row again, even when unchanged.")
 @click.option("--checksum", is_flag=True, help="--incremental: also read and hash files whose path, size and mtime match, and tag them again when their bytes changed.")
+@click.option("--allow-other-catalog", is_flag=True, help="--incremental: reuse the rows of an --out written from another catalog (moved), by path, size and mtime.")
 @click.option("--keep-stale-model", is_flag=True, help="--incremental: reuse rows written by another model instead of tagging everything again.")
 @click.option("--resume", is_flag=True, help="Reuse the rows an interrupted run committed to OUT.work/ (--incremental does too).")
 @click.option("--commit-every", default=10_000, show_default=True, type=click.IntRange(0), metavar="N", help="Commit tagged rows to OUT.work/ every N images (0: not by count).")

@@ -146,3 +146,95 @@ def test_the_largest_allowed_values_are_accepted(tmp_path: Path) -> None:
     config = RunConfig(tmp_path, tmp_path / "o.parquet", workers=max_per_machine(), threads=max_per_machine(),
                        io_threads=MAX_IO_THREADS, batch_size=MAX_BATCH_SIZE)  # fmt: skip
     assert config.threads == max_per_machine()
+
+
+def test_a_model_with_a_fixed_batch_size_is_refused_up_front(contract_onnx: Path, tmp_path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(contract_onnx))
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1  # the graph still runs at batch 1 only
+    fixed = tmp_path / "fixed.onnx"
+    onnx.save(model, str(fixed))
+    root, out = _catalog(tmp_path / "cat", 3), tmp_path / "tags.parquet"
+    proc = _cli(root, "--out", out, "--model", fixed, "--batch-size", "2", "--workers", "0")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: {fixed} has a fixed batch size of 1 (input 'images' is [1, 32, 32, 3]); the contract wants a "
+        "symbolic batch axis N: export the model again with a dynamic batch (tagger export does)"
+    ]
+    assert not out.exists()
+
+
+def test_files_from_a_pipe_is_read_once(contract_onnx: Path, tmp_path: Path) -> None:
+    root, out = _catalog(tmp_path / "cat", 3), tmp_path / "tags.parquet"
+    tagger = [sys.executable, "-m", "tagger.cli", "run", str(root), "--out", str(out), "--model", str(contract_onnx),
+              "--device", "cpu", "--workers", "0"]  # fmt: skip
+    script = " ".join(f"'{a}'" for a in tagger) + " --files-from <(printf 'ok2.jpg\\nok0.jpg\\n')"
+    proc = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert pq.read_table(out).column("path").to_pylist() == ["ok2.jpg", "ok0.jpg"]
+
+
+@pytest.mark.parametrize("command", ["info", "run"])
+def test_a_closed_stdout_is_no_traceback(contract_onnx: Path, tmp_path: Path, command: str) -> None:
+    import os
+
+    root, out = _catalog(tmp_path / "cat", 2), tmp_path / "tags.parquet"
+    args = ["info", str(contract_onnx)] if command == "info" else [
+        "run", str(root), "--out", str(out), "--model", str(contract_onnx), "--device", "cpu", "--workers", "0"
+    ]  # fmt: skip
+    read, write = os.pipe()
+    os.close(read)  # nobody reads stdout: the first line printed fails with EPIPE
+    try:
+        proc = subprocess.run([sys.executable, "-m", "tagger.cli", *args], cwd=REPO, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=180)  # fmt: skip
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr  # 128 + SIGPIPE, as a Unix tool's
+    if command == "run":
+        assert pq.read_table(out).num_rows == 2  # the run was done before its line could not be printed
+
+
+def test_a_shard_onto_an_unsharded_output_is_refused(contract_onnx: Path, tmp_path: Path) -> None:
+    from tagger.nightly.shard import Shard
+
+    root, out = _catalog(tmp_path / "cat", 6), tmp_path / "tags.parquet"
+    run(RunConfig(root, out, model=contract_onnx, device="cpu", workers=0))
+    before = out.read_bytes()
+    for incremental in (False, True):
+        config = RunConfig(root, out, model=contract_onnx, device="cpu", workers=0, shard=Shard(0, 2),
+                           incremental=incremental)  # fmt: skip
+        with pytest.raises(TaggerError, match=r"holds every shard's rows \(an unsharded run\); --shard 0/2 would"):
+            run(config)
+        assert out.read_bytes() == before
+    shard_out = tmp_path / "tags-0.parquet"
+    run(RunConfig(root, shard_out, model=contract_onnx, device="cpu", workers=0, shard=Shard(0, 2)))
+    again = run(RunConfig(root, shard_out, model=contract_onnx, device="cpu", workers=0, shard=Shard(0, 2),
+                          incremental=True))  # fmt: skip
+    assert again.reused == again.files  # the same shard onto its own output is the nightly case
+    with pytest.raises(TaggerError, match="holds the rows of shard 0/2; --shard 1/2 would"):
+        run(RunConfig(root, shard_out, model=contract_onnx, device="cpu", workers=0, shard=Shard(1, 2)))
+
+
+def test_incremental_onto_another_catalogs_output_is_refused_unless_allowed(
+    contract_onnx: Path, tmp_path: Path
+) -> None:
+    first, out = _catalog(tmp_path / "first", 3), tmp_path / "tags.parquet"
+    other = _catalog(tmp_path / "other", 2)
+    run(RunConfig(first, out, model=contract_onnx, device="cpu", workers=0))
+    before = out.read_bytes()
+    proc = _cli(other, "--out", out, "--model", contract_onnx, "--workers", "0", "--incremental")
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"error: --incremental: {out} is the output of another catalog ({first}, not {other}); left untouched "
+        "(--allow-other-catalog reuses its rows of files with the same path, size and mtime)"
+    ]
+    assert out.read_bytes() == before
+    # A catalog moved: the same files under another folder keep their rows with the flag.
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    summary = run(RunConfig(moved, out, model=contract_onnx, device="cpu", workers=0, incremental=True,
+                            allow_other_catalog=True))  # fmt: skip
+    assert (summary.files, summary.reused) == (3, 3)
+    with pytest.raises(UsageError, match="--allow-other-catalog only applies with --incremental"):
+        RunConfig(moved, out, allow_other_catalog=True)

@@ -49,7 +49,9 @@ def run(config: RunConfig) -> RunSummary:
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
     with contextlib.ExitStack() as stack:
         previous = (
-            load_previous(config.out, identity, tasks, config.keep_stale_model, config.checksum)
+            load_previous(
+                config.out, identity, tasks, config.keep_stale_model, config.checksum, config.allow_other_catalog
+            )
             if config.incremental
             else None
         )

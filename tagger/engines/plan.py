@@ -16,7 +16,7 @@ from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError, UsageError
 from tagger.model.registry import is_shipped_name, resolve_model
 from tagger.nightly.assemble import Changes
-from tagger.nightly.shard import Shard
+from tagger.nightly.shard import Shard, check_shard_output
 from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
@@ -111,6 +111,7 @@ class RunConfig:
     retry_errors: bool = False  # incremental: tag files with an error row again even when unchanged
     keep_stale_model: bool = False  # incremental: reuse rows that another model (with the same labels) wrote
     checksum: bool = False  # incremental: also hash files of the same size and mtime; tag them again if bytes changed
+    allow_other_catalog: bool = False  # incremental: reuse rows of an output written from another catalog
     resume: bool = False  # reuse rows an interrupted run committed to OUT.work/ (incremental implies it)
     commit_every: int = DEFAULT_COMMIT_EVERY  # commit tagged rows to OUT.work/ every N images; 0: not by count
     commit_seconds: float = DEFAULT_COMMIT_SECONDS  # ... or every T seconds; 0: not by time (both 0: never)
@@ -137,10 +138,10 @@ class RunConfig:
             raise UsageError(f"--decode-memory must be at least 1 byte, got {self.decode_memory}")
         if self.decode_memory > MAX_DECODE_MEMORY:
             raise UsageError(f"--decode-memory must be at most 1 EiB (2**60 bytes), got {self.decode_memory}")
-        if (self.retry_errors or self.keep_stale_model or self.checksum) and not self.incremental:
-            flag = (
-                "--retry-errors" if self.retry_errors else "--keep-stale-model" if self.keep_stale_model else "--checksum"
-            )
+        needs_incremental = {"--retry-errors": self.retry_errors, "--keep-stale-model": self.keep_stale_model,
+                             "--checksum": self.checksum, "--allow-other-catalog": self.allow_other_catalog}  # fmt: skip
+        flag = next((name for name, value in needs_incremental.items() if value), None)
+        if flag is not None and not self.incremental:
             raise UsageError(f"{flag} only applies with --incremental")
         if self.commit_every < 0 or not 0 <= self.commit_seconds < math.inf:  # NaN compares false
             raise UsageError(f"--commit-every and --commit-seconds must be finite and >= 0, got {self.commit_every} "
@@ -299,6 +300,7 @@ class RunPlan:
         # A list that cannot be read twice (a pipe) is copied once; the guard and the listing both read the copy.
         list_copy = copy_of_list(config.files_from) if config.files_from is not None else None
         check_out_is_no_input(config, list_copy)
+        check_shard_output(config.out, config.shard)
         self.refs = list_refs(config, list_copy)
 
     def identity(self, facts: ModelFacts) -> RunIdentity:

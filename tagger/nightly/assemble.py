@@ -77,11 +77,13 @@ def load_previous(
     tasks: Sequence[TaskSpec],
     keep_stale_model: bool = False,
     checksums: bool = False,
+    other_catalog: bool = False,
 ) -> Previous | None:
     """Open the output of the previous run for reuse, or None when there is none; checksums: index its sha256 too.
 
-    An output that is not a tagger output of this format is refused (TaggerError) and left untouched. One written
-    by another model is only used to count changes (everything is tagged again), unless keep_stale_model.
+    An output that is not a tagger output of this format is refused (TaggerError) and left untouched, as is one of
+    another catalog unless other_catalog (a catalog moved: rows of the same path, size and mtime are reused). One
+    written by another model is only used to count changes (everything is tagged again), unless keep_stale_model.
     """
     shown = redact(out)
     if not exists(out):
@@ -94,6 +96,11 @@ def load_previous(
             f"--incremental: {e}; left untouched (move it away, or run once without --incremental)"
         ) from None
     old = info.identity
+    if old.catalog != identity.catalog and not other_catalog:
+        raise TaggerError(
+            f"--incremental: {shown} is the output of another catalog ({old.catalog}, not {identity.catalog}); "
+            "left untouched (--allow-other-catalog reuses its rows of files with the same path, size and mtime)"
+        )
     reuse, stale = True, False
     if not old.same_options(identity):
         log.warning(

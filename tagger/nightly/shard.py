@@ -139,6 +139,23 @@ def _check_out_is_no_photo(out: Location, identity: out_schema.RunIdentity) -> N
         )
 
 
+def check_shard_output(out: Location, shard: Shard | None) -> None:
+    """TaggerError when a --shard run would replace an existing tagger output that holds other rows than its
+    shard's: an unsharded output (every shard's rows) or another shard's. Anything else at `out` is left to the run."""
+    if shard is None or not exists(out):
+        return
+    try:
+        held = read_output_info(out).identity.shard
+    except TaggerError:
+        return  # not a tagger output: no rows of the catalog to lose
+    if held != str(shard):
+        what = "every shard's rows (an unsharded run)" if held is None else f"the rows of shard {held}"
+        raise TaggerError(
+            f"{redact(out)} holds {what}; --shard {shard} would replace it with one shard's: write each shard to "
+            "its own --out, then `tagger merge`"
+        )
+
+
 def merge_shards(out: Location, shard_files: Sequence[Location]) -> MergeSummary:
     """Merge the outputs of `tagger run --shard I/N` (all N of them) into one, in global path order.
 
@@ -199,4 +216,4 @@ def merge_shards(out: Location, shard_files: Sequence[Location]) -> MergeSummary
     return MergeSummary(out, len(infos), files, ok, files - ok)
 
 
-__all__ = ["MergeSummary", "Shard", "merge_shards", "shard_of"]
+__all__ = ["MergeSummary", "Shard", "check_shard_output", "merge_shards", "shard_of"]
