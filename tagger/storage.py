@@ -481,7 +481,7 @@ def list_entries(folder: Location) -> list[str] | None:
             if not stat.S_ISDIR(os.lstat(folder).st_mode):
                 return None
             return sorted(os.listdir(folder))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing there (making it says why it cannot be)
             return []
         except OSError as e:
             raise TaggerError(f"cannot list {folder}: {one_line(e)}") from None

@@ -307,6 +307,20 @@ def test_two_runs_on_one_output_in_a_bucket_are_kept_apart(bucket: str, contract
     assert _fs().get_file_info(pafs.FileSelector(_key(out) + ".work", allow_not_found=True)) == []
 
 
+def test_a_work_prefix_of_other_objects_is_refused_and_kept(bucket: str) -> None:
+    from tagger.errors import TaggerError
+    from tagger.nightly.workdir import MARKER_FILE, WorkDir
+    from tagger.storage import publish_bytes, read_file
+
+    out = f"{bucket}/tags.parquet"
+    publish_bytes(f"{out}.work/part-000001-0123456789abcdef.parquet", b"someone's data")
+    with pytest.raises(TaggerError, match=f"holds files tagger did not put there \\(no {MARKER_FILE}\\)"):
+        WorkDir(out, {"k": "v"}, [], 0, resume=True)
+    assert read_file(f"{out}.work/part-000001-0123456789abcdef.parquet") == b"someone's data"
+    names = [i.base_name for i in _fs().get_file_info(pafs.FileSelector(_key(out) + ".work"))]
+    assert names == ["part-000001-0123456789abcdef.parquet"]  # no marker, no lock, no identity written
+
+
 def test_resume_log_names_the_work_folder_without_credentials(
     bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
