@@ -231,17 +231,26 @@ def test_the_cli_names_why_the_workers_cannot_start(contract_onnx: Path, tmp_pat
     catalog.mkdir()
     for i in range(4):
         Image.new("RGB", (40, 30), (i * 20, 100, 200)).save(catalog / f"{i}.png")
+    (catalog / "bad.png").write_bytes(b"not a photo")
+    out = tmp_path / "out.parquet"
+    # An earlier run that failed (--max-errors 0) left its rows in parts; then two more photos arrive.
+    first = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "0", "--commit-every", "1",
+                 "--max-errors", "0")  # fmt: skip
+    assert first.wait(timeout=180) == 1
+    parts = sorted((tmp_path / "out.parquet.work").glob("part-*"))
+    assert parts
+    for i in range(4, 6):
+        Image.new("RGB", (40, 30), (i * 20, 100, 200)).save(catalog / f"{i}.png")
     script = tmp_path / "broken_tagger.py"
     script.write_text(BROKEN_WORKERS)
-    out = tmp_path / "out.parquet"
-    proc = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "2", script=script)
+    proc = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "2", "--resume", script=script)
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 1, stderr[-2000:]
     assert stderr.splitlines()[-1] == (
         "error: decode workers cannot start: its workers died before decoding anything (ImportError: libfoo.so.1: "
         "cannot open shared object file); --workers 0 decodes in this process"
     )
-    assert not out.exists()
+    assert not out.exists() and sorted((tmp_path / "out.parquet.work").glob("part-*")) == parts
 
 
 SPEC = PreprocessSpec(size=32)
