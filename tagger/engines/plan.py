@@ -59,7 +59,7 @@ class ErrorLimit:
 
     def __post_init__(self) -> None:
         if (self.count is None) == (self.percent is None):
-            raise UsageError("--max-errors takes a count or a percentage, not both")
+            raise UsageError("--max-errors takes either a count or a percentage")
         if self.count is not None and self.count < 0:
             raise UsageError(f"--max-errors must be >= 0, got {self.count}")
         if self.percent is not None and not 0 <= self.percent <= 100:  # NaN compares false
