@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import pyarrow.parquet as pq
 import pytest
@@ -164,8 +164,8 @@ def test_files_deleted_after_listing_become_error_rows(
     for i in range(6):
         (root / f"{i}.jpg").write_bytes(PHOTO)
 
-    def list_then_empty(config: RunConfig) -> Iterator[ImageRef]:
-        refs = list(list_refs(config))  # listed, then the catalog is emptied before any file is decoded
+    def list_then_empty(config: RunConfig, list_copy: BinaryIO | None = None) -> Iterator[ImageRef]:
+        refs = list(list_refs(config, list_copy))  # listed, then the catalog is emptied before any file is decoded
         for r in refs:
             os.unlink(r.abspath)
         return iter(refs)
