@@ -1,8 +1,9 @@
-"""`tagger run --engine ray` at default verbosity: warnings only on stderr (no INFO from Ray or Ray Data), and
-Ray's loggers are left as they were. One real CLI process with its own local Ray instance."""
+"""`tagger run --engine ray` at default verbosity: warnings only on stderr (no INFO from Ray or Ray Data, no line of
+Ray's C++ core), and Ray's loggers are left as they were. One real CLI process with its own local Ray instance."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,8 @@ def test_default_verbosity_prints_no_info_lines(contract_onnx: Path, tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert pq.read_table(out).num_rows == 4
     assert "ray loggers restored: True" in proc.stdout
-    # Ray's C++ core (lines like '[... E 123 123] core_worker.cc:...') logs outside Python's logging: not counted.
     info = [ln for ln in proc.stderr.splitlines() if " INFO " in ln or "\tINFO " in ln]
     assert info == [], "\n".join(info)
+    # Ray's C++ core logs outside Python's logging, in lines like '[2026-... E 123 123] core_worker.cc:2465: ...'.
+    core = [ln for ln in proc.stderr.splitlines() if re.search(r"\[\d{4}-\d\d-\d\d [\d:,]+ [DIWEF] \d+ \d+\]", ln)]
+    assert core == [], "\n".join(core)

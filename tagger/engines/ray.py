@@ -8,6 +8,8 @@ import heapq
 import logging
 import math
 import os
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping
@@ -255,16 +257,80 @@ def _check_out(out: Location) -> None:
         raise TaggerError(f"cannot write output {out}: no folder {out.parent}")
 
 
+# Ray turns a node address of 127.0.0.1 into the machine's outward one and then listens on every interface; a
+# single-machine instance (this switch, which Ray reads at import and Ray's processes read from the environment)
+# keeps 127.0.0.1, and every Ray process then listens there only.
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While a local Ray instance starts: its node address stays 127.0.0.1 (see SINGLE_MACHINE_ENV)."""
+    from ray._private import ray_constants
+
+    saved_env, saved_flag = os.environ.get(SINGLE_MACHINE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[SINGLE_MACHINE_ENV] = saved_env
+
+
+@contextlib.contextmanager
+def _in_import_root() -> Iterator[None]:
+    """ray.init puts the working directory first on every worker's import path, so a folder named tagger/ there (a
+    checkout, say) would shadow the installed package; started from the folder tagger is imported from, workers
+    find this same tagger first."""
+    here = os.getcwd()
+    os.chdir(Path(__file__).resolve().parents[2])  # tagger/engines/ray.py -> the folder that holds tagger/
+    try:
+        yield
+    finally:
+        os.chdir(here)
+
+
+@contextlib.contextmanager
+def _without_core_level_line() -> Iterator[None]:
+    """Ray's C++ core announces on stderr that it read RAY_CORE_LOG_ENV as it starts in this process (in ray.init):
+    that line is dropped, whatever else is written to stderr meanwhile is passed on after."""
+    if os.environ.get(RAY_CORE_LOG_ENV) != QUIET_CORE_LEVEL:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            for line in capture.read().decode(errors="replace").splitlines(keepends=True):
+                if f"environment variable {RAY_CORE_LOG_ENV}" not in line:
+                    sys.stderr.write(line)
+            sys.stderr.flush()
+
+
 @contextlib.contextmanager
 def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
     """Use an already initialised Ray (a notebook's, a test's), else join options.address or start a local one."""
     if ray.is_initialized():
         yield
         return
-    quiet: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    # Workers' output comes back to the driver's stderr with -v only; a worker's error still reaches it as one.
+    verbose = log.getEffectiveLevel() <= logging.INFO
+    quiet: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose}
     if options.address:
         try:
-            ray.init(address=options.address, **quiet)
+            with _in_import_root(), _without_core_level_line():
+                ray.init(address=options.address, **quiet)
         except ConnectionError as e:
             raise TaggerError(f"cannot join the Ray cluster at {options.address}: {_last_line(e)}") from None
     else:
@@ -272,7 +338,8 @@ def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
         # sleep while they wait): one logical CPU per core for decode tasks, plus one per inference actor.
         # address="local": a bare ray.init() would join a cluster that `ray start` left on this machine.
         cpus = options.num_cpus or (os.cpu_count() or 1) + (options.actors or 1)
-        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, **quiet)
+        with _in_import_root(), _loopback_only(), _without_core_level_line():
+            ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, **quiet)
     try:
         yield
     finally:
@@ -280,24 +347,36 @@ def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
 
 
 RAY_LOGGERS = ("ray", "ray.data")  # the driver's Python loggers of Ray and Ray Data (executor, progress lines)
+# The level of Ray's C++ core, which logs to stderr outside Python's logging: on every run it prints an error-level
+# line about actor arguments kept in the object store, and on some machines a memory-monitor warning, neither of
+# which is the user's business. Read when Ray starts its processes and the driver's core worker.
+RAY_CORE_LOG_ENV = "RAY_BACKEND_LOG_LEVEL"
+QUIET_CORE_LEVEL = "fatal"
 
 
 @contextlib.contextmanager
 def _quiet_ray_logs() -> Iterator[None]:
-    """Ray's driver loggers no chattier than tagger's own (WARNING by default, ERROR with -q) unless tagger logs INFO
-    (-v); their levels (which ray.init's logging_level also sets) restored after. Ray Data logs INFO to stderr by
-    default: its plan, and progress lines when stderr is no terminal."""
+    """Ray's driver loggers no chattier than tagger's own (WARNING by default, ERROR with -q), and its C++ core
+    silent but for fatal errors, unless tagger logs INFO (-v) or the user set RAY_CORE_LOG_ENV; the loggers' levels
+    (which ray.init's logging_level also sets) and the environment restored after. Ray Data logs INFO to stderr by
+    default: its plan, and progress lines when stderr is no terminal. A failed run still says why: Ray's errors
+    reach tagger as exceptions."""
     level = log.getEffectiveLevel()
     loggers = [logging.getLogger(name) for name in RAY_LOGGERS]
     saved = [lg.level for lg in loggers]
+    quiet_core = level > logging.INFO and RAY_CORE_LOG_ENV not in os.environ
     if level > logging.INFO:
         for lg in loggers:
             lg.setLevel(max(lg.getEffectiveLevel(), level))
+    if quiet_core:
+        os.environ[RAY_CORE_LOG_ENV] = QUIET_CORE_LEVEL
     try:
         yield
     finally:
         for lg, was in zip(loggers, saved):
             lg.setLevel(was)
+        if quiet_core:
+            os.environ.pop(RAY_CORE_LOG_ENV, None)
 
 
 @contextlib.contextmanager
