@@ -66,6 +66,17 @@ def _stdout_closed() -> bool:
     return True
 
 
+def _quiet() -> bool:
+    """Whether -q was given: errors only."""
+    return bool(click.get_current_context().find_root().params.get("quiet"))
+
+
+def _say(text: str) -> None:
+    """A command's result on stdout, unless -q."""
+    if not _quiet():
+        click.echo(text)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tagger")
 @click.option("-v", "--verbose", count=True, help="-v: progress and details (INFO); -vv: debug.")
@@ -141,16 +152,22 @@ def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] =
 @_friendly
 def train(**kw: Any) -> None:
     """Train the multi-task model on a styles.csv + images/ folder."""
+    from tagger.train import check_train_dependencies
+
+    check_train_dependencies("tagger train", ("torch", "torchvision", "timm"))
     from tagger.contract import DEFAULT_TASKS
     from tagger.train.data import default_workers
     from tagger.train.loop import TrainConfig, fit
+
+    if not _quiet():  # a long job: its rows kept and dropped and a line per epoch by default, not only with -v
+        logging.getLogger("tagger.train").setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))
 
     kw["tasks"] = _pairs(kw["tasks"], "--task") or tuple(DEFAULT_TASKS.items())
     kw["task_weights"] = _pairs(kw["task_weights"], "--task-weight", float)
     if kw["workers"] is None:
         kw["workers"] = default_workers()
     best = fit(TrainConfig(**kw))
-    click.echo(f"best checkpoint: {best}")
+    _say(f"best checkpoint: {best}")
 
 
 @main.command("run")
@@ -205,6 +222,8 @@ def run_command(
         kw["shard"] = Shard.parse(kw["shard"])
     engine = kw.pop("engine")
     ray_kw = {"address": kw.pop("ray_address"), "actors": kw.pop("actors"), "num_gpus_per_actor": kw.pop("num_gpus_per_actor")}
+    if _quiet():
+        kw["progress"] = False
     config = RunConfig(catalog=catalog, out=out, **kw)
     if engine == "ray":
         from tagger.engines.ray import RayOptions, run_ray
@@ -214,7 +233,7 @@ def run_command(
         if any(v is not None for v in ray_kw.values()):
             raise click.UsageError("--ray-address, --actors and --num-gpus-per-actor need --engine ray")
         summary = run(config)
-    click.echo(summary.line())
+    _say(summary.line())
 
 
 @main.command("merge")
@@ -225,7 +244,7 @@ def merge_command(out: str, shards: tuple[str, ...]) -> None:
     """Merge the outputs of `tagger run --shard I/N` (all N) into OUT, as one unsharded run would have written it."""
     from tagger.nightly.shard import merge_shards
 
-    click.echo(merge_shards(out, shards).line())
+    _say(merge_shards(out, shards).line())
 
 
 @main.command("eval")
@@ -239,6 +258,8 @@ def merge_command(out: str, shards: tuple[str, ...]) -> None:
 @click.option("--task", "tasks", multiple=True, metavar="NAME=COLUMN", help="Score model task NAME against styles.csv COLUMN [default: class=articleType, color=baseColour]; repeatable.")
 @click.option("--mistakes", default=24, show_default=True, type=click.IntRange(0), help="Most confident mistakes shown per task in the report.")
 @click.option("--show-confusions", default=5, show_default=True, type=click.IntRange(0), help="Print the N most frequent confusions per task.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Score a random sample of N rows of styles.csv (seeded: the same rows each time).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the --limit sample.")
 @_friendly
 def eval_command(report: Path | None, show_confusions: int, **kw: Any) -> None:
     """Score a model on a labelled styles.csv + images/ folder, tagged exactly as `tagger run` tags."""
@@ -249,9 +270,9 @@ def eval_command(report: Path | None, show_confusions: int, **kw: Any) -> None:
         check_report_dependencies()  # before the run, not after it
     kw["tasks"] = _pairs(kw["tasks"], "--task")
     result = evaluate(EvalConfig(**kw))
-    click.echo("\n".join(result.lines(show_confusions)))
+    _say("\n".join(result.lines(show_confusions)))
     if report is not None:
-        click.echo(f"report: {write_report(result, report)}")
+        _say(f"report: {write_report(result, report)}")
 
 
 @main.command("export")
@@ -263,10 +284,13 @@ def eval_command(report: Path | None, show_confusions: int, **kw: Any) -> None:
 @_friendly
 def export_command(checkpoint: Path, out: Path | None, fp16: bool, opset: int | None, check_images: tuple[Path, ...]) -> None:
     """Export a training checkpoint to the single-file ONNX model `tagger run` serves, verified against PyTorch."""
+    from tagger.train import check_train_dependencies
+
+    check_train_dependencies("tagger export", ("torch", "onnx"))
     from tagger.export import export_checkpoint
 
     report = export_checkpoint(checkpoint, out, fp16=fp16, opset=opset, check_images=check_images or None)
-    click.echo(report.summary())
+    _say(report.summary())
 
 
 @main.command("quantize")
@@ -282,7 +306,7 @@ def quantize_command(model: Path, images: Path, out: Path | None, n_images: int,
     from tagger.quantize import quantize_model
 
     report = quantize_model(model, images, out, n_images=n_images, min_agreement=min_agreement, seed=seed)
-    click.echo(report.summary())
+    _say(report.summary())
 
 
 @main.command("calibrate")
@@ -299,7 +323,7 @@ def calibrate_command(model: Path, data: Path, out: Path | None, tasks: tuple[st
     from tagger.calibrate import calibrate_model
 
     report = calibrate_model(model, data, out, task_columns=_pairs(tasks, "--task"), **kw)
-    click.echo(report.summary())
+    _say(report.summary())
 
 
 @main.command("info")
@@ -318,7 +342,7 @@ def info_command(model: Path | None, as_json: bool, all_labels: bool) -> None:
     from tagger.model.registry import resolve_model
 
     info = read_model_metadata(resolve_model(model))
-    click.echo(json.dumps(info.to_dict(), indent=2) if as_json else describe(info, max_labels=0 if all_labels else 12))
+    _say(json.dumps(info.to_dict(), indent=2) if as_json else describe(info, max_labels=0 if all_labels else 12))
 
 
 if __name__ == "__main__":

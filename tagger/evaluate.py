@@ -16,7 +16,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from tagger.contract import DEFAULT_TASKS, TaskSpec
-from tagger.errors import TaggerError
+from tagger.errors import TaggerError, UsageError
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error, confusion_matrix, per_class, summarize
 from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Failure
@@ -45,9 +45,13 @@ class EvalConfig:
     mistakes: int = DEFAULT_MISTAKES  # most confident mistakes kept per task
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool | None = None  # None: a progress bar on a terminal only
+    limit: int | None = None  # score a seeded random sample of this many rows of styles.csv
+    seed: int = 0  # of the limit sample
 
     def __post_init__(self) -> None:
         check_stage_options(self.batch_size, self.workers, self.threads)
+        if self.limit is not None and self.limit < 1:
+            raise UsageError(f"--limit must be at least 1, got {self.limit}")
         if self.mistakes < 0:
             raise TaggerError(f"--mistakes must be >= 0, got {self.mistakes}")
 
@@ -210,7 +214,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     know counts as wrong in the all-rows accuracy and is left out of everything else.
     """
     t_start = time.perf_counter()
-    folder = load_labelled_folder(config.data)
+    folder = load_labelled_folder(config.data, config.limit, config.seed)
     refs = folder.refs
     session = open_session(config.model, config.device, config.threads)
     tasks = resolve_tasks(session.tasks, config.tasks, folder)

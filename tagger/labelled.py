@@ -9,6 +9,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from tagger.errors import TaggerError
 from tagger.pipeline.discover import ImageRef
 
@@ -76,8 +78,10 @@ class LabelledFolder:
             raise TaggerError(f"{what}: no column {column!r} in {self.csv_path}; columns: {sorted(self.columns)}")
 
 
-def load_labelled_folder(root: Path) -> LabelledFolder:
+def load_labelled_folder(root: Path, limit: int | None = None, seed: int = 0) -> LabelledFolder:
     """Read root/styles.csv and find each row's image file; rows without one are counted and logged, not fatal.
+
+    limit: keep a random sample of that many rows (in csv order), the same for the same seed and file.
 
     TaggerError when the folder, the csv or its id column is missing, or when no row has an image file.
     """
@@ -92,6 +96,9 @@ def load_labelled_folder(root: Path) -> LabelledFolder:
     columns = set(rows[0])
     if "id" not in columns:
         raise TaggerError(f"{csv_path} has no 'id' column")
+    if limit is not None and limit < len(rows):
+        pick = np.random.default_rng(seed).choice(len(rows), size=limit, replace=False)
+        rows = [rows[i] for i in sorted(pick)]
     refs: list[ImageRef] = []
     ref_rows: list[int] = []
     missing_ids: list[str] = []

@@ -20,6 +20,7 @@ from tagger.nightly.shard import Shard, check_shard_output
 from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
+from tagger.output.writer import check_parquet_name
 from tagger.pipeline.compose import check_stage_options
 from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_IO_THREADS, DEFAULT_MAX_PIXELS, MAX_DECODE_MEMORY
 from tagger.pipeline.discover import (
@@ -122,6 +123,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_names_file(self.out, "--out")  # as given: '' becomes Path('.')
+        check_parquet_name(self.out)
         # A URI stays the exact string (Path would collapse s3:// to s3:/), a local name becomes a Path.
         for name in ("catalog", "out", "files_from"):
             value = getattr(self, name)

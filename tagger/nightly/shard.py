@@ -18,7 +18,7 @@ from tagger import __version__
 from tagger.errors import TaggerError, UsageError
 from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info
-from tagger.output.writer import ResultWriter
+from tagger.output.writer import ResultWriter, check_parquet_name
 from tagger.pipeline.discover import walk_would_list
 from tagger.storage import Location, as_location, check_names_file, exists, is_uri, redact, same_file
 
@@ -164,6 +164,7 @@ def merge_shards(out: Location, shard_files: Sequence[Location]) -> MergeSummary
     anything is written; the output is written atomically.
     """
     check_names_file(out, "OUT")
+    check_parquet_name(out, "OUT")
     out = as_location(out)
     if not shard_files:
         raise TaggerError("name the shard outputs to merge")

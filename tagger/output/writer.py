@@ -12,11 +12,26 @@ from typing import Mapping, NoReturn
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tagger.errors import TaggerError, one_line
+from tagger.errors import TaggerError, UsageError, one_line
 from tagger.output.schema import ROW_GROUP_SIZE
-from tagger.storage import Location, as_location, discard, is_folder, publish, redact, reserve_temp
+from tagger.storage import Location, as_location, discard, is_folder, name_of, publish, redact, reserve_temp
 
 log = logging.getLogger(__name__)
+
+# Names of other table formats: an output named like one would be Parquet all the same. (Other suffixes, an image's
+# say, are left to the checks that an output is no input.)
+OTHER_FORMATS = frozenset(
+    {".csv", ".tsv", ".txt", ".json", ".jsonl", ".ndjson", ".xls", ".xlsx", ".feather", ".arrow", ".ipc", ".orc",
+     ".avro", ".sqlite", ".db"}
+)  # fmt: skip
+
+
+def check_parquet_name(out: Location, what: str = "--out") -> None:
+    """UsageError when `out` is named like another table format (tags.csv): tagger writes Parquet only."""
+    name = name_of(out)
+    suffix = name[name.rfind(".") :].lower() if "." in name else ""
+    if suffix in OTHER_FORMATS:
+        raise UsageError(f"{what} {redact(out)}: tagger writes Parquet only; name it .parquet")
 
 
 class ResultWriter:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 BEST_NAME = "image_mtl_best.pt"
 LAST_NAME = "last.pt"
+FEW_BATCHES = 10  # batches an epoch below which a run is said to learn little (a small --limit, a large --batch-size)
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,9 @@ def train_one_epoch(
     total_loss, seen = 0.0, 0
     correct = {t: 0 for t in criteria}
     scored = {t: 0 for t in criteria}
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+    # A bar on a terminal only (a log gets the epoch's line), and none with -q (errors only).
+    quiet = not sys.stderr.isatty() or not log.isEnabledFor(logging.WARNING)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=quiet)
     for x, y in bar:
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last if cuda else torch.contiguous_format)
         y = y.to(device, non_blocking=True)
@@ -284,6 +288,12 @@ def fit(cfg: TrainConfig) -> Path:
         persistent_workers=cfg.workers > 0,
         generator=generator,
     )
+    if len(loader) < FEW_BATCHES:
+        log.warning(
+            "only %d batches an epoch (%d training images at --batch-size %d%s): too few steps to learn much",
+            len(loader), len(train_images), cfg.batch_size,
+            f" (--limit {cfg.limit} kept {len(train_ex) + len(val_ex)} rows)" if cfg.limit is not None else "",
+        )  # fmt: skip
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     steps = cfg.epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
