@@ -72,7 +72,8 @@ def _quiet() -> bool:
 
 
 def _say(text: str) -> None:
-    """A command's result on stdout, unless -q."""
+    """The summary line of a command that writes files, on stdout, unless -q (eval and info print what they are
+    for whatever the verbosity)."""
     if not _quiet():
         click.echo(text)
 
@@ -80,7 +81,7 @@ def _say(text: str) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tagger")
 @click.option("-v", "--verbose", count=True, help="-v: progress and details (INFO); -vv: debug.")
-@click.option("-q", "--quiet", is_flag=True, help="Errors only.")
+@click.option("-q", "--quiet", is_flag=True, help="Errors only: no warnings, progress or summary line (eval and info still print their result).")
 def main(verbose: int, quiet: bool) -> None:
     """Tag product photos with their article class and colour.
 
@@ -270,9 +271,9 @@ def eval_command(report: Path | None, show_confusions: int, **kw: Any) -> None:
         check_report_dependencies()  # before the run, not after it
     kw["tasks"] = _pairs(kw["tasks"], "--task")
     result = evaluate(EvalConfig(**kw))
-    _say("\n".join(result.lines(show_confusions)))
+    click.echo("\n".join(result.lines(show_confusions)))  # what eval is for: printed with -q too
     if report is not None:
-        _say(f"report: {write_report(result, report)}")
+        click.echo(f"report: {write_report(result, report)}")
 
 
 @main.command("export")
@@ -342,7 +343,7 @@ def info_command(model: Path | None, as_json: bool, all_labels: bool) -> None:
     from tagger.model.registry import resolve_model
 
     info = read_model_metadata(resolve_model(model))
-    _say(json.dumps(info.to_dict(), indent=2) if as_json else describe(info, max_labels=0 if all_labels else 12))
+    click.echo(json.dumps(info.to_dict(), indent=2) if as_json else describe(info, max_labels=0 if all_labels else 12))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 # Names of other table formats: an output named like one would be Parquet all the same. (Other suffixes, an image's
 # say, are left to the checks that an output is no input.)
 OTHER_FORMATS = frozenset(
-    {".csv", ".tsv", ".txt", ".json", ".jsonl", ".ndjson", ".xls", ".xlsx", ".feather", ".arrow", ".ipc", ".orc",
+    {".csv", ".tsv", ".json", ".jsonl", ".ndjson", ".xls", ".xlsx", ".feather", ".arrow", ".ipc", ".orc",
      ".avro", ".sqlite", ".db"}
 )  # fmt: skip
 
