@@ -8,6 +8,7 @@ import heapq
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -282,12 +283,11 @@ def _loopback_only() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _in_import_root() -> Iterator[None]:
-    """ray.init puts the working directory first on every worker's import path, so a folder named tagger/ there (a
-    checkout, say) would shadow the installed package; started from the folder tagger is imported from, workers
-    find this same tagger first."""
+def _started_in(folder: str) -> Iterator[None]:
+    """Run ray.init from `folder`: Ray puts the driver's working directory first on every worker's import path, and
+    the processes of a local instance work there."""
     here = os.getcwd()
-    os.chdir(Path(__file__).resolve().parents[2])  # tagger/engines/ray.py -> the folder that holds tagger/
+    os.chdir(folder)
     try:
         yield
     finally:
@@ -327,23 +327,29 @@ def _connected(ray: ModuleType, options: RayOptions) -> Iterator[None]:
     # Workers' output comes back to the driver's stderr with -v only; a worker's error still reaches it as one.
     verbose = log.getEffectiveLevel() <= logging.INFO
     quiet: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": verbose}
-    if options.address:
-        try:
-            with _in_import_root(), _without_core_level_line():
-                ray.init(address=options.address, **quiet)
-        except ConnectionError as e:
-            raise TaggerError(f"cannot join the Ray cluster at {options.address}: {_last_line(e)}") from None
-    else:
-        # Like the local engine, decode workers take every core and inference threads share them (ORT threads
-        # sleep while they wait): one logical CPU per core for decode tasks, plus one per inference actor.
-        # address="local": a bare ray.init() would join a cluster that `ray start` left on this machine.
-        cpus = options.num_cpus or (os.cpu_count() or 1) + (options.actors or 1)
-        with _in_import_root(), _loopback_only(), _without_core_level_line():
-            ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, **quiet)
+    # Started from an empty folder, not the user's: one holding a folder named tagger/ (a checkout, say) would
+    # shadow the installed package in every worker.
+    empty = tempfile.mkdtemp(prefix="tagger-ray-")
     try:
-        yield
+        if options.address:
+            try:
+                with _started_in(empty), _without_core_level_line():
+                    ray.init(address=options.address, **quiet)
+            except ConnectionError as e:
+                raise TaggerError(f"cannot join the Ray cluster at {options.address}: {_last_line(e)}") from None
+        else:
+            # Like the local engine, decode workers take every core and inference threads share them (ORT threads
+            # sleep while they wait): one logical CPU per core for decode tasks, plus one per inference actor.
+            # address="local": a bare ray.init() would join a cluster that `ray start` left on this machine.
+            cpus = options.num_cpus or (os.cpu_count() or 1) + (options.actors or 1)
+            with _started_in(empty), _loopback_only(), _without_core_level_line():
+                ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cpus, **quiet)
+        try:
+            yield
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        shutil.rmtree(empty, ignore_errors=True)  # after the local instance's processes have stopped
 
 
 RAY_LOGGERS = ("ray", "ray.data")  # the driver's Python loggers of Ray and Ray Data (executor, progress lines)
