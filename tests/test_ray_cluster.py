@@ -69,6 +69,8 @@ def _ray_cluster(node_env: dict[str, str] | None = None) -> Iterator[str]:
     them). Each `ray start --block` is this test's child: at the end it and every process below it are stopped by
     pid (`ray stop` would stop every Ray on the machine), and the test fails if one is left.
     """
+    # Both: a ray command on the PATH may belong to another Python than the one running tagger here.
+    pytest.importorskip("ray.data", reason="needs the ray extra: pip install 'tagger[ray]'")
     if shutil.which("ray") is None:
         pytest.skip("needs the ray command line: pip install 'tagger[ray]'")
     tmp = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths must fit in 107 bytes
