@@ -80,7 +80,7 @@ def _say(text: str) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tagger")
-@click.option("-v", "--verbose", count=True, help="-v: progress and details (INFO); -vv: debug.")
+@click.option("-v", "--verbose", count=True, help="-v: details (INFO); -vv: debug.")
 @click.option("-q", "--quiet", is_flag=True, help="Errors only: no warnings, progress or summary line (eval and info still print their result).")
 def main(verbose: int, quiet: bool) -> None:
     """Tag product photos with their article class and colour.
