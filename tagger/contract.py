@@ -11,6 +11,9 @@ FORMAT_VERSION = 1
 
 INPUT_NAME = "images"
 OUTPUT_SUFFIX = "_probs"
+# Optional output: the backbone's pooled features (the heads' input), L2-normalised in the graph, float32 [N, D].
+# `tagger run --embeddings` writes it as the output column of the same name.
+EMBEDDING_OUTPUT = "embedding"
 
 META_TASKS = "tagger.tasks"
 META_PREPROCESS = "tagger.preprocess"
@@ -19,7 +22,9 @@ META_VERSION = "tagger.version"
 META_FORMAT = "tagger.format"
 
 # Output columns of `tagger run` besides each task's own (tagger.output.schema): a task may not take these names.
-RESERVED_COLUMNS: frozenset[str] = frozenset({"path", "status", "error", "width", "height", "bytes", "mtime", "sha256"})
+RESERVED_COLUMNS: frozenset[str] = frozenset(
+    {"path", "status", "error", "width", "height", "bytes", "mtime", "sha256", EMBEDDING_OUTPUT}
+)
 TASK_COLUMN_SUFFIXES = ("", "_score", "_topk")  # the output columns of task t: t, t_score, t_topk (with --top-k)
 
 # Default tasks: task name -> styles.csv column.

@@ -12,6 +12,7 @@ import pytest
 
 from tagger.contract import (
     FORMAT_VERSION,
+    EMBEDDING_OUTPUT,
     INPUT_NAME,
     META_FORMAT,
     META_MODEL,
@@ -28,13 +29,21 @@ CONTRACT_TASKS: Mapping[str, Sequence[str]] = {
 }
 
 
+CONTRACT_EMBEDDING_DIM = 12
+
+
 def make_contract_onnx(
-    path: Path, size: int = 32, tasks: Mapping[str, Sequence[str]] = CONTRACT_TASKS, seed: int = 0
+    path: Path,
+    size: int = 32,
+    tasks: Mapping[str, Sequence[str]] = CONTRACT_TASKS,
+    seed: int = 0,
+    embedding: bool = True,
 ) -> Path:
     """Write a tiny model that follows the tagger ONNX contract, built with onnx.helper (no torch).
 
     uint8 [N, S, S, 3] -> mean colour of each image quadrant [N, 12] -> MatMul -> Softmax per task. Quadrant means
     make the output depend on the image's content and orientation (a rotation permutes the quadrants).
+    embedding: also output those 12 features, L2-normalised, as `embedding` [N, 12] (the optional output).
     """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -62,6 +71,11 @@ def make_contract_onnx(
         nodes.append(helper.make_node("MatMul", ["features", f"w_{name}"], [f"logits_{name}"]))
         nodes.append(helper.make_node("Softmax", [f"logits_{name}"], [output_name(name)], axis=1))
         outputs.append(helper.make_tensor_value_info(output_name(name), TensorProto.FLOAT, ["N", len(labels)]))
+    if embedding:
+        nodes.append(helper.make_node("LpNormalization", ["features"], [EMBEDDING_OUTPUT], axis=1, p=2))
+        outputs.append(
+            helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT, ["N", CONTRACT_EMBEDDING_DIM])
+        )
     graph = helper.make_graph(
         nodes,
         "contract",
@@ -102,8 +116,15 @@ def cuda_really_works(model: Path) -> bool:
 
 @pytest.fixture(scope="session")
 def contract_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny contract-conforming model: 32x32 input, tasks class (5 labels) and color (6 labels)."""
+    """A tiny contract-conforming model: 32x32 input, tasks class (5 labels) and color (6 labels), and a
+    12-dimensional `embedding` output."""
     return make_contract_onnx(tmp_path_factory.mktemp("contract") / "contract.onnx")
+
+
+@pytest.fixture(scope="session")
+def contract_onnx_without_embedding(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`contract_onnx` without the optional `embedding` output (a model exported before it existed)."""
+    return make_contract_onnx(tmp_path_factory.mktemp("contract") / "no-embedding.onnx", embedding=False)
 
 
 QUADRANT_COLORS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (230, 220, 40))

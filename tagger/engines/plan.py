@@ -120,6 +120,7 @@ class RunConfig:
     inflight: int | None = None  # batches in the session at once; None: 2 on CUDA, 1 on CPU
     io_threads: int = DEFAULT_IO_THREADS  # object-store reads in flight per decode worker (not local files)
     max_errors: ErrorLimit = DEFAULT_MAX_ERRORS  # more error rows in the output fail the run, which publishes nothing
+    embeddings: bool = False  # add the `embedding` column (the model's L2-normalised pooled features, float16)
 
     def __post_init__(self) -> None:
         check_names_file(self.out, "--out")  # as given: '' becomes Path('.')

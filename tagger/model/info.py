@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from tagger.contract import (
+    EMBEDDING_OUTPUT,
     FORMAT_VERSION,
     INPUT_NAME,
     META_FORMAT,
@@ -49,6 +50,7 @@ class ModelInfo:
     tasks: tuple[TaskSpec, ...]  # in output order
     preprocess: PreprocessSpec
     model: Mapping[str, Any]  # backbone, checkpoint_sha256, metrics, data, epoch, precision, opset, exporter
+    embedding_dim: int | None = None  # D of the optional `embedding` output [N, D]; None: the model has none
 
     @property
     def precision(self) -> str:
@@ -68,6 +70,7 @@ class ModelInfo:
             "tasks": {t.name: list(t.labels) for t in self.tasks},
             "preprocess": self.preprocess.to_dict(),
             "model": dict(self.model),
+            "embedding_dim": self.embedding_dim,
         }
 
 
@@ -258,6 +261,7 @@ def model_info_from_session(session: "ort.InferenceSession", path: str | os.Path
         tasks=tasks,
         preprocess=preprocess,
         model=MappingProxyType(model),
+        embedding_dim=_embedding_dim(session, path),
     )
 
 
@@ -300,6 +304,19 @@ def _check_signature(
             )
 
 
+def _embedding_dim(session: "ort.InferenceSession", path: Path) -> int | None:
+    """D of the optional `embedding` output, which must be float [N, D] with a fixed D; None without one."""
+    out = next((o for o in session.get_outputs() if o.name == EMBEDDING_OUTPUT), None)
+    if out is None:
+        return None
+    dims = list(out.shape)
+    if out.type != "tensor(float)" or len(dims) != 2 or not isinstance(dims[1], int) or dims[1] < 1:
+        raise TaggerError(
+            f"{path} output {EMBEDDING_OUTPUT!r} is {out.type} {dims}; the contract wants tensor(float) [N, D]"
+        )
+    return int(dims[1])
+
+
 def describe(info: ModelInfo, max_labels: int = 12) -> str:
     """Human-readable summary for `tagger info`; lists at most `max_labels` labels per task (0: all)."""
     m = info.model
@@ -311,6 +328,9 @@ def describe(info: ModelInfo, max_labels: int = 12) -> str:
         f"format      {info.format} (exported by tagger {info.version})",
         f"backbone    {info.backbone}, {info.precision}, opset {m.get('opset', '?')}",
         f"input       {INPUT_NAME}: uint8 [N, {p.size}, {p.size}, 3] RGB",
+        f"embedding   {EMBEDDING_OUTPUT}: float [N, {info.embedding_dim}], L2-normalised (tagger run --embeddings)"
+        if info.embedding_dim
+        else "embedding   none (re-export the checkpoint for `tagger run --embeddings`)",
         f"preprocess  fit inside {p.size}x{p.size} ({p.interpolation}), pad with {list(p.pad_color)}, "
         f"mean {list(p.mean)}, std {list(p.std)}",
         f"checkpoint  {m.get('checkpoint', '?')} sha256 {m.get('checkpoint_sha256', '?')}, epoch {m.get('epoch', '?')}",

@@ -10,7 +10,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from tagger.contract import TaskSpec
+from tagger.contract import EMBEDDING_OUTPUT, TaskSpec
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
@@ -32,21 +32,29 @@ META_CHANGES = "tagger.run.changes"  # JSON: new, changed, unchanged, removed, r
 META_UNLISTABLE = "tagger.run.unlistable"  # folders that could not be listed (each has an error row 'sub/')
 # What the rows mean besides the model: a rerun may reuse rows only when these agree (tagger.output.reader).
 META_CATALOG = "tagger.output.catalog"  # absolute catalog folder, or its URI without credentials
-META_OPTIONS = "tagger.output.options"  # JSON: top_k, max_pixels, extensions, files_from
+META_OPTIONS = "tagger.output.options"  # JSON: top_k, max_pixels, extensions, files_from, embedding_dim
 META_SHARD = "tagger.output.shard"  # "I/N"; absent when the whole catalog was tagged
 
 TOPK_TYPE = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
+EMBEDDING_COLUMN = EMBEDDING_OUTPUT
 
 
-def output_schema(tasks: Sequence[TaskSpec], top_k: int = 0) -> pa.Schema:
+def embedding_type(dim: int) -> pa.DataType:
+    """The `embedding` column: a fixed-size list of `dim` float16 (half the bytes of float32; cosines of unit
+    vectors keep ~3 decimals)."""
+    return pa.list_(pa.float16(), dim)
+
+
+def output_schema(tasks: Sequence[TaskSpec], top_k: int = 0, embedding_dim: int = 0) -> pa.Schema:
     """path | per task: <task> (dictionary label), <task>_score, [<task>_topk] | status, error, width, height, bytes,
-    mtime, sha256.
+    mtime, sha256 | [embedding].
 
     <task>_topk (only with top_k > 0): list of {label, score}, best first. width/height: the full-resolution image
     as displayed (after EXIF rotation), null on error. bytes: file size, null when the file is missing. mtime:
     float64 seconds since the epoch, exactly os.stat's st_mtime, so a rerun can compare it with ==. sha256: hex
     SHA-256 of the file's bytes as read for decoding, null when they could not be read (an image that then fails to
-    decode keeps it).
+    decode keeps it). embedding (only with embedding_dim > 0, `--embeddings`): the model's L2-normalised pooled
+    features, embedding_type(embedding_dim), null on error rows.
     """
     fields: list[pa.Field] = [pa.field("path", pa.string(), nullable=False)]
     for t in tasks:
@@ -63,6 +71,8 @@ def output_schema(tasks: Sequence[TaskSpec], top_k: int = 0) -> pa.Schema:
         pa.field("mtime", pa.float64()),
         pa.field("sha256", pa.string()),
     ]
+    if embedding_dim:
+        fields.append(pa.field(EMBEDDING_COLUMN, embedding_type(embedding_dim)))
     return pa.schema(fields)
 
 
@@ -70,7 +80,7 @@ def output_schema(tasks: Sequence[TaskSpec], top_k: int = 0) -> pa.Schema:
 class RunIdentity:
     """What an output's rows mean: the model, the catalog, and the options that decide which rows and their values.
 
-    Rows of two runs with the same model, top_k and max_pixels are interchangeable file by file.
+    Rows of two runs with the same model, top_k, max_pixels and embedding_dim are interchangeable file by file.
     """
 
     model_sha256: str
@@ -80,6 +90,7 @@ class RunIdentity:
     extensions: tuple[str, ...] | None  # sorted; None when the files came from a list
     files_from: str | None  # absolute path of that list
     shard: str | None = None  # "I/N"
+    embedding_dim: int = 0  # D of the `embedding` column; 0: no such column (run without --embeddings)
 
     def metadata(self) -> dict[str, str]:
         options = {
@@ -87,6 +98,7 @@ class RunIdentity:
             "max_pixels": self.max_pixels,
             "extensions": list(self.extensions) if self.extensions is not None else None,
             "files_from": self.files_from,
+            "embedding_dim": self.embedding_dim,
         }
         meta = {
             META_MODEL_SHA256: self.model_sha256,
@@ -111,11 +123,12 @@ class RunIdentity:
             extensions=tuple(str(e) for e in exts) if exts is not None else None,
             files_from=str(files_from) if files_from is not None else None,
             shard=meta.get(META_SHARD),
+            embedding_dim=int(options.get("embedding_dim", 0)),  # outputs from before the column have none
         )
 
     def same_options(self, other: RunIdentity) -> bool:
-        """Whether the row-shaping options agree (top_k, max_pixels)."""
-        return (self.top_k, self.max_pixels) == (other.top_k, other.max_pixels)
+        """Whether the row-shaping options agree (top_k, max_pixels, embedding_dim)."""
+        return (self.top_k, self.max_pixels, self.embedding_dim) == (other.top_k, other.max_pixels, other.embedding_dim)
 
     def same_values(self, other: RunIdentity) -> bool:
         """Whether a file gets the same row from both runs (what it is listed under does not matter)."""
