@@ -150,6 +150,7 @@ def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] =
 @click.option("--class-weight-power", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Class weight = frequency^-power; 0 = unweighted.")
 @click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--ema-decay", default=0.999, show_default=True, type=click.FloatRange(0, 1, max_open=True), help="Weight EMA; 0 disables.")
+@click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="auto: bf16 autocast on CUDA and on CPUs with bf16 instructions (AVX512-BF16, AMX), else fp32.")
 @_friendly
 def train(**kw: Any) -> None:
     """Train the multi-task model on a styles.csv + images/ folder."""
@@ -180,6 +181,7 @@ def train(**kw: Any) -> None:
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes; 0 or 1 decodes in-process [default: one per core].")
 @click.option("--threads", type=click.IntRange(1), default=None, help="Inference threads [default: one per core, shared with the decode workers].")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0), help="Also write the K best labels per task as <task>_topk.")
+@click.option("--embeddings", is_flag=True, help="Also write the model's L2-normalised image embedding as the column embedding (fixed-size list of float16), for similarity and duplicate search.")
 @click.option("--ext", default=None, metavar="LIST", help="Extensions to tag, comma-separated [default: jpg,jpeg,jfif,png,webp,avif,bmp,gif,tif,tiff].")
 @click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images with more pixels (error row) [default: 150000000].")
 @click.option("--decode-memory", default="4GiB", show_default=True, type=_Bytes(), help="Decoding all decode workers may hold at once (e.g. 512MiB): a large image waits for room; one larger than this is an error row.")

@@ -28,6 +28,7 @@ from torch import nn
 
 from tagger import __version__
 from tagger.contract import (
+    EMBEDDING_OUTPUT,
     FORMAT_VERSION,
     INPUT_NAME,
     META_FORMAT,
@@ -58,6 +59,8 @@ DEFAULT_OPSET = 18
 BATCH_DIM = "N"
 FP32_ATOL = 1e-4  # max |p_onnx - p_torch| for the fp32 model
 FP16_MIN_TOP1 = 0.99  # fraction of check images whose top-1 class the fp16 model must keep, per task
+# Least cosine between ONNX's and PyTorch fp32's embedding of any check image.
+EMBEDDING_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.99}
 # A top-1 flip between two classes whose reference probabilities are closer than this is a coin toss at that
 # precision, not an export error; it is logged and reported but does not fail the check. fp16 rounding of the
 # backbone weights alone moves probabilities by ~1e-2 on EfficientNet-Lite0.
@@ -84,6 +87,7 @@ class ExportReport:
     max_abs_diff: Mapping[str, float] = field(default_factory=dict)  # task -> max |p_onnx - p_torch|
     top1_agreement: Mapping[str, float] = field(default_factory=dict)  # task -> fraction of images with equal top-1
     info: ModelInfo | None = None  # the metadata as the runtime reads it back
+    embedding_min_cosine: float = 0.0  # least cosine between ONNX's and PyTorch fp32's embedding of a check image
 
     def summary(self) -> str:
         per_task = ", ".join(
@@ -92,7 +96,7 @@ class ExportReport:
         return (
             f"wrote {self.path} ({self.size_bytes / 1e6:.1f} MB, {self.precision}, opset {self.opset}); "
             f"checked {self.n_check_images} images at batch sizes {list(self.batch_sizes)} against PyTorch fp32: "
-            f"{per_task}"
+            f"{per_task}, {EMBEDDING_OUTPUT}: min cosine {self.embedding_min_cosine:.6f}"
         )
 
 
@@ -131,10 +135,10 @@ def export_checkpoint(
         proto = _to_onnx(ckpt, images[:2], fp16, opset)
         set_temperatures(proto.graph, _temperatures(ckpt), str(ckpt_path))  # none for older checkpoints
         _set_metadata(proto, ckpt, sha256_file(ckpt_path), ckpt_path.name, precision, opset)
-        _check_graph(proto, ckpt.tasks, ckpt.preprocess.size, opset)
+        _check_graph(proto, ckpt.tasks, ckpt.preprocess.size, opset, _n_features(ckpt))
         tmp.write_bytes(proto.SerializeToString())
         info = read_model_metadata(tmp)
-        diffs, agreement, batch_sizes = _check_parity(tmp, ckpt, images, precision)
+        diffs, agreement, batch_sizes, cosine = _check_parity(tmp, ckpt, images, precision)
         publish(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -151,6 +155,7 @@ def export_checkpoint(
         max_abs_diff=diffs,
         top1_agreement=agreement,
         info=replace(info, path=out),
+        embedding_min_cosine=cosine,
     )
     log.debug("%s", report.summary())
     return report
@@ -188,7 +193,8 @@ def _load(ckpt_path: Path) -> LoadedCheckpoint:
 
 
 class _ServingGraph(nn.Module):
-    """The whole contract as one module: uint8 [N, H, W, 3] RGB -> one softmax [N, C_task] float32 per task."""
+    """The whole contract as one module: uint8 [N, H, W, 3] RGB -> one softmax [N, C_task] float32 per task, then
+    the embedding: the heads' input features, L2-normalised, float32 [N, F]."""
 
     shift: torch.Tensor  # [1, 3, 1, 1] buffers
     scale: torch.Tensor
@@ -208,7 +214,10 @@ class _ServingGraph(nn.Module):
         x = images.permute(0, 3, 1, 2).to(torch.float32)  # [N, 3, H, W], transposed while still 1 byte per value
         x = ((x - self.shift) / self.scale).to(self.compute_dtype)
         features = self.backbone(x)  # [N, F]
-        return tuple(torch.softmax(head(features).to(torch.float32), dim=1) for head in self.heads)
+        probs = tuple(torch.softmax(head(features).to(torch.float32), dim=1) for head in self.heads)
+        features = features.to(torch.float32)
+        # Broadcast, unlike F.normalize's expand_as, which reads the batch size from the input's Shape.
+        return (*probs, features / torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(1e-12))
 
 
 def _to_onnx(ckpt: LoadedCheckpoint, example: np.ndarray, fp16: bool, opset: int) -> onnx.ModelProto:
@@ -226,7 +235,7 @@ def _to_onnx(ckpt: LoadedCheckpoint, example: np.ndarray, fp16: bool, opset: int
                 verbose=False,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
-                output_names=[t.output for t in ckpt.tasks],
+                output_names=[t.output for t in ckpt.tasks] + [EMBEDDING_OUTPUT],
                 dynamic_shapes={INPUT_NAME: {0: torch.export.Dim(BATCH_DIM, min=1)}},
                 external_data=False,
                 optimize=True,
@@ -335,7 +344,11 @@ def _set_metadata(
     proto.doc_string = f"tagger model: {raw['backbone']} -> {', '.join(t.name for t in ckpt.tasks)}"
 
 
-def _check_graph(proto: onnx.ModelProto, tasks: tuple[TaskSpec, ...], size: int, opset: int) -> None:
+def _n_features(ckpt: LoadedCheckpoint) -> int:
+    return int(ckpt.model.backbone.num_features)  # type: ignore[arg-type]
+
+
+def _check_graph(proto: onnx.ModelProto, tasks: tuple[TaskSpec, ...], size: int, opset: int, n_features: int) -> None:
     """Structural checks: valid ONNX, self-contained, and the contract's names, dtypes and symbolic batch."""
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -359,12 +372,13 @@ def _check_graph(proto: onnx.ModelProto, tasks: tuple[TaskSpec, ...], size: int,
     if not isinstance(in_dims[0], str):
         raise TaggerError(f"exported batch axis is fixed at {in_dims[0]}; it must be symbolic")
     names = [o.name for o in proto.graph.output]
-    if names != [t.output for t in tasks]:
-        raise TaggerError(f"exported outputs are {names}, expected {[t.output for t in tasks]}")
-    for out, task in zip(proto.graph.output, tasks):
+    expected = [t.output for t in tasks] + [EMBEDDING_OUTPUT]
+    if names != expected:
+        raise TaggerError(f"exported outputs are {names}, expected {expected}")
+    for out, width in zip(proto.graph.output, [len(t.labels) for t in tasks] + [n_features]):
         d = dims(out)
-        if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or d[1:] != [len(task.labels)]:
-            raise TaggerError(f"exported output {out.name} is {d}, expected float32 [N, {len(task.labels)}]")
+        if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or d[1:] != [width]:
+            raise TaggerError(f"exported output {out.name} is {d}, expected float32 [N, {width}]")
         if d[0] != in_dims[0]:
             raise TaggerError(f"exported output {out.name} batch axis {d[0]!r} is not the input's {in_dims[0]!r}")
 
@@ -440,25 +454,31 @@ def _product_shot(rng: np.random.Generator, w: int, h: int, kind: int) -> np.nda
 
 
 def _torch_probs(ckpt: LoadedCheckpoint, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Reference: the contract's preprocessing written out independently, then the fp32 model and its temperatures."""
+    """Reference: the contract's preprocessing written out independently, then the fp32 model and its temperatures;
+    under EMBEDDING_OUTPUT (no task's name), the features L2-normalised in float64."""
     spec = ckpt.preprocess
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
     chunks: dict[str, list[np.ndarray]] = {t.name: [] for t in ckpt.tasks}
+    chunks[EMBEDDING_OUTPUT] = []
     temperature = _temperatures(ckpt)
     with torch.inference_mode():
         for i in range(0, len(images), CHUNK):
             x = torch.from_numpy(images[i : i + CHUNK]).permute(0, 3, 1, 2).float() / 255  # [n, 3, S, S]
-            logits = ckpt.model((x - mean) / std)
+            x = (x - mean) / std
+            logits = ckpt.model(x)
             for t in ckpt.tasks:
                 chunks[t.name].append(torch.softmax(logits[t.name] / temperature.get(t.name, 1.0), dim=1).numpy())
+            features = ckpt.model.features(x).double().numpy()  # [n, F]
+            chunks[EMBEDDING_OUTPUT].append(features / np.linalg.norm(features, axis=1, keepdims=True))
     return {name: np.concatenate(parts) for name, parts in chunks.items()}
 
 
 def _check_parity(
     path: Path, ckpt: LoadedCheckpoint, images: np.ndarray, precision: str
-) -> tuple[dict[str, float], dict[str, float], tuple[int, ...]]:
-    """Run the written file in ONNX Runtime (CPU) at several batch sizes and compare with PyTorch fp32."""
+) -> tuple[dict[str, float], dict[str, float], tuple[int, ...], float]:
+    """Run the written file in ONNX Runtime (CPU) at several batch sizes and compare with PyTorch fp32; returns
+    per task max |diff| and top-1 agreement, the batch sizes, and the embedding's least cosine."""
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except ort_errors() as e:
@@ -469,11 +489,15 @@ def _check_parity(
     runs = [(0, 1), (0, 7)] + [(i, min(CHUNK, k - i)) for i in range(0, k, CHUNK)]
     diffs = {t.name: 0.0 for t in ckpt.tasks}
     full: dict[str, list[np.ndarray]] = {t.name: [] for t in ckpt.tasks}
+    cosine = 1.0
     for run_index, (start, n) in enumerate(runs):
         try:
-            outputs = session.run([t.output for t in ckpt.tasks], {INPUT_NAME: images[start : start + n]})
+            *outputs, embedding = session.run(
+                [t.output for t in ckpt.tasks] + [EMBEDDING_OUTPUT], {INPUT_NAME: images[start : start + n]}
+            )
         except ort_errors() as e:
             raise TaggerError(f"onnxruntime fails on a batch of {n}: {_first_line(e)}") from None
+        cosine = min(cosine, _embedding_cosine(embedding, reference[EMBEDDING_OUTPUT][start : start + n], n))
         for task, got in zip(ckpt.tasks, outputs):
             want = reference[task.name][start : start + n]
             if got.shape != want.shape or got.dtype != np.float32:
@@ -486,6 +510,11 @@ def _check_parity(
             if run_index >= 2:
                 full[task.name].append(got)
     batch_sizes = tuple(sorted({n for _, n in runs}))
+    log.info("%s %s parity: least cosine %.6f over %d images", EMBEDDING_OUTPUT, precision, cosine, k)
+    if cosine < EMBEDDING_MIN_COSINE[precision]:
+        raise TaggerError(
+            f"ONNX and PyTorch disagree on {EMBEDDING_OUTPUT}: cosine {cosine:.6f} < {EMBEDDING_MIN_COSINE[precision]}"
+        )
 
     agreement: dict[str, float] = {}
     for task in ckpt.tasks:
@@ -513,4 +542,17 @@ def _check_parity(
                 f"fp16 model changes the top-1 {task.name} of {real_flips} of {k} check images (at most "
                 f"{1 - FP16_MIN_TOP1:.0%} allowed); max |diff| {diffs[task.name]:.3g}; export fp32 instead"
             )
-    return diffs, agreement, batch_sizes
+    return diffs, agreement, batch_sizes, cosine
+
+
+def _embedding_cosine(got: np.ndarray, want: np.ndarray, n: int) -> float:
+    """Least cosine between ONNX's embeddings `got` and the unit-norm reference `want`, after checking that `got`
+    is float32 [n, F] and L2-normalised."""
+    if got.shape != want.shape or got.dtype != np.float32:
+        raise TaggerError(
+            f"{EMBEDDING_OUTPUT} at batch {n} is {got.dtype} {list(got.shape)}, expected float32 {list(want.shape)}"
+        )
+    norms = np.linalg.norm(got.astype(np.float64), axis=1)  # [n]
+    if not np.isfinite(got).all() or np.abs(norms - 1).max() > 1e-3:
+        raise TaggerError(f"{EMBEDDING_OUTPUT} at batch {n} is not L2-normalised (norms {norms.min():.4g}..{norms.max():.4g})")
+    return float((got.astype(np.float64) * want).sum(axis=1).min())

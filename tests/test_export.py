@@ -18,7 +18,15 @@ from PIL import Image, ImageDraw
 
 from tagger import __version__
 from tagger.cli import main
-from tagger.contract import FORMAT_VERSION, INPUT_NAME, META_FORMAT, META_TASKS, PreprocessSpec, TaskSpec
+from tagger.contract import (
+    EMBEDDING_OUTPUT,
+    FORMAT_VERSION,
+    INPUT_NAME,
+    META_FORMAT,
+    META_TASKS,
+    PreprocessSpec,
+    TaskSpec,
+)
 from tagger.errors import TaggerError
 from tagger.model.info import describe, read_model_metadata
 
@@ -66,7 +74,9 @@ def torch_probs(ckpt_path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - mean) / std
     with torch.no_grad():
         logits = ckpt.model(x)
-    return {name: torch.softmax(v, dim=1).numpy() for name, v in logits.items()}
+        features = ckpt.model.features(x)
+    probs = {name: torch.softmax(v, dim=1).numpy() for name, v in logits.items()}
+    return {**probs, EMBEDDING_OUTPUT: torch.nn.functional.normalize(features, dim=1).numpy()}
 
 
 def run_onnx(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -99,11 +109,14 @@ def test_exported_model_runs_in_onnxruntime(tiny_onnx: Path, photos: list[Path])
     (inp,) = session.get_inputs()
     assert (inp.name, inp.type, inp.shape[1:]) == (INPUT_NAME, "tensor(uint8)", [32, 32, 3])
     assert isinstance(inp.shape[0], str)  # symbolic batch
-    assert [o.name for o in session.get_outputs()] == ["class_probs", "color_probs"]
-    out = session.run(None, {INPUT_NAME: decoded(photos[:5], PreprocessSpec(size=32))})
+    assert [o.name for o in session.get_outputs()] == ["class_probs", "color_probs", EMBEDDING_OUTPUT]
+    *out, embedding = session.run(None, {INPUT_NAME: decoded(photos[:5], PreprocessSpec(size=32))})
     for probs, labels in zip(out, TASKS.values()):
         assert probs.dtype == np.float32 and probs.shape == (5, len(labels))
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    dim = read_model_metadata(tiny_onnx).embedding_dim
+    assert dim is not None and dim > 1 and embedding.dtype == np.float32 and embedding.shape == (5, dim)
+    np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
 
 
 def test_metadata_round_trip(tiny_onnx: Path, tiny_checkpoint: Path, tiny_export: ExportReport) -> None:
@@ -145,6 +158,8 @@ def test_dynamic_batch_matches_pytorch(tiny_onnx: Path, tiny_checkpoint: Path, p
         assert got[f"{task}_probs"].shape == (n, len(TASKS[task]))
         np.testing.assert_allclose(got[f"{task}_probs"], want[task], atol=1e-4, rtol=0)
         np.testing.assert_array_equal(got[f"{task}_probs"].argmax(1), want[task].argmax(1))
+    cosine = (got[EMBEDDING_OUTPUT].astype(np.float64) * want[EMBEDDING_OUTPUT]).sum(axis=1)  # [n]
+    assert got[EMBEDDING_OUTPUT].shape == want[EMBEDDING_OUTPUT].shape and cosine.min() > 0.9999
 
 
 def test_predictions_depend_on_the_image(tiny_onnx: Path, photos: list[Path]) -> None:
@@ -158,6 +173,7 @@ def test_report_describes_the_checks(tiny_export: ExportReport) -> None:
     assert {1, 7} <= set(tiny_export.batch_sizes) and len(tiny_export.batch_sizes) >= 3
     assert tiny_export.n_check_images >= 100
     assert set(tiny_export.max_abs_diff) == set(TASKS) == set(tiny_export.top1_agreement)
+    assert 0.9999 <= tiny_export.embedding_min_cosine <= 1.0 + 1e-9
     assert all(d < 1e-4 for d in tiny_export.max_abs_diff.values())
     assert all(a == 1.0 for a in tiny_export.top1_agreement.values())
 
@@ -192,7 +208,7 @@ def test_fp16_export_via_cli(tiny_checkpoint: Path, tmp_path: Path, photos: list
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].type == "tensor(uint8)"
-    assert [o.type for o in session.get_outputs()] == ["tensor(float)", "tensor(float)"]
+    assert [o.type for o in session.get_outputs()] == ["tensor(float)"] * 3  # class, color, embedding
     model = onnx.load(str(out))
     backbone_weights = {i.data_type for i in model.graph.initializer if i.name.startswith("backbone.")}
     assert backbone_weights == {onnx.TensorProto.FLOAT16}
@@ -294,6 +310,8 @@ def test_info_prints_the_contract(tiny_onnx: Path, tiny_checkpoint: Path) -> Non
     as_json = json.loads(invoke("info", "--json", str(tiny_onnx)).output)
     assert as_json["tasks"] == TASKS and as_json["format"] == FORMAT_VERSION
     assert as_json["model"]["precision"] == "fp32"
+    dim = as_json["embedding_dim"]
+    assert dim == load_checkpoint(tiny_checkpoint).model.backbone.num_features and f"embedding: float [N, {dim}]" in text
 
 
 def test_info_truncates_long_label_lists(tiny_onnx: Path) -> None:

@@ -14,7 +14,7 @@ from tagger import __version__
 from tagger.engines.plan import ModelFacts, RunConfig, RunPlan, RunSummary
 from tagger.nightly.assemble import Assembler, load_previous
 from tagger.nightly.workdir import WorkDir
-from tagger.output.schema import META_TOOL_VERSION, closing_metadata, output_schema
+from tagger.output.schema import META_TOOL_VERSION, closing_metadata
 from tagger.output.writer import ResultWriter
 from tagger.pipeline.compose import StageTimer, decoded_batches, tag_batches
 from tagger.pipeline.decode import default_workers
@@ -61,7 +61,7 @@ def run(config: RunConfig) -> RunSummary:
     plan = RunPlan(config)
     workers = default_workers() if config.workers is None else config.workers
     threads = config.threads if config.threads is not None else default_threads()
-    session = open_session(config.model, config.device, threads)
+    session = open_session(config.model, config.device, threads, config.embeddings)
     facts = ModelFacts.of(session)
     batch_size = config.batch_size or default_batch_size(session.provider)
     tasks, top_k = session.tasks, config.top_k
@@ -92,12 +92,13 @@ def run(config: RunConfig) -> RunSummary:
                 tasks,
                 top_k,
                 resume=config.resume or config.incremental,
+                embedding_dim=facts.embedding_dim,
                 commit_every=config.commit_every,
                 commit_seconds=config.commit_seconds,
             )
         )
         writer = stack.enter_context(
-            ResultWriter(config.out, output_schema(tasks, top_k), plan.metadata(facts), tmp_dir=work.path)
+            ResultWriter(config.out, work.schema, plan.metadata(facts), tmp_dir=work.path)
         )
         parts = (work.rows, work.index) if work.rows is not None and work.index is not None else None
         assembler = Assembler(

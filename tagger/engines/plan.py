@@ -200,10 +200,14 @@ class ModelFacts:
     provider: str
     sha256: str
     metadata: Mapping[str, str]  # the model's tagger.* keys, copied into the output
+    embedding_dim: int = 0  # D of the `embedding` column; 0: none (no --embeddings)
 
     @classmethod
     def of(cls, session: Session) -> ModelFacts:
-        return cls(session.tasks, session.spec, session.provider, session.info.sha256, dict(session.metadata))
+        return cls(
+            session.tasks, session.spec, session.provider, session.info.sha256, dict(session.metadata),
+            session.embedding_dim,
+        )  # fmt: skip
 
 
 def list_refs(config: RunConfig, list_copy: BinaryIO | None = None) -> Iterator[ImageRef]:
@@ -278,8 +282,9 @@ def check_out_is_no_input(config: RunConfig, list_copy: BinaryIO | None = None) 
         )
 
 
-def run_identity(config: RunConfig, model_sha256: str) -> RunIdentity:
-    """What the rows depend on besides each file: model, catalog and row-shaping options."""
+def run_identity(config: RunConfig, model_sha256: str, embedding_dim: int = 0) -> RunIdentity:
+    """What the rows depend on besides each file: model, catalog and row-shaping options (embedding_dim: D of the
+    model's embedding with --embeddings, else 0)."""
     listed = config.files_from is not None
     return RunIdentity(
         model_sha256=model_sha256,
@@ -289,6 +294,7 @@ def run_identity(config: RunConfig, model_sha256: str) -> RunIdentity:
         extensions=None if listed else tuple(sorted(config.extensions)),
         files_from=path_text(absolute(config.files_from)) if config.files_from is not None else None,
         shard=str(config.shard) if config.shard is not None else None,
+        embedding_dim=embedding_dim,
     )
 
 
@@ -307,7 +313,7 @@ class RunPlan:
         self.refs = list_refs(config, list_copy)
 
     def identity(self, facts: ModelFacts) -> RunIdentity:
-        return run_identity(self.config, facts.sha256)
+        return run_identity(self.config, facts.sha256, facts.embedding_dim)
 
     def metadata(self, facts: ModelFacts) -> dict[str, str]:
         """The output's opening key-value metadata: the model's keys, the identity, the tool and provider."""

@@ -133,8 +133,10 @@ def batch_of_rows(rows: Mapping[str, np.ndarray]) -> Batch:
 class TagActor:
     """Inference stage in a Ray actor: one ONNX Runtime session from open_session, tag_batches as locally."""
 
-    def __init__(self, model: str | None, device: str, threads: int | None, top_k: int) -> None:
-        self.session = open_session(model, device, threads)
+    def __init__(
+        self, model: str | None, device: str, threads: int | None, top_k: int, embeddings: bool = False
+    ) -> None:
+        self.session = open_session(model, device, threads, embeddings)
         self.top_k = top_k
 
     def __call__(self, rows: dict[str, np.ndarray]) -> pa.Table:
@@ -142,9 +144,10 @@ class TagActor:
         return table.append_column(INDEX, pa.array(rows[INDEX], pa.int64()))
 
 
-def probe_model(model: str | None, device: str, threads: int | None) -> ModelFacts:
-    """Open the model once where an actor would run: fails fast (bad model, no CUDA) with the local engine's message."""
-    return ModelFacts.of(open_session(model, device, threads))
+def probe_model(model: str | None, device: str, threads: int | None, embeddings: bool = False) -> ModelFacts:
+    """Open the model once where an actor would run: fails fast (bad model, no CUDA, no embedding output) with the
+    local engine's message."""
+    return ModelFacts.of(open_session(model, device, threads, embeddings))
 
 
 # ---- the driver ----
@@ -440,13 +443,13 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     with _quiet_ray_logs(), _connected(ray, options), _unwrapped_errors(ray), _data_context(ray, config.progress):
         actors, gpus = _actor_shape(ray, config.device, options)
         probe = ray.remote(num_cpus=1, num_gpus=gpus)(probe_model)
-        facts: ModelFacts = ray.get(probe.remote(model, config.device, config.threads))
+        facts: ModelFacts = ray.get(probe.remote(model, config.device, config.threads, config.embeddings))
         log.info(
             "tagging %d files of %s%s on Ray: %d inference actors, %g GPUs each, on %s, batch %d",
             len(refs), redact(config.catalog), f" (shard {config.shard})" if config.shard else "", actors, gpus,
             facts.provider, config.batch_size or default_batch_size(facts.provider),
         )  # fmt: skip
-        schema = output_schema(facts.tasks, config.top_k)
+        schema = output_schema(facts.tasks, config.top_k, facts.embedding_dim)
         metadata = plan.metadata(facts)
         sink: _FileSink | _PartsSink = (
             _PartsSink(Path(out), schema, metadata, options.rows_per_part)  # a URI folder was refused above
@@ -511,7 +514,8 @@ def tag_dataset(
         batch_size=batch_size,
         batch_format="numpy",
         fn_constructor_kwargs={
-            "model": model, "device": config.device, "threads": config.threads, "top_k": config.top_k
+            "model": model, "device": config.device, "threads": config.threads, "top_k": config.top_k,
+            "embeddings": config.embeddings,
         },  # fmt: skip
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,

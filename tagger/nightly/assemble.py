@@ -104,11 +104,18 @@ def load_previous(
     reuse, stale = True, False
     if not old.same_options(identity):
         log.warning(
-            "%s was written with top_k %d and max_pixels %d, this run uses %d and %d: tagging everything again",
-            shown, old.top_k, old.max_pixels, identity.top_k, identity.max_pixels,
+            "%s was written with top_k %d, max_pixels %d and embedding dim %d, this run uses %d, %d and %d: tagging "
+            "everything again", shown, old.top_k, old.max_pixels, old.embedding_dim, identity.top_k,
+            identity.max_pixels, identity.embedding_dim,
         )  # fmt: skip
         reuse = False
     elif not old.same_values(identity):  # another model
+        if identity.embedding_dim and keep_stale_model:
+            # Embeddings of two models live in different spaces: mixed in one column, their cosines mean nothing.
+            raise TaggerError(
+                f"--keep-stale-model: {shown} was tagged by another model; its embeddings cannot be mixed with this "
+                "model's (run without --keep-stale-model, or without --embeddings)"
+            )
         if not keep_stale_model:
             log.warning(
                 "%s was tagged by another model (sha256 %.12s, this one is %.12s): tagging everything again "
@@ -127,7 +134,7 @@ def load_previous(
             stale = True
     if reuse and old.catalog != identity.catalog:
         log.info("%s was written from %s; reusing rows of files with the same path, size and mtime", shown, old.catalog)
-    reader = RowReader([out], info.tasks, old.top_k)
+    reader = RowReader([out], info.tasks, old.top_k, old.embedding_dim)
     try:
         index = RowIndex(reader, checksums)
     except BaseException:

@@ -171,9 +171,9 @@ def merge_shards(out: Location, shard_files: Sequence[Location]) -> MergeSummary
     _check_out(out, shard_files)
     infos = _check_shards([read_output_info(p) for p in shard_files])
     _check_out_is_no_photo(out, infos[0].identity)
-    tasks, top_k = infos[0].tasks, infos[0].identity.top_k
+    tasks, top_k, dim = infos[0].tasks, infos[0].identity.top_k, infos[0].identity.embedding_dim
     with contextlib.ExitStack() as stack:
-        readers = [stack.enter_context(RowReader([i.path], tasks, top_k)) for i in infos]
+        readers = [stack.enter_context(RowReader([i.path], tasks, top_k, dim)) for i in infos]
         paths = [r.keys().column("path") for r in readers]
         for info, p in zip(infos, paths):
             if len(p) > 1 and pc.any(pc.less_equal(p[1:], p[:-1])).as_py():

@@ -85,11 +85,12 @@ class WorkDir:
         resume: bool,
         commit_every: int = DEFAULT_COMMIT_EVERY,
         commit_seconds: float = DEFAULT_COMMIT_SECONDS,
+        embedding_dim: int = 0,
     ) -> None:
         self.out = as_location(out)
         self.path = work_dir_of(self.out)
         self.identity = dict(identity)
-        self.schema = output_schema(tasks, top_k)
+        self.schema = output_schema(tasks, top_k, embedding_dim)
         self.commit_every = commit_every  # 0: no commits by count
         self.commit_seconds = commit_seconds  # 0: no commits by time
         self.committed = 0  # rows committed by this run
@@ -106,7 +107,7 @@ class WorkDir:
             parts = self._usable_parts(resume)
             self._write_identity()
             if parts:
-                self.rows = RowReader(parts, tasks, top_k)
+                self.rows = RowReader(parts, tasks, top_k, embedding_dim)
                 self.index = RowIndex(self.rows)
                 log.info("resuming: %d rows already tagged in %s", self.rows.num_rows, redact(self.path))
             self._sequence = 1 + max((_sequence_of(p) for p in parts), default=0)

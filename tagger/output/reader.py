@@ -73,7 +73,7 @@ def read_output_info(loc: Location) -> OutputInfo:
         raise TaggerError(f"{path} was written for tagger format {fmt}; this tagger reads format {FORMAT_VERSION}")
     if "sha256" not in schema.names:  # every output since the column was added has it
         raise TaggerError(f"{path} is of an older output format, without the sha256 column")
-    if not schema.equals(s.output_schema(tasks, identity.top_k), check_metadata=False):
+    if not schema.equals(s.output_schema(tasks, identity.top_k, identity.embedding_dim), check_metadata=False):
         raise TaggerError(f"{path} does not have the columns tagger writes for its tasks and options")
     return OutputInfo(as_location(loc), identity, tasks, num_rows, meta)
 
@@ -101,12 +101,15 @@ def _encode(column: pa.ChunkedArray, labels: pa.Array) -> pa.ChunkedArray:
 class RowReader:
     """The rows of tagger Parquet files with one schema, read as one sequence, a row group at a time.
 
-    Rows come back as output_schema(tasks, top_k) tables with the label columns encoded over the model's labels,
-    so a reused row is written exactly like a freshly tagged one. Sequential reads load each row group once.
+    Rows come back as output_schema(tasks, top_k, embedding_dim) tables with the label columns encoded over the
+    model's labels, so a reused row is written exactly like a freshly tagged one. Sequential reads load each row
+    group once.
     """
 
-    def __init__(self, paths: Sequence[Location], tasks: Sequence[TaskSpec], top_k: int) -> None:
-        self.schema = s.output_schema(tasks, top_k)
+    def __init__(
+        self, paths: Sequence[Location], tasks: Sequence[TaskSpec], top_k: int, embedding_dim: int = 0
+    ) -> None:
+        self.schema = s.output_schema(tasks, top_k, embedding_dim)
         self._labels = {t.name: pa.array(t.labels, pa.string()) for t in tasks}
         self._files: list[pq.ParquetFile] = []
         self._starts: list[int] = []  # first row of each row group, over all files

@@ -16,7 +16,7 @@ from typing import Generator, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from tagger.contract import PreprocessSpec, TaskSpec
+from tagger.contract import EMBEDDING_OUTPUT, PreprocessSpec, TaskSpec
 from tagger.errors import UsageError
 from tagger.output import schema as s
 from tagger.pipeline.batch import Batch, prefetch, rebatch
@@ -123,15 +123,22 @@ def tag_batches(
         batch, probs = item
         timer.add("infer", t1 - t0 - (timer.seconds["wait"] - waited))  # minus the time it waited for input
         preds = postprocess(probs, session.tasks, top_k)
-        table = rows_to_table(batch, preds, session.tasks, top_k)
+        table = rows_to_table(batch, preds, session.tasks, top_k, probs.get(EMBEDDING_OUTPUT))
         timer.add("postprocess", time.perf_counter() - t1)
         yield batch, table
 
 
 def rows_to_table(
-    batch: Batch, preds: Mapping[str, TaskPrediction], tasks: Sequence[TaskSpec], top_k: int = 0
+    batch: Batch,
+    preds: Mapping[str, TaskPrediction],
+    tasks: Sequence[TaskSpec],
+    top_k: int = 0,
+    embedding: np.ndarray | None = None,
 ) -> pa.Table:
-    """One row per ref of the batch, in order; predictions (for the batch's Samples, in order) fill the ok rows."""
+    """One row per ref of the batch, in order; predictions (for the batch's Samples, in order) fill the ok rows.
+
+    embedding: float [k, D] for the batch's Samples, or None for no `embedding` column.
+    """
     n = len(batch.refs)
     ok = np.array([isinstance(r, Sample) for r in batch.results], dtype=bool)  # [n]
     err = ~ok
@@ -157,7 +164,15 @@ def rows_to_table(
     cols["bytes"] = pa.array([None if s == MISSING_SIZE else s for s in sizes], pa.int64())
     cols["mtime"] = pa.array([None if math.isnan(m) else m for m in mtimes], pa.float64())
     cols["sha256"] = pa.array([r.sha256 for r in batch.results], pa.string())
-    return pa.Table.from_pydict(cols, schema=s.output_schema(tasks, top_k))
+    dim = 0
+    if embedding is not None:
+        dim = embedding.shape[1]
+        values = np.zeros((n, dim), np.float16)
+        values[rows] = embedding
+        cols[s.EMBEDDING_COLUMN] = pa.FixedSizeListArray.from_arrays(
+            pa.array(values.ravel()), type=s.embedding_type(dim), mask=pa.array(err)
+        )
+    return pa.Table.from_pydict(cols, schema=s.output_schema(tasks, top_k, dim))
 
 
 def _topk_column(p: TaskPrediction, labels: pa.Array, ok: np.ndarray) -> pa.Array:

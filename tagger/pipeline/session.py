@@ -1,4 +1,5 @@
-"""Session stage: one ONNX Runtime session on a tagger model (provider chosen here), uint8 NHWC in, probabilities out."""
+"""Session stage: one ONNX Runtime session on a tagger model (provider chosen here), uint8 NHWC in, probabilities
+(and, when asked, the embedding) out."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 import numpy as np
 import onnxruntime as ort
 
-from tagger.contract import INPUT_NAME, PreprocessSpec, TaskSpec
+from tagger.contract import EMBEDDING_OUTPUT, INPUT_NAME, PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError, UsageError, one_line
 from tagger.model.info import ModelInfo, model_info_from_session, ort_errors
 from tagger.model.registry import resolve_model
@@ -72,16 +73,25 @@ def default_inflight(provider: str) -> int:
 
 
 class Session:
-    """A loaded tagger model. predict() takes uint8 [N, S, S, 3] and returns task -> float32 probabilities [N, C]."""
+    """A loaded tagger model. predict() takes uint8 [N, S, S, 3] and returns task -> float32 probabilities [N, C],
+    plus EMBEDDING_OUTPUT -> float32 [N, D] when opened with embeddings=True (no task has that name)."""
 
-    def __init__(self, sess: ort.InferenceSession, path: Path) -> None:
+    def __init__(self, sess: ort.InferenceSession, path: Path, embeddings: bool = False) -> None:
         self._sess = sess
         self.path = path
         self.info: ModelInfo = model_info_from_session(sess, path)  # validates the contract
         meta = sess.get_modelmeta().custom_metadata_map
         self.metadata: Mapping[str, str] = {k: v for k, v in meta.items() if k.startswith("tagger.")}
         self.provider: str = sess.get_providers()[0]
-        self._outputs = [t.output for t in self.info.tasks]
+        if embeddings and self.info.embedding_dim is None:
+            raise TaggerError(
+                f"model {path} has no {EMBEDDING_OUTPUT!r} output, which --embeddings needs (models exported by "
+                "this version's `tagger export` have it)"
+            )
+        # Only the outputs asked for are fetched: ORT then skips copying the embedding out of the graph.
+        self.embedding_dim: int = (self.info.embedding_dim or 0) if embeddings else 0  # 0: not fetched
+        self._keys = [t.name for t in self.info.tasks] + ([EMBEDDING_OUTPUT] if embeddings else [])
+        self._outputs = [t.output for t in self.info.tasks] + ([EMBEDDING_OUTPUT] if embeddings else [])
         self._cuda_rows = 0  # largest batch run on CUDA: smaller ones are padded to it, so cuDNN tunes one shape
 
     @property
@@ -93,12 +103,16 @@ class Session:
         return self.info.preprocess
 
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 [N, S, S, 3] -> {task: float32 [N, C_task]}, rows in input order."""
+        """uint8 [N, S, S, 3] -> {task: float32 [N, C_task]} (and EMBEDDING_OUTPUT: float32 [N, D]), rows in
+        input order."""
         s = self.spec.size
         if images.dtype != np.uint8 or images.shape[1:] != (s, s, 3):
             raise ValueError(f"expected uint8 [N, {s}, {s}, 3], got {images.dtype} {list(images.shape)}")
         if len(images) == 0:
-            return {t.name: np.zeros((0, len(t.labels)), np.float32) for t in self.tasks}
+            empty = {t.name: np.zeros((0, len(t.labels)), np.float32) for t in self.tasks}
+            if self.embedding_dim:
+                empty[EMBEDDING_OUTPUT] = np.zeros((0, self.embedding_dim), np.float32)
+            return empty
         images = np.ascontiguousarray(images)
         if self.provider == CUDA:
             n = len(images)
@@ -152,7 +166,7 @@ class Session:
 
     def _probs(self, outs: list[np.ndarray]) -> dict[str, np.ndarray]:
         # An fp16 model may still hand back float16 probabilities; the output schema is float32.
-        return {t.name: np.asarray(o, dtype=np.float32) for t, o in zip(self.tasks, outs)}
+        return {key: np.asarray(o, dtype=np.float32) for key, o in zip(self._keys, outs)}
 
 
 def _session_options(threads: int) -> ort.SessionOptions:
@@ -180,8 +194,15 @@ def _create(path: Path, threads: int, providers: list[Any]) -> ort.InferenceSess
         raise TaggerError(f"cannot load model {path}: {one_line(e, named=True)}") from None
 
 
-def open_session(model: str | os.PathLike[str] | None = None, device: str = "auto", threads: int | None = None) -> Session:
+def open_session(
+    model: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    embeddings: bool = False,
+) -> Session:
     """Load a tagger model on the requested device: the one place that picks ONNX Runtime providers.
+
+    embeddings: predict() also returns the `embedding` output; TaggerError when the model has none.
 
     device: 'cpu'; 'cuda' (strict: TaggerError unless the CUDA provider really runs the session); 'auto' (CUDA when
     it really works, else CPU). The truth comes from the created session's get_providers(): the GPU build of
@@ -200,7 +221,7 @@ def open_session(model: str | os.PathLike[str] | None = None, device: str = "aut
             sess = _try_cuda(path, threads, strict=device == "cuda")
         if sess is None:
             sess = _create(path, threads, [CPU])
-    session = Session(sess, path)
+    session = Session(sess, path, embeddings)
     log.info("model %s on %s (%d intra-op threads)", path.name, session.provider, threads)
     if session.provider == CUDA and session.info.precision == "int8":
         log.warning("%s is an int8 model, made for CPUs; on a GPU, serve the fp32 model", path.name)

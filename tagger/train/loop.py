@@ -61,6 +61,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     ema_decay: float = 0.999  # 0 disables the weight EMA
     class_weight_power: float = 0.3
+    precision: str = "auto"  # auto: bf16 where the hardware runs it natively (mixed_precision); bf16; fp32
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
@@ -109,6 +110,32 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+PRECISIONS = ("auto", "bf16", "fp32")
+_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), as /proc/cpuinfo lists them. torch's own check
+    (mkldnn bf16 support) also says yes on AVX512 CPUs that only emulate bf16, where it does not pay."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(
+                line.startswith("flags") and not _CPU_BF16_FLAGS.isdisjoint(line.split()) for line in f
+            )
+    except OSError:  # not Linux
+        return False
+
+
+def mixed_precision(device: torch.device, precision: str = "auto") -> bool:
+    """Whether to train and validate under bf16 autocast with channels_last tensors: on CUDA, and on CPUs with
+    bf16 instructions (Lite0 at 160 px trained 1.9x faster than fp32 on an AVX512-BF16 CPU, README)."""
+    if precision not in PRECISIONS:
+        raise TaggerError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision == "bf16"
+    return device.type == "cuda" or cpu_has_bf16()
+
+
 def _labels(examples: Sequence[Example]) -> np.ndarray:
     return np.array([e.labels for e in examples], dtype=np.int64).reshape(len(examples), -1)
 
@@ -137,10 +164,11 @@ def train_one_epoch(
     device: torch.device,
     ema: Ema | None,
     desc: str,
+    bf16: bool = False,
 ) -> dict[str, float]:
-    """One pass over the training set; returns mean loss and per-task training accuracy."""
+    """One pass over the training set; returns mean loss and per-task training accuracy. bf16: autocast and
+    channels_last (mixed_precision)."""
     model.train()
-    cuda = device.type == "cuda"
     total_loss, seen = 0.0, 0
     correct = {t: 0 for t in criteria}
     scored = {t: 0 for t in criteria}
@@ -148,9 +176,9 @@ def train_one_epoch(
     quiet = not sys.stderr.isatty() or not log.isEnabledFor(logging.WARNING)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=quiet)
     for x, y in bar:
-        x = x.to(device, non_blocking=True, memory_format=torch.channels_last if cuda else torch.contiguous_format)
+        x = x.to(device, non_blocking=True, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
         y = y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         losses = task_losses(logits, y, criteria)
         loss = sum(task_weights[t] * losses[t] for t in losses)
@@ -180,17 +208,17 @@ def evaluate(
     spec: PreprocessSpec,
     device: torch.device,
     batch_size: int = 256,
+    bf16: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Per task on fitted-and-padded uint8 images, as the runtime sees them: top-1, macro-F1, balanced accuracy,
     and the temperature that calibrates the scores on these images (tagger.temperature.fit_temperature)."""
     model.eval()
     norm = eval_transform(spec)
     probs: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
-    cuda = device.type == "cuda"
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2)  # [B,3,S,S] uint8
-        x = norm(x).contiguous(memory_format=torch.channels_last if cuda else torch.contiguous_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+        x = norm(x).contiguous(memory_format=torch.channels_last if bf16 else torch.contiguous_format)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         for t in tasks:
             probs[t.name].append(torch.softmax(logits[t.name].float(), dim=1).cpu().numpy())  # [B, C]
@@ -230,6 +258,7 @@ def fit(cfg: TrainConfig) -> Path:
     """Train, validate every epoch, and write the run directory; returns the best checkpoint's path."""
     _seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    bf16 = mixed_precision(device, cfg.precision)
     task_columns = dict(cfg.tasks)
     try:
         check_task_names(task_columns)
@@ -268,9 +297,11 @@ def fit(cfg: TrainConfig) -> Path:
     publish_bytes(cfg.out / "split.json", json.dumps(split).encode())
 
     model = MultiTaskNet(cfg.backbone, tasks, weights=cfg.weights).to(device)
-    if device.type == "cuda":
+    if bf16:
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    log.info("training on %s in %s", device.type, "bf16 autocast, channels_last" if bf16 else "fp32")
     criteria: dict[str, nn.Module] = {
         t.name: nn.CrossEntropyLoss(
             weight=weights[t.name].to(device), ignore_index=IGNORE, label_smoothing=cfg.label_smoothing
@@ -318,10 +349,11 @@ def fit(cfg: TrainConfig) -> Path:
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.perf_counter()
         train_stats = train_one_epoch(
-            model, loader, criteria, task_weights, optimizer, scheduler, device, ema, f"epoch {epoch}/{cfg.epochs}"
+            model, loader, criteria, task_weights, optimizer, scheduler, device, ema, f"epoch {epoch}/{cfg.epochs}",
+            bf16,
         )
         scored = ema.module if ema is not None else model
-        val = evaluate(scored, val_images, val_labels, tasks, spec, device)
+        val = evaluate(scored, val_images, val_labels, tasks, spec, device, bf16=bf16)
         seconds = time.perf_counter() - t_epoch
         score = float(np.mean([val[t.name]["top1"] for t in tasks]))
         log.info(

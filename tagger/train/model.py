@@ -96,6 +96,7 @@ class MultiTaskNet(nn.Module):
     """Backbone -> pooled features -> dropout -> one linear head per task.
 
     Input: normalised float images [N, 3, H, W]. Output: task name -> logits [N, C_task], in task order.
+    features() gives the heads' input, which export serves (L2-normalised) as the `embedding` output.
     """
 
     def __init__(
@@ -109,6 +110,11 @@ class MultiTaskNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({t.name: nn.Linear(n_features, len(t.labels)) for t in tasks})
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features [N, F] (before dropout)."""
+        out: torch.Tensor = self.backbone(x)
+        return out
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.dropout(self.backbone(x))  # [N, F]
+        features = self.dropout(self.features(x))  # [N, F]
         return {name: self.heads[name](features) for name in self.task_names}
