@@ -1,4 +1,6 @@
-"""Training speed of `tagger train`'s own loop, in images/s, for each precision on the same images, model and steps."""
+"""Training speed of `tagger train`'s own loop for each precision on the same images, model and steps: images per
+second of wall time, and images per CPU-second (this process and its loader workers), which a shared, loaded
+machine distorts far less than wall time."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import sys
 import time
 from pathlib import Path
@@ -24,8 +27,15 @@ from tagger.train.model import MultiTaskNet
 WARMUP_BATCHES = 3  # first steps allocate and pick kernels; not timed
 
 
-def measure(args: argparse.Namespace, precision: str, dataset: CachedImages, tasks: tuple) -> float:
-    """Images/s of one timed pass of train_one_epoch over `dataset`, after a short untimed one."""
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its children that ended (the loader's workers end with each pass)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def measure(args: argparse.Namespace, precision: str, dataset: CachedImages, tasks: tuple) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of one timed pass of train_one_epoch over `dataset`, after a short
+    untimed one."""
     torch.manual_seed(0)
     device = pick_device(args.device)
     bf16 = mixed_precision(device, precision)
@@ -43,9 +53,10 @@ def measure(args: argparse.Namespace, precision: str, dataset: CachedImages, tas
     warmup = Subset(dataset, range(min(len(dataset), WARMUP_BATCHES * args.batch_size)))
     train_one_epoch(model, loader(warmup), criteria, weights, optimizer, scheduler, device, None, "warm-up", bf16)
     timed = loader(dataset)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     train_one_epoch(model, timed, criteria, weights, optimizer, scheduler, device, None, precision, bf16)
-    return len(timed) * args.batch_size / (time.perf_counter() - t0)
+    n = len(timed) * args.batch_size
+    return n / (time.perf_counter() - t0), n / (_cpu_seconds() - c0)
 
 
 def main() -> None:
@@ -74,15 +85,19 @@ def main() -> None:
         "steps": len(dataset) // args.batch_size,
         "config": {k: str(v) for k, v in vars(args).items() if k != "json"},
     }
-    rates = {}
+    rates, per_cpu = {}, {}
     for precision in args.precisions.split(","):
-        rates[precision] = measure(args, precision, dataset, data.tasks)
+        rates[precision], per_cpu[precision] = measure(args, precision, dataset, data.tasks)
         print(f"{precision:5s} {rates[precision]:7.1f} img/s", file=sys.stderr)
     result["img_per_s"] = rates
+    result["img_per_cpu_s"] = per_cpu
     result["load_after"] = os.getloadavg()[0]
-    first = next(iter(rates.values()))
-    for name, rate in rates.items():
-        print(f"{name:5s} {rate:7.1f} img/s  {rate / first:.2f}x")
+    first, first_cpu = next(iter(rates.values())), next(iter(per_cpu.values()))
+    for name in rates:
+        print(
+            f"{name:5s} {rates[name]:7.1f} img/s ({rates[name] / first:.2f}x)  "
+            f"{per_cpu[name]:6.2f} img/CPU-s ({per_cpu[name] / first_cpu:.2f}x)"
+        )
     print(f"{result['machine']}, cpu bf16: {result['cpu_bf16']}, load {result['load_before']:.1f} -> {result['load_after']:.1f}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
