@@ -63,6 +63,7 @@ RSS_WARM_BATCHES = 10  # peak RSS settles after about this many batches
 STORE_BUCKET = "tagger-bench"
 STORE_LATENCY_MS = 20.0
 STORE_ROW = "tagger s3"
+EMBEDDINGS_ROW = "tagger +emb"  # tagger run --embeddings, timed right after the plain tagger row of each round
 # moto accepts any credentials; the region and no instance-metadata lookup keep the SDK off the network.
 STORE_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -100,6 +101,7 @@ class BenchConfig:
     skip_rss: bool = False
     object_store: bool = False  # also tag the catalog from an S3 server on 127.0.0.1, direct and with added latency
     latency_ms: float = STORE_LATENCY_MS  # added per request on the far store row
+    embeddings: bool = False  # also time `tagger run --embeddings` (needs a model with the embedding output)
 
 
 def _cpu_seconds() -> float:
@@ -203,6 +205,7 @@ def measure_tagger(
     name: str = "tagger",
     store: ObjectStore | None = None,
     endpoint: str | None = None,
+    embeddings: bool = False,
 ) -> Measurement:
     """`tagger run` in this process: folder or URI -> Parquet, session creation and worker start-up included.
 
@@ -223,6 +226,7 @@ def measure_tagger(
         threads=cfg.threads,
         inflight=cfg.inflight,
         progress=False,
+        embeddings=embeddings,
     )
     store_cpu = store.cpu_seconds() if store else 0.0
     with s3_environment(endpoint), Stopwatch() as sw:
@@ -241,6 +245,7 @@ def measure_tagger(
         errors=summary.errors,
         provider=summary.provider,
         stage_seconds=dict(summary.stage_seconds),
+        parquet_bytes_per_row=out.stat().st_size / rows,
     )
 
 
@@ -688,7 +693,7 @@ def render_table(report: dict[str, Any]) -> str:
     store_names = [n for n in res if n.startswith(STORE_ROW)]
     if store_names:
         lines[-1] += f" {'store cpu s':>12}"
-    for name in ("tagger", *store_names, "baseline", "decode", "inference", "gpu-decode"):
+    for name in ("tagger", EMBEDDINGS_ROW, *store_names, "baseline", "decode", "inference", "gpu-decode"):
         m = res.get(name)
         if m is not None:
             label = f"{name} limit" if name in ("decode", "inference") else name
@@ -710,6 +715,13 @@ def render_table(report: dict[str, Any]) -> str:
     ]
     for name in store_names:
         lines.append(f"{name + ' / tagger':<30} {fmt(res[name]['img_per_s'] / res['tagger']['img_per_s'])}")
+    if EMBEDDINGS_ROW in res:
+        emb, plain = res[EMBEDDINGS_ROW], res["tagger"]
+        lines.append(
+            f"{EMBEDDINGS_ROW + ' / tagger':<30} {fmt(emb['img_per_s'] / plain['img_per_s'])} img/s, "
+            f"{fmt(emb['cpu_seconds'] / plain['cpu_seconds'])} cpu s; Parquet {plain['parquet_bytes_per_row']:.0f} -> "
+            f"{emb['parquet_bytes_per_row']:.0f} bytes/row"
+        )
     for scale, m in report["rss"].items():
         lines.append(
             f"peak RSS `tagger run` {scale:>4} ({m['images']:>6} images): tree {m['peak_tree_rss_mb']:7.0f} MB, "
@@ -786,6 +798,8 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
 
         log.info("warm-up")
         measure_tagger(warm, cfg, tmp / "warm.parquet")
+        if cfg.embeddings:
+            measure_tagger(warm, cfg, tmp / "warm.parquet", EMBEDDINGS_ROW, embeddings=True)
         for name, endpoint in store_rows:
             measure_tagger(warm_uri, cfg, tmp / "warm.parquet", name, store, endpoint)
         _, warm_images = measure_decode(warm, spec, cfg, batch_size, WARMUP_IMAGES)
@@ -810,6 +824,10 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         for r in range(cfg.rounds):
             log.info("round %d/%d: tagger", r + 1, cfg.rounds)
             keep_best(results, measure_tagger(catalog, cfg, tmp / "tagger.parquet"))
+            if cfg.embeddings:
+                log.info("round %d/%d: %s", r + 1, cfg.rounds, EMBEDDINGS_ROW)
+                emb = measure_tagger(catalog, cfg, tmp / "tagger-emb.parquet", EMBEDDINGS_ROW, embeddings=True)
+                keep_best(results, emb)
             for name, endpoint in store_rows:
                 log.info("round %d/%d: %s", r + 1, cfg.rounds, name)
                 keep_best(results, measure_tagger(store_uri, cfg, tmp / "tagger.parquet", name, store, endpoint))
@@ -896,6 +914,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
 @click.option("--skip-baseline", is_flag=True, help="Do not run the PyTorch baseline.")
 @click.option("--skip-rss", is_flag=True, help="Do not measure the peak RSS of `tagger run`.")
 @click.option("--object-store", is_flag=True, help="Also tag the catalog from an S3 server (moto) on 127.0.0.1: direct, and behind a proxy that adds --latency-ms per request.")
+@click.option("--embeddings", is_flag=True, help="Also time `tagger run --embeddings` right after each tagger round (the model needs the embedding output).")
 @click.option("--latency-ms", type=click.FloatRange(0), default=STORE_LATENCY_MS, show_default=True, help="Delay per request on the far object-store row.")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the pipeline's own log lines.")
 def main(
@@ -915,6 +934,7 @@ def main(
     skip_rss: bool,
     object_store: bool,
     latency_ms: float,
+    embeddings: bool,
     verbose: bool,
 ) -> None:
     """Measure `tagger run` against an eager-PyTorch baseline and its decode and inference limits."""
@@ -940,6 +960,7 @@ def main(
             skip_rss=skip_rss,
             object_store=object_store,
             latency_ms=latency_ms,
+            embeddings=embeddings,
         )
         report = benchmark(cfg)
     except TaggerError as e:

@@ -134,6 +134,20 @@ def test_model_without_torch_equivalent_skips_the_baseline_with_a_note(
     assert "tagger / baseline              n/a" in result.output
 
 
+def test_embeddings_row_times_tagger_run_with_the_column(
+    bench: ModuleType, images: Path, contract_onnx: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "r.json"
+    args = ["--images", str(images), "--model", str(contract_onnx), "--repeat", "2", "--workers", "0", "--embeddings"]
+    result = CliRunner().invoke(bench.main, [*args, "--skip-rss", "--skip-baseline", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())["results"]
+    plain, emb = results["tagger"], results[bench.EMBEDDINGS_ROW]
+    assert plain["images"] == emb["images"] == 2 * N_IMAGES and emb["errors"] == 0
+    assert emb["parquet_bytes_per_row"] > plain["parquet_bytes_per_row"]  # 12 float16 values a row, and more metadata
+    assert f"{bench.EMBEDDINGS_ROW} / tagger" in result.output and "bytes/row" in result.output
+
+
 def test_empty_folder_is_one_clear_error(bench: ModuleType, contract_onnx: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(bench.main, ["--images", str(tmp_path), "--model", str(contract_onnx)])
     assert result.exit_code == 1

@@ -48,7 +48,8 @@ def _meta(path: Path) -> dict[str, str]:
 
 
 def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
-    """Row for row after sorting by path: the same labels and fields, scores within 1e-6."""
+    """Row for row after sorting by path: the same labels and fields, scores within 1e-6, embeddings within one
+    float16 step."""
     got, want = sorted(got, key=lambda r: r["path"]), sorted(want, key=lambda r: r["path"])
     assert [r["path"] for r in got] == [r["path"] for r in want]
     for g, e in zip(got, want):
@@ -58,6 +59,8 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
             elif key.endswith("_topk") and value is not None:
                 assert [t["label"] for t in g[key]] == [t["label"] for t in value], e["path"]
                 assert [t["score"] for t in g[key]] == pytest.approx([t["score"] for t in value], abs=1e-6)
+            elif key == "embedding" and value is not None:
+                assert g[key] == pytest.approx(value, abs=1e-3), e["path"]
             else:
                 assert g[key] == value, (e["path"], key)
 
@@ -70,10 +73,13 @@ def test_ray_engine_writes_the_local_engines_rows_in_discovery_order(
     root, expected = catalog
     model = request.getfixturevalue(model_fixture)
     local, remote = tmp_path / "local.parquet", tmp_path / "ray.parquet"
-    run(RunConfig(root, local, model=model, device="cpu", batch_size=4, workers=0, top_k=2))
-    summary = _run_ray(RunConfig(root, remote, model=model, device="cpu", batch_size=4, top_k=2, progress=False))
+    run(RunConfig(root, local, model=model, device="cpu", batch_size=4, workers=0, top_k=2, embeddings=True))
+    summary = _run_ray(
+        RunConfig(root, remote, model=model, device="cpu", batch_size=4, top_k=2, progress=False, embeddings=True)
+    )
     want, got = pq.read_table(local), pq.read_table(remote)
     assert got.schema.equals(want.schema)  # types and nullability; the metadata is compared below
+    assert "embedding" in got.schema.names
     assert _meta(remote) == _meta(local)
     rows = got.to_pylist()
     assert [r["path"] for r in rows] == sorted(expected)  # discovery order, as the local engine writes it
