@@ -330,7 +330,7 @@ def describe(info: ModelInfo, max_labels: int = 12) -> str:
         f"input       {INPUT_NAME}: uint8 [N, {p.size}, {p.size}, 3] RGB",
         f"embedding   {EMBEDDING_OUTPUT}: float [N, {info.embedding_dim}], L2-normalised (tagger run --embeddings)"
         if info.embedding_dim
-        else "embedding   none (re-export the checkpoint for `tagger run --embeddings`)",
+        else "embedding   none (`tagger run --embeddings` needs a model with it, e.g. from `tagger export`)",
         f"preprocess  fit inside {p.size}x{p.size} ({p.interpolation}), pad with {list(p.pad_color)}, "
         f"mean {list(p.mean)}, std {list(p.std)}",
         f"checkpoint  {m.get('checkpoint', '?')} sha256 {m.get('checkpoint_sha256', '?')}, epoch {m.get('epoch', '?')}",
