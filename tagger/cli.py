@@ -16,6 +16,7 @@ import click
 from tagger import __version__
 from tagger.engines import ENGINES
 from tagger.errors import TaggerError, one_line
+from tagger.similar import DEFAULT_K, DEFAULT_THRESHOLD
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -327,6 +328,46 @@ def calibrate_command(model: Path, data: Path, out: Path | None, tasks: tuple[st
 
     report = calibrate_model(model, data, out, task_columns=_pairs(tasks, "--task"), **kw)
     _say(report.summary())
+
+
+@main.command("dupes")
+@click.argument("table")
+@click.option("-o", "--out", required=True, help="Parquet file of the groups to write: one row per photo in a group.")
+@click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="Cosine of two embeddings at or above which the photos are near-duplicates.")
+@click.option("--report", type=click.Path(path_type=Path), default=None, help="Also write a self-contained HTML page of the groups, disagreeing ones first.")
+@_friendly
+def dupes_command(table: str, out: str, threshold: float, report: Path | None) -> None:
+    """Group the duplicate photos of a `tagger run --embeddings` TABLE: byte-identical (same sha256) and near
+    (cosine >= --threshold), as connected components."""
+    from tagger.report import write_dupes_report
+    from tagger.similar import dupes, write_groups
+
+    result = dupes(table, threshold)
+    write_groups(result, out, table)
+    click.echo(f"{result.line()} -> {out}")
+    if report is not None:
+        click.echo(f"report: {write_dupes_report(result, report)}")
+
+
+@main.command("similar")
+@click.argument("table")
+@click.argument("queries", nargs=-1, required=True)
+@click.option("-k", "k", default=DEFAULT_K, show_default=True, type=click.IntRange(1), help="Neighbours per query.")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="Model to embed a query image with; it must be the one TABLE was made with [default: the shipped model of that sha256].")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@_friendly
+def similar_command(table: str, queries: tuple[str, ...], k: int, model: Path | None, as_json: bool) -> None:
+    """The K photos of a `tagger run --embeddings` TABLE nearest to each QUERY: a path in TABLE, or an image file
+    embedded with TABLE's model."""
+    import json
+
+    from tagger.similar import similar
+
+    results = similar(table, queries, k=k, model=model)
+    if as_json:
+        click.echo(json.dumps([r.to_dict() for r in results], indent=2))
+    else:
+        click.echo("\n".join(line for r in results for line in r.lines()))
 
 
 @main.command("info")

@@ -1,4 +1,4 @@
-"""The `tagger eval --report` page: one self-contained HTML file of an EvalResult, published atomically."""
+"""The HTML pages of `tagger eval --report` and `tagger dupes --report`: self-contained files, published atomically."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from tagger.storage import publish_bytes
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from tagger.similar import DupesResult
 
 log = logging.getLogger(__name__)
 
@@ -267,3 +269,79 @@ def _matrix_figure(counts: np.ndarray, rows: list[str], cols: list[str], title: 
 
 
 __all__ = ["DEFAULT_MAX_CLASSES", "check_report_dependencies", "write_report"]
+
+
+MAX_DUPES_GROUPS = 500  # groups drawn in a dupes report (disagreeing first); the Parquet file has them all
+
+_DUPES_CSS = """
+.group{display:flex;gap:10px;overflow-x:auto;padding:4px 0}
+.group .tile{flex:0 0 172px}
+.disagree{border-left:4px solid #c62828}
+.kind{font-size:12px;color:#667085;margin-left:8px}
+"""
+
+
+def write_dupes_report(result: "DupesResult", path: str | os.PathLike[str], max_groups: int = MAX_DUPES_GROUPS) -> Path:
+    """Write one self-contained HTML page of duplicate groups: each group's thumbnails side by side with their
+    similarity to its first member and their tags; groups whose tags disagree first. Needs no extra."""
+    out = Path(path)
+    page = _dupes_page(result, max_groups).encode("utf-8")
+    publish_bytes(out, page)
+    log.info("report: %s (%.1f MB)", out, len(page) / 1e6)
+    return out
+
+
+def _dupes_page(result: "DupesResult", max_groups: int) -> str:
+    from tagger.similar import GROUP_COLUMNS
+
+    g = result.groups
+    tasks = [c for c in g.column_names if c not in GROUP_COLUMNS]
+    members: dict[int, list[dict[str, object]]] = {}
+    for row in g.to_pylist():
+        members.setdefault(int(row["group"]), []).append(row)  # type: ignore[call-overload]
+    order = sorted(members, key=lambda k: (not members[k][0]["disagree"], k))  # disagreeing first, then by id
+    shown = order[:max_groups]
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    disagree = sum(1 for k in members if members[k][0]["disagree"])
+    parts = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width,initial-scale=1">',
+        f"<title>tagger dupes: {_e(result.source)}</title><style>{_CSS}{_DUPES_CSS}</style></head><body><main>",
+        f"<h1>tagger dupes: {_e(result.source)}</h1>",
+        f'<div class="sub">cosine &ge; {result.threshold:g} &middot; catalog {_e(result.catalog)} &middot; {when}</div>',
+        '<section><div class="cards">',
+        _card(len(members), "groups"),
+        _card(g.num_rows, "photos in groups"),
+        _card(disagree, "groups whose tags disagree"),
+        _card(result.rows, "rows in the table"),
+        _card(result.left_out, "left out (error or no embedding)"),
+        "</div>",
+    ]
+    if len(shown) < len(members):
+        parts.append(f'<p class="sub">The first {len(shown)} of {len(members)} groups; the Parquet file has all.</p>')
+    parts.append("</section>")
+    for k in shown:
+        rows = members[k]
+        head = rows[0]
+        tiles = []
+        for r in rows:
+            uri = _thumbnail(_photo_path(result.catalog, str(r["path"])))
+            img = f'<img alt="{_e(r["path"])}" src="{uri}">' if uri else '<div class="nothumb">no preview</div>'
+            tags = "".join(f"<div>{_e(t)}: {_e(r[t])}</div>" for t in tasks)
+            tiles.append(
+                f'<div class="tile">{img}<div>similarity {float(r["similarity"]):.4f}</div>{tags}'  # type: ignore[arg-type]
+                f'<div class="id">{_e(r["path"])}</div></div>'
+            )
+        cls = "disagree" if head["disagree"] else ""
+        flag = " &middot; tags disagree" if head["disagree"] else ""
+        parts.append(
+            f'<section class="{cls}"><h2>group {k}<span class="kind">{_e(head["kind"])}, {len(rows)} photos{flag}'
+            f'</span></h2><div class="group">{"".join(tiles)}</div></section>'
+        )
+    parts.append("</main></body></html>\n")
+    return "\n".join(parts)
+
+
+def _photo_path(catalog: str | None, path: str) -> Path:
+    """A table row's photo on disk: its path relative to the catalog (an absolute path stays as it is)."""
+    return Path(catalog or ".") / path

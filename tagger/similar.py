@@ -1,0 +1,441 @@
+"""Duplicates and similar products over a tagged table's `embedding` column: exact by sha256, near by cosine."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tagger.contract import EMBEDDING_OUTPUT, META_TASKS, tasks_from_json
+from tagger.errors import TaggerError, UsageError, one_line
+from tagger.output import schema as s
+from tagger.storage import Location, arrow_source, check_not_input, publish_bytes, redact
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_COLUMN = EMBEDDING_OUTPUT  # `tagger run --embeddings` writes the model's output under its own name
+# Cosine at or above which two photos are near-duplicates; measured by benchmarks/similar.py (README).
+DEFAULT_THRESHOLD = 0.95
+DEFAULT_K = 10
+EXACT_LIMIT = 20_000  # rows up to which search is exact; above, an IVF index (recall measured in benchmarks/)
+NPROBE = 8  # IVF cells visited per query
+FEW_QUERIES = 16  # searches of fewer queries run on one thread
+DISAGREE_TASKS = ("class", "color")  # a group whose members differ in one of these is flagged
+SIMILAR_EXTRA = 'pip install "tagger[similar]"'
+CHUNK = 16_384  # rows converted to float32, added or searched at once: bounds memory
+
+KIND_EXACT, KIND_NEAR, KIND_BOTH = "exact", "near", "both"
+GROUP_COLUMNS = ("group", "kind", "disagree", "path", "sha256", "similarity")  # then one column per task
+
+
+def _faiss() -> Any:
+    """The faiss module, or a one-line TaggerError that says how to install it."""
+    try:
+        return importlib.import_module("faiss")
+    except ImportError:
+        raise TaggerError(f"dupes and similar need faiss: {SIMILAR_EXTRA}") from None
+
+
+@dataclass(frozen=True)
+class EmbeddingTable:
+    """The rows of a tagged table that have an embedding: paths, hashes, unit vectors and tags, in table order."""
+
+    source: str  # how messages name the table
+    paths: list[str]
+    sha256: list[str | None]
+    vectors: np.ndarray  # float16 [n, D], unit rows
+    tags: Mapping[str, list[str | None]]  # task -> label of each row
+    model_sha256: str | None  # the model that made the embeddings (tagger.model_sha256)
+    catalog: str | None  # the folder (or URI) the paths are relative to (tagger.output.catalog)
+    rows: int  # rows in the table
+    left_out: int  # rows left out: error status or no embedding
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def row_of(self, path: str) -> int | None:
+        try:
+            return self.paths.index(path)
+        except ValueError:
+            return None
+
+
+def load_table(loc: Location) -> EmbeddingTable:
+    """Read a `tagger run --embeddings` output; TaggerError (one line) when it cannot serve dupes or similar."""
+    name = redact(loc)
+    try:
+        source, fs = arrow_source(loc)
+        table = pq.read_table(source, filesystem=fs)
+    except (pa.ArrowException, OSError) as e:
+        raise TaggerError(f"{name} is not a readable Parquet file ({one_line(e)})") from None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if EMBEDDING_COLUMN not in table.column_names:
+        raise TaggerError(f"{name} has no {EMBEDDING_COLUMN} column; tag the catalog with `tagger run --embeddings`")
+    missing = [c for c in ("path", "status", "sha256") if c not in table.column_names]
+    if missing:
+        raise TaggerError(f"{name} is not a tagger output: it lacks the column(s) {', '.join(missing)}")
+    tasks = [t.name for t in tasks_from_json(meta[META_TASKS])] if META_TASKS in meta else []
+    tasks = [t for t in tasks if t in table.column_names]
+    emb = table.column(EMBEDDING_COLUMN)
+    keep = np.asarray(table.column("status").to_numpy(zero_copy_only=False) == s.STATUS_OK) & ~np.asarray(
+        emb.is_null().to_numpy(zero_copy_only=False), bool
+    )
+    kept = table.filter(pa.array(keep))
+    vectors = _vectors(kept.column(EMBEDDING_COLUMN), name)
+    return EmbeddingTable(
+        source=name,
+        paths=kept.column("path").to_pylist(),
+        sha256=kept.column("sha256").to_pylist(),
+        vectors=vectors,
+        tags={t: kept.column(t).cast(pa.string()).to_pylist() for t in tasks},
+        model_sha256=meta.get(s.META_MODEL_SHA256),
+        catalog=meta.get(s.META_CATALOG),
+        rows=table.num_rows,
+        left_out=table.num_rows - kept.num_rows,
+    )
+
+
+def _vectors(column: pa.ChunkedArray, name: str) -> np.ndarray:
+    """A fixed-size list column -> float16 [n, D] with unit rows (re-normalised: float16 storage rounds). Kept in
+    float16, as the table stores it: half the memory of float32 for the same values."""
+    if not pa.types.is_fixed_size_list(column.type) or not pa.types.is_floating(column.type.value_type):
+        raise TaggerError(f"{name}: column {EMBEDDING_COLUMN} is {column.type}, not a fixed-size list of floats")
+    d = column.type.list_size
+    flat = [c.values.to_numpy(zero_copy_only=False) for c in column.chunks]  # no nulls left: values line up
+    vectors = (np.concatenate(flat) if flat else np.zeros(0, np.float16)).astype(np.float16, copy=False).reshape(-1, d)
+    vectors = np.array(vectors, np.float16)  # writable, owned
+    for start in range(0, len(vectors), CHUNK):
+        v = vectors[start : start + CHUNK].astype(np.float32)
+        norms = np.linalg.norm(v, axis=1, keepdims=True)
+        vectors[start : start + CHUNK] = np.divide(v, norms, out=v, where=norms > 0)
+    return vectors
+
+
+def _f32(vectors: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(vectors, np.float32)
+
+
+class VectorIndex:
+    """Cosine search over unit vectors with faiss: exact (flat inner product) up to EXACT_LIMIT rows, else an IVF
+    index holding the vectors in float16 (as the table does), whose recall benchmarks/similar.py measures."""
+
+    def __init__(self, vectors: np.ndarray, exact: bool | None = None, nprobe: int = NPROBE) -> None:
+        faiss = _faiss()
+        n, d = vectors.shape
+        self.exact = n <= EXACT_LIMIT if exact is None else exact
+        t0 = time.perf_counter()
+        if self.exact:
+            index = faiss.IndexFlatIP(d)
+        else:
+            # ~sqrt(n) cells, k-means on at most 64 vectors per cell.
+            nlist = max(1, min(n // 39, int(np.sqrt(n))))
+            self._quantizer = faiss.IndexFlatIP(d)  # the IVF index refers to it without owning it
+            index = faiss.IndexIVFScalarQuantizer(
+                self._quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+            )
+            index.cp.niter = 10
+            sample = np.sort(np.random.default_rng(0).permutation(n)[: 64 * nlist])
+            index.train(_f32(vectors[sample]))
+            index.nprobe = min(nprobe, nlist)
+        for start in range(0, n, CHUNK):
+            index.add(_f32(vectors[start : start + CHUNK]))
+        self.index: Any = index  # a faiss.Index
+        self.build_seconds = time.perf_counter() - t0
+        log.info("%s index of %d x %d built in %.1f s", "exact" if self.exact else "IVF", n, d, self.build_seconds)
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine [q, k] and row [q, k] of each query's k nearest rows, best first (row -1: fewer than k)."""
+        faiss = _faiss()
+        # A few queries run on one thread: OpenMP's start and barriers would cost more than they save.
+        threads = faiss.omp_get_max_threads()
+        if len(queries) < FEW_QUERIES:
+            faiss.omp_set_num_threads(1)
+        try:
+            sims, rows = self.index.search(_f32(queries), min(k, len(self)))
+        finally:
+            faiss.omp_set_num_threads(threads)
+        return sims, rows
+
+    def pairs(self, vectors: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pair i < j of indexed rows (vectors: the indexed ones, in order) with cosine >= threshold."""
+        found_i, found_j, found_s = [], [], []
+        for start in range(0, len(vectors), CHUNK):
+            chunk = _f32(vectors[start : start + CHUNK])
+            # faiss keeps similarities strictly above the radius; nextafter makes it >= threshold.
+            lims, sims, rows = self.index.range_search(chunk, float(np.nextafter(np.float32(threshold), -1)))
+            qi = np.repeat(np.arange(start, start + len(chunk)), np.diff(lims).astype(np.int64))
+            mine = qi < rows  # each pair once, never a row with itself
+            found_i.append(qi[mine])
+            found_j.append(rows[mine])
+            found_s.append(sims[mine])
+        if not found_i:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+        return np.concatenate(found_i), np.concatenate(found_j).astype(np.int64), np.concatenate(found_s)
+
+
+def _with_rows(table: Location | EmbeddingTable) -> EmbeddingTable:
+    """The table, loaded; TaggerError when it has no row with an embedding to work on."""
+    et = table if isinstance(table, EmbeddingTable) else load_table(table)
+    if not et.rows:
+        raise TaggerError(f"{et.source} has no rows")
+    if not len(et):
+        raise TaggerError(f"{et.source} has no rows with an embedding: all {et.rows} are error rows or without one")
+    return et
+
+
+def _components(n: int, edges_i: np.ndarray, edges_j: np.ndarray) -> np.ndarray:
+    """Connected components of n nodes: root [n], the smallest node of each component."""
+    parent = np.arange(n)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in zip(edges_i.tolist(), edges_j.tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(x) for x in range(n)], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class DupesResult:
+    """Groups of duplicate photos: one row per member (GROUPS.parquet) and the counts of the summary line."""
+
+    groups: pa.Table  # group, kind, disagree, path, sha256, similarity, <task>...; grouped, in table order
+    threshold: float
+    source: str  # the table, as messages name it
+    catalog: str | None  # the folder the paths are relative to
+    rows: int  # rows in the table
+    left_out: int  # error rows and rows without an embedding
+    seconds: float
+
+    @property
+    def n_groups(self) -> int:
+        return len(set(self.groups.column("group").to_pylist()))
+
+    def count_groups(self, column: str, value: Any) -> int:
+        mask = np.asarray(self.groups.column(column).to_numpy(zero_copy_only=False) == value)
+        return len(set(np.asarray(self.groups.column("group").to_numpy())[mask].tolist()))
+
+    def line(self) -> str:
+        kinds = ", ".join(f"{self.count_groups('kind', k)} {k}" for k in (KIND_EXACT, KIND_NEAR, KIND_BOTH))
+        return (
+            f"{self.n_groups} groups ({kinds}), {self.groups.num_rows} photos in groups, "
+            f"{self.count_groups('disagree', True)} groups whose tags disagree; cosine >= {self.threshold:g}; "
+            f"{self.rows} rows, {self.left_out} left out (error or no embedding); {self.seconds:.1f} s"
+        )
+
+
+def dupes(
+    table: Location | EmbeddingTable, threshold: float = DEFAULT_THRESHOLD, index: VectorIndex | None = None
+) -> DupesResult:
+    """Group a table's photos: byte-identical ones by sha256, near ones by cosine >= threshold, as connected
+    components. Rows with an error status or no embedding are left out (counted)."""
+    if not 0 < threshold <= 1:
+        raise UsageError(f"--threshold must be in (0, 1], got {threshold}")
+    t0 = time.perf_counter()
+    et = _with_rows(table)
+    n = len(et)
+    index = index or VectorIndex(et.vectors)
+    ei, ej, _ = index.pairs(et.vectors, threshold)
+    # Byte-identical rows: link each to the first row of its sha256.
+    first: dict[str, int] = {}
+    xi, xj = [], []
+    for row, digest in enumerate(et.sha256):
+        if digest is not None:
+            head = first.setdefault(digest, row)
+            if head != row:
+                xi.append(head)
+                xj.append(row)
+    root = _components(n, np.concatenate([ei, np.array(xi, np.int64)]), np.concatenate([ej, np.array(xj, np.int64)]))
+    sizes = np.bincount(root, minlength=n)
+    members = np.flatnonzero(sizes[root] > 1)  # rows in a group of two or more, in table order
+    roots = root[members]
+    group_id = {r: g for g, r in enumerate(dict.fromkeys(roots.tolist()))}  # numbered by their first member
+    gid = np.array([group_id[r] for r in roots.tolist()], np.int32)
+    sims = np.einsum("ij,ij->i", _f32(et.vectors[members]), _f32(et.vectors[roots])) if len(members) else np.zeros(0)
+    kind: dict[int, str] = {}
+    disagree: dict[int, bool] = {}
+    flag_tasks = [t for t in DISAGREE_TASKS if t in et.tags] or list(et.tags)
+    for g, rows in _split_by(gid, members).items():
+        digests = [et.sha256[r] for r in rows]
+        distinct = len(set(digests))
+        kind[g] = KIND_EXACT if distinct == 1 else KIND_NEAR if distinct == len(rows) else KIND_BOTH
+        disagree[g] = any(len({et.tags[t][r] for r in rows}) > 1 for t in flag_tasks)
+    cols: dict[str, pa.Array] = {
+        "group": pa.array(gid, pa.int32()),
+        "kind": pa.array([kind[g] for g in gid.tolist()], pa.string()),
+        "disagree": pa.array([disagree[g] for g in gid.tolist()], pa.bool_()),
+        "path": pa.array([et.paths[r] for r in members.tolist()], pa.string()),
+        "sha256": pa.array([et.sha256[r] for r in members.tolist()], pa.string()),
+        "similarity": pa.array(np.minimum(sims, 1.0), pa.float32()),
+    }
+    for t, labels in et.tags.items():
+        cols[t] = pa.array([labels[r] for r in members.tolist()], pa.string())
+    groups = pa.table(cols)
+    # Table order within a group; groups by their first member.
+    groups = groups.take(pa.array(np.lexsort((members, gid))))
+    return DupesResult(groups, threshold, et.source, et.catalog, et.rows, et.left_out, time.perf_counter() - t0)
+
+
+def _split_by(gid: np.ndarray, members: np.ndarray) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for g, r in zip(gid.tolist(), members.tolist()):
+        out.setdefault(g, []).append(r)
+    return out
+
+
+def write_groups(result: DupesResult, out: Location, table: Location) -> None:
+    """Publish the groups as Parquet (atomically); never over the table they came from."""
+    check_not_input(out, table, "table")
+    buf = io.BytesIO()
+    meta = {b"tagger.dupes.threshold": str(result.threshold).encode()}
+    pq.write_table(result.groups.replace_schema_metadata(meta), buf)
+    publish_bytes(out, buf.getvalue())
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    path: str
+    similarity: float
+    sha256: str | None
+    tags: Mapping[str, str | None]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "similarity": round(self.similarity, 6), "sha256": self.sha256, **self.tags}
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    query: str
+    source: str  # "table": a row of the table; "image": a file embedded on the fly
+    neighbours: tuple[Neighbour, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query": self.query, "source": self.source, "neighbours": [n.to_dict() for n in self.neighbours]}
+
+    def lines(self) -> list[str]:
+        out = [f"{self.query} ({'in the table' if self.source == 'table' else 'embedded'}):"]
+        for n in self.neighbours:
+            tags = " ".join(f"{t}={v}" for t, v in n.tags.items())
+            out.append(f"  {n.similarity:.4f}  {n.path}  {tags}")
+        return out
+
+
+def similar(
+    table: Location | EmbeddingTable,
+    queries: Sequence[str | os.PathLike[str]],
+    k: int = DEFAULT_K,
+    model: str | os.PathLike[str] | None = None,
+    index: VectorIndex | None = None,
+) -> list[QueryResult]:
+    """The k nearest photos of each query: a path of the table (itself left out), or an image file embedded on the
+    fly with the model the table was made with (`model`, else the shipped model of that sha256)."""
+    if k < 1:
+        raise UsageError(f"-k must be at least 1, got {k}")
+    if not queries:
+        raise UsageError("give at least one QUERY")
+    et = _with_rows(table)
+    rows: list[int | None] = [et.row_of(os.fspath(q)) for q in queries]
+    files = [Path(q) for q, r in zip(queries, rows) if r is None]
+    for f in files:
+        if not f.is_file():
+            raise UsageError(f"query {f} is neither a path in {et.source} nor an image file")
+    embedded = iter(embed_images(files, et, model)) if files else iter(())
+    vectors = np.stack([et.vectors[r] if r is not None else next(embedded) for r in rows])
+    index = index or VectorIndex(et.vectors)
+    sims, found = index.search(vectors, k + 1)  # one more: a table row finds itself
+    results = []
+    for q, row, qs, qr in zip(queries, rows, sims, found):
+        keep = [(float(sv), int(r)) for sv, r in zip(qs, qr) if r >= 0 and r != row][:k]
+        neighbours = tuple(
+            Neighbour(et.paths[r], min(sv, 1.0), et.sha256[r], {t: et.tags[t][r] for t in et.tags}) for sv, r in keep
+        )
+        results.append(QueryResult(os.fspath(q), "table" if row is not None else "image", neighbours))
+    return results
+
+
+def query_model(et: EmbeddingTable, model: str | os.PathLike[str] | None) -> Path:
+    """The model to embed queries with: `model` if given, else the shipped model the table was made with; either
+    way its sha256 must be the table's (else the vectors are not comparable)."""
+    from tagger.model.info import model_sha256
+    from tagger.model.registry import SHIPPED_MODELS, resolve_model
+
+    if et.model_sha256 is None:
+        raise TaggerError(f"{et.source} does not record its model ({s.META_MODEL_SHA256}); cannot embed a query image")
+    if model is not None:
+        path = resolve_model(model)
+        if not path.is_file():
+            raise UsageError(f"--model {model}: no such file")
+        if model_sha256(path) != et.model_sha256:
+            raise TaggerError(
+                f"model {path.name} is not the one {et.source} was made with (sha256 {et.model_sha256[:12]}...); "
+                "its embeddings are not comparable"
+            )
+        return path
+    for name in SHIPPED_MODELS:
+        try:
+            path = resolve_model(name)
+        except TaggerError:
+            continue
+        if model_sha256(path) == et.model_sha256:
+            return path
+    raise TaggerError(
+        f"{et.source} was made with a model that is not shipped (sha256 {et.model_sha256[:12]}...); "
+        "pass it with --model to embed a query image"
+    )
+
+
+def embed_images(files: Sequence[Path], et: EmbeddingTable, model: str | os.PathLike[str] | None) -> np.ndarray:
+    """Embed image files with the table's model through `tagger run` (the serving decoder and session): float32
+    [len(files), D], unit rows. A file that cannot be tagged is a UsageError naming it."""
+    from tagger import RunConfig, run
+
+    path = query_model(et, model)
+    with tempfile.TemporaryDirectory(prefix="tagger-similar-") as tmp:
+        listing = Path(tmp) / "queries.txt"
+        listing.write_bytes(b"".join(os.fsencode(f.resolve()) + b"\n" for f in files))
+        out = Path(tmp) / "queries.parquet"
+        catalog = Path(tmp) / "catalog"  # files_from lists absolute paths; the catalog is only their base
+        catalog.mkdir()
+        options: dict[str, Any] = {"embeddings": True}
+        run(RunConfig(catalog=catalog, out=out, model=path, files_from=listing, workers=0, progress=False, **options))
+        tagged = pq.read_table(out, columns=["path", "status", "error", EMBEDDING_COLUMN])
+    for f, status, error in zip(files, tagged.column("status").to_pylist(), tagged.column("error").to_pylist()):
+        if status != s.STATUS_OK:
+            raise UsageError(f"query {f} cannot be embedded: {error}")
+    vectors = _vectors(tagged.column(EMBEDDING_COLUMN), "query")
+    if vectors.shape[1] != et.vectors.shape[1]:
+        raise TaggerError(f"query embeddings have {vectors.shape[1]} dimensions, {et.source} has {et.vectors.shape[1]}")
+    return vectors
+
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "DupesResult",
+    "EmbeddingTable",
+    "Neighbour",
+    "QueryResult",
+    "VectorIndex",
+    "dupes",
+    "embed_images",
+    "load_table",
+    "similar",
+    "write_groups",
+]
