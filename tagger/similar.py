@@ -28,7 +28,10 @@ EMBEDDING_COLUMN = EMBEDDING_OUTPUT  # `tagger run --embeddings` writes the mode
 DEFAULT_THRESHOLD = 0.95
 DEFAULT_K = 10
 EXACT_LIMIT = 20_000  # rows up to which search is exact; above, an IVF index (recall measured in benchmarks/)
-NPROBE = 8  # IVF cells visited per query
+# IVF cells visited: per similar query (recall@10 vs cost), and per row by dupes, whose pairs at cosine >= T lie in
+# the same or a next cell (benchmarks/similar.py: nprobe 4 finds what 8 finds, in half the time).
+NPROBE_SEARCH = 32
+NPROBE_PAIRS = 4
 FEW_QUERIES = 16  # searches of fewer queries run on one thread
 DISAGREE_TASKS = ("class", "color")  # a group whose members differ in one of these is flagged
 SIMILAR_EXTRA = 'pip install "tagger[similar]"'
@@ -129,7 +132,7 @@ class VectorIndex:
     """Cosine search over unit vectors with faiss: exact (flat inner product) up to EXACT_LIMIT rows, else an IVF
     index holding the vectors in float16 (as the table does), whose recall benchmarks/similar.py measures."""
 
-    def __init__(self, vectors: np.ndarray, exact: bool | None = None, nprobe: int = NPROBE) -> None:
+    def __init__(self, vectors: np.ndarray, exact: bool | None = None) -> None:
         faiss = _faiss()
         n, d = vectors.shape
         self.exact = n <= EXACT_LIMIT if exact is None else exact
@@ -146,7 +149,6 @@ class VectorIndex:
             index.cp.niter = 10
             sample = np.sort(np.random.default_rng(0).permutation(n)[: 64 * nlist])
             index.train(_f32(vectors[sample]))
-            index.nprobe = min(nprobe, nlist)
         for start in range(0, n, CHUNK):
             index.add(_f32(vectors[start : start + CHUNK]))
         self.index: Any = index  # a faiss.Index
@@ -156,6 +158,10 @@ class VectorIndex:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
+    def _params(self, nprobe: int) -> Any:
+        """Search parameters: IVF cells to visit (None for the exact index)."""
+        return None if self.exact else _faiss().SearchParametersIVF(nprobe=min(nprobe, self.index.nlist))
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine [q, k] and row [q, k] of each query's k nearest rows, best first (row -1: fewer than k)."""
         faiss = _faiss()
@@ -164,7 +170,7 @@ class VectorIndex:
         if len(queries) < FEW_QUERIES:
             faiss.omp_set_num_threads(1)
         try:
-            sims, rows = self.index.search(_f32(queries), min(k, len(self)))
+            sims, rows = self.index.search(_f32(queries), min(k, len(self)), params=self._params(NPROBE_SEARCH))
         finally:
             faiss.omp_set_num_threads(threads)
         return sims, rows
@@ -175,7 +181,8 @@ class VectorIndex:
         for start in range(0, len(vectors), CHUNK):
             chunk = _f32(vectors[start : start + CHUNK])
             # faiss keeps similarities strictly above the radius; nextafter makes it >= threshold.
-            lims, sims, rows = self.index.range_search(chunk, float(np.nextafter(np.float32(threshold), -1)))
+            radius = float(np.nextafter(np.float32(threshold), -1))
+            lims, sims, rows = self.index.range_search(chunk, radius, params=self._params(NPROBE_PAIRS))
             qi = np.repeat(np.arange(start, start + len(chunk)), np.diff(lims).astype(np.int64))
             mine = qi < rows  # each pair once, never a row with itself
             found_i.append(qi[mine])
