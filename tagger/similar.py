@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -19,7 +20,7 @@ import pyarrow.parquet as pq
 from tagger.contract import EMBEDDING_OUTPUT, META_TASKS, tasks_from_json
 from tagger.errors import TaggerError, UsageError, one_line
 from tagger.output import schema as s
-from tagger.storage import Location, arrow_source, check_not_input, publish_bytes, redact
+from tagger.storage import Location, arrow_source, check_not_input, is_uri, publish_bytes, redact, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ NPROBE_PAIRS = 4
 FEW_QUERIES = 16  # searches of fewer queries run on one thread
 DISAGREE_TASKS = ("class", "color")  # a group whose members differ in one of these is flagged
 SIMILAR_EXTRA = 'pip install "tagger[similar]"'
+INDEX_SUFFIX = ".index"  # an approximate index kept beside its table
 CHUNK = 16_384  # rows converted to float32, added or searched at once: bounds memory
 
 KIND_EXACT, KIND_NEAR, KIND_BOTH = "exact", "near", "both"
@@ -155,6 +157,18 @@ class VectorIndex:
         self.build_seconds = time.perf_counter() - t0
         log.info("%s index of %d x %d built in %.1f s", "exact" if self.exact else "IVF", n, d, self.build_seconds)
 
+    @classmethod
+    def from_bytes(cls, data: bytes) -> VectorIndex:
+        """An index saved by to_bytes."""
+        self = cls.__new__(cls)
+        self.index = _faiss().deserialize_index(np.frombuffer(data, np.uint8))
+        self.exact = not hasattr(self.index, "nlist")
+        self.build_seconds = 0.0
+        return self
+
+    def to_bytes(self) -> bytes:
+        return bytes(_faiss().serialize_index(self.index))
+
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
@@ -191,6 +205,29 @@ class VectorIndex:
         if not found_i:
             return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
         return np.concatenate(found_i), np.concatenate(found_j).astype(np.int64), np.concatenate(found_s)
+
+
+def open_index(et: EmbeddingTable, table: Location) -> VectorIndex:
+    """The index of a table's vectors. An approximate one (a large table) is kept beside a local table as
+    TABLE.index, under the table file's sha256: a changed table gets a new index, never a stale one."""
+    if len(et) <= EXACT_LIMIT or is_uri(table):
+        return VectorIndex(et.vectors)
+    cache = Path(f"{table}{INDEX_SUFFIX}")
+    header = json.dumps({"table_sha256": sha256_file(table), "rows": len(et), "faiss": _faiss().__version__}).encode()
+    try:
+        with open(cache, "rb") as f:
+            if f.readline().rstrip(b"\n") == header:
+                log.info("index reused: %s", cache)
+                return VectorIndex.from_bytes(f.read())
+    except (OSError, RuntimeError) as e:  # RuntimeError: faiss cannot read it; built again below
+        if not isinstance(e, FileNotFoundError):
+            log.warning("index %s not reused: %s", cache, one_line(e))
+    index = VectorIndex(et.vectors)
+    try:
+        publish_bytes(cache, header + b"\n" + index.to_bytes())
+    except TaggerError as e:  # a read-only folder: the next call builds it again
+        log.warning("index not kept beside the table: %s", e)
+    return index
 
 
 def _with_rows(table: Location | EmbeddingTable) -> EmbeddingTable:
@@ -259,7 +296,8 @@ def dupes(
     t0 = time.perf_counter()
     et = _with_rows(table)
     n = len(et)
-    index = index or VectorIndex(et.vectors)
+    if index is None:
+        index = VectorIndex(et.vectors) if isinstance(table, EmbeddingTable) else open_index(et, table)
     ei, ej, _ = index.pairs(et.vectors, threshold)
     # Byte-identical rows: link each to the first row of its sha256.
     first: dict[str, int] = {}
@@ -366,7 +404,8 @@ def similar(
             raise UsageError(f"query {f} is neither a path in {et.source} nor an image file")
     embedded = iter(embed_images(files, et, model)) if files else iter(())
     vectors = np.stack([et.vectors[r] if r is not None else next(embedded) for r in rows])
-    index = index or VectorIndex(et.vectors)
+    if index is None:
+        index = VectorIndex(et.vectors) if isinstance(table, EmbeddingTable) else open_index(et, table)
     sims, found = index.search(vectors, k + 1)  # one more: a table row finds itself
     results = []
     for q, row, qs, qr in zip(queries, rows, sims, found):

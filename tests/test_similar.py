@@ -141,6 +141,28 @@ def test_ivf_index_agrees_with_exact_search() -> None:
     assert {(i, i + 1) for i in range(0, 4000, 40)} <= pairs
 
 
+def test_approximate_index_is_kept_beside_the_table_under_its_identity(
+    catalog: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tagger.similar as sim
+
+    monkeypatch.setattr(sim, "EXACT_LIMIT", 5)  # 20 rows: approximate, so kept
+    table = tmp_path / "tags.parquet"
+    shutil.copyfile(catalog[1], table)
+    cache = Path(f"{table}{sim.INDEX_SUFFIX}")
+    first = similar(table, ["b.jpg"], k=1)[0].neighbours[0]
+    assert cache.is_file() and first.path == "b_near.jpg"
+    header, stamp = cache.read_bytes().split(b"\n", 1)[0], cache.stat().st_mtime_ns
+    assert dupes(table, threshold=0.95).n_groups == 3 and cache.stat().st_mtime_ns == stamp  # reused
+    # Another table under the same name (b_near gone): a new index, never the stale one.
+    kept = [r for r in pq.read_table(table).to_pylist() if r["path"] != "b_near.jpg"]
+    pq.write_table(pa.Table.from_pylist(kept, schema=pq.read_schema(table)), table)
+    assert similar(table, ["b.jpg"], k=1)[0].neighbours[0].path != "b_near.jpg"
+    assert cache.read_bytes().split(b"\n", 1)[0] != header
+    cache.write_bytes(cache.read_bytes()[:200])  # a torn index: built again
+    assert similar(table, ["c1.jpg"], k=1)[0].neighbours[0].path == "c2.jpg"
+
+
 def test_similar_to_a_path_of_the_table(catalog: tuple[Path, Path]) -> None:
     [res] = similar(catalog[1], ["c2.jpg"], k=3)
     assert res.source == "table"
