@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import json
@@ -453,6 +454,8 @@ def embed_images(files: Sequence[Path], et: EmbeddingTable, model: str | os.Path
     [len(files), D], unit rows. A file that cannot be tagged is a UsageError naming it."""
     from tagger import RunConfig, run
 
+    if "embeddings" not in {f.name for f in dataclasses.fields(RunConfig)}:
+        raise TaggerError("this tagger cannot embed a query image: its `tagger run` has no --embeddings")
     path = query_model(et, model)
     with tempfile.TemporaryDirectory(prefix="tagger-similar-") as tmp:
         listing = Path(tmp) / "queries.txt"
