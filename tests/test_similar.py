@@ -289,7 +289,8 @@ def test_report_is_self_contained_with_disagreeing_groups_first(catalog: tuple[P
 
 
 def _chromium() -> str | None:
-    return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome", "chrome"))), None)
+    names = ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome", "chrome")
+    return next(filter(None, map(shutil.which, names)), None)
 
 
 @pytest.mark.skipif(_chromium() is None, reason="no headless Chromium on this machine")
