@@ -453,6 +453,7 @@ def embed_images(files: Sequence[Path], et: EmbeddingTable, model: str | os.Path
     """Embed image files with the table's model through `tagger run` (the serving decoder and session): float32
     [len(files), D], unit rows. A file that cannot be tagged is a UsageError naming it."""
     from tagger import RunConfig, run
+    from tagger.engines.plan import ErrorLimit
 
     if "embeddings" not in {f.name for f in dataclasses.fields(RunConfig)}:
         raise TaggerError("this tagger cannot embed a query image: its `tagger run` has no --embeddings")
@@ -464,7 +465,9 @@ def embed_images(files: Sequence[Path], et: EmbeddingTable, model: str | os.Path
         catalog = Path(tmp) / "catalog"  # files_from lists absolute paths; the catalog is only their base
         catalog.mkdir()
         options: dict[str, Any] = {"embeddings": True}
-        run(RunConfig(catalog=catalog, out=out, model=path, files_from=listing, workers=0, progress=False, **options))
+        everything = ErrorLimit(percent=100)  # a query that cannot be read is named below, not counted
+        run(RunConfig(catalog=catalog, out=out, model=path, files_from=listing, workers=0, progress=False,
+                      max_errors=everything, **options))  # fmt: skip
         tagged = pq.read_table(out, columns=["path", "status", "error", EMBEDDING_COLUMN])
     for f, status, error in zip(files, tagged.column("status").to_pylist(), tagged.column("error").to_pylist()):
         if status != s.STATUS_OK:
