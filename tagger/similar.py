@@ -455,9 +455,9 @@ def embed_images(files: Sequence[Path], et: EmbeddingTable, model: str | os.Path
     from tagger import RunConfig, run
     from tagger.engines.plan import ErrorLimit
 
+    path = query_model(et, model)
     if "embeddings" not in {f.name for f in dataclasses.fields(RunConfig)}:
         raise TaggerError("this tagger cannot embed a query image: its `tagger run` has no --embeddings")
-    path = query_model(et, model)
     with tempfile.TemporaryDirectory(prefix="tagger-similar-") as tmp:
         listing = Path(tmp) / "queries.txt"
         listing.write_bytes(b"".join(os.fsencode(f.resolve()) + b"\n" for f in files))
