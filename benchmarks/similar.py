@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from tagger.contract import META_TASKS
 from tagger.output import schema as s
+import tagger.similar as sim
 from tagger.similar import DEFAULT_THRESHOLD, EMBEDDING_COLUMN, VectorIndex, dupes, load_table
 
 
@@ -112,8 +113,10 @@ def main() -> None:
 @click.option("--queries", default=200, show_default=True, type=click.IntRange(1))
 @click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=float)
 @click.option("--skip-dupes", is_flag=True, help="Measure the index and similar queries only (dupes at 1M takes long).")
-def scale(rows: int, dim: int, library: str, queries: int, threshold: float, skip_dupes: bool) -> None:
+@click.option("--nprobe", default=None, help="IVF cells per similar query to measure, comma-separated [default: tagger's].")
+def scale(rows: int, dim: int, library: str, queries: int, threshold: float, skip_dupes: bool, nprobe: str | None) -> None:
     """dupes and similar on a synthetic table of ROWS x DIM vectors."""
+    nprobes = [int(x) for x in nprobe.split(",")] if nprobe else [sim.NPROBE_SEARCH]
     out: dict[str, Any] = {"rows": rows, "dim": dim, "machine": f"{platform.machine()}, {_cpus()} CPUs"}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tags.parquet"
@@ -134,15 +137,18 @@ def scale(rows: int, dim: int, library: str, queries: int, threshold: float, ski
             out["faiss_build_s"] = round(time.perf_counter() - t0, 2)
             if not skip_dupes:
                 out.update(_dupes(et, index, planted, sample, truth_sims, truth_rows, threshold))
-            latencies, hits = [], 0
-            for q, trow in zip(sample, truth_rows):
-                t0 = time.perf_counter()
-                _, got = index.search(vectors[q : q + 1], 11)
-                latencies.append(time.perf_counter() - t0)
-                hits += len(set(got[0].tolist()) & set(trow.tolist()))
-            out["similar_query_ms_p50"] = round(1000 * float(np.median(latencies)), 2)
-            out["similar_query_ms_p95"] = round(1000 * float(np.percentile(latencies, 95)), 2)
-            out["similar_recall_at_10"] = round(hits / (11 * len(sample)), 4)
+            for cells in nprobes:
+                sim.NPROBE_SEARCH = cells  # cells a similar query visits (IVF)
+                latencies, hits = [], 0
+                for q, trow in zip(sample, truth_rows):
+                    t0 = time.perf_counter()
+                    _, got = index.search(vectors[q : q + 1], 11)
+                    latencies.append(time.perf_counter() - t0)
+                    hits += len(set(got[0].tolist()) & set(trow.tolist()))
+                tag = "" if len(nprobes) == 1 else f"_nprobe{cells}"
+                out[f"similar_query_ms_p50{tag}"] = round(1000 * float(np.median(latencies)), 2)
+                out[f"similar_query_ms_p95{tag}"] = round(1000 * float(np.percentile(latencies, 95)), 2)
+                out[f"similar_recall_at_10{tag}"] = round(hits / (11 * len(sample)), 4)
             out["faiss_peak_rss_mb"] = round(_peak_mb())
             if "dupes_s_after_build" in out:
                 out["dupes_total_s"] = round(out["load_s"] + out["faiss_build_s"] + out["dupes_s_after_build"], 1)
