@@ -34,7 +34,6 @@ import pyarrow.parquet as pq
 
 from tagger.contract import META_TASKS
 from tagger.output import schema as s
-import tagger.similar as sim
 from tagger.similar import DEFAULT_THRESHOLD, EMBEDDING_COLUMN, VectorIndex, dupes, load_table
 
 
@@ -113,10 +112,10 @@ def main() -> None:
 @click.option("--queries", default=200, show_default=True, type=click.IntRange(1))
 @click.option("--threshold", default=DEFAULT_THRESHOLD, show_default=True, type=float)
 @click.option("--skip-dupes", is_flag=True, help="Measure the index and similar queries only (dupes at 1M takes long).")
-@click.option("--nprobe", default=None, help="IVF cells per similar query to measure, comma-separated [default: tagger's].")
+@click.option("--nprobe", default=None, help="IVF cells per similar query to measure, comma-separated [default: tagger's, by its search budget].")
 def scale(rows: int, dim: int, library: str, queries: int, threshold: float, skip_dupes: bool, nprobe: str | None) -> None:
     """dupes and similar on a synthetic table of ROWS x DIM vectors."""
-    nprobes = [int(x) for x in nprobe.split(",")] if nprobe else [sim.NPROBE_SEARCH]
+    nprobes: list[int | None] = [int(x) for x in nprobe.split(",")] if nprobe else [None]
     out: dict[str, Any] = {"rows": rows, "dim": dim, "machine": f"{platform.machine()}, {_cpus()} CPUs"}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tags.parquet"
@@ -137,12 +136,12 @@ def scale(rows: int, dim: int, library: str, queries: int, threshold: float, ski
             out["faiss_build_s"] = round(time.perf_counter() - t0, 2)
             if not skip_dupes:
                 out.update(_dupes(et, index, planted, sample, truth_sims, truth_rows, threshold))
+            out["similar_cells"] = index.search_cells
             for cells in nprobes:
-                sim.NPROBE_SEARCH = cells  # cells a similar query visits (IVF)
                 latencies, hits = [], 0
                 for q, trow in zip(sample, truth_rows):
                     t0 = time.perf_counter()
-                    _, got = index.search(vectors[q : q + 1], 11)
+                    _, got = index.search(vectors[q : q + 1], 11, cells)
                     latencies.append(time.perf_counter() - t0)
                     hits += len(set(got[0].tolist()) & set(trow.tolist()))
                 tag = "" if len(nprobes) == 1 else f"_nprobe{cells}"

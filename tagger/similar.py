@@ -30,9 +30,10 @@ EMBEDDING_COLUMN = EMBEDDING_OUTPUT  # `tagger run --embeddings` writes the mode
 DEFAULT_THRESHOLD = 0.95
 DEFAULT_K = 10
 EXACT_LIMIT = 20_000  # rows up to which search is exact; above, an IVF index (recall measured in benchmarks/)
-# IVF cells visited: per similar query (recall@10 vs cost), and per row by dupes, whose pairs at cosine >= T lie in
-# the same or a next cell (benchmarks/similar.py: nprobe 4 finds what 8 finds, in half the time).
-NPROBE_SEARCH = 32
+# IVF cells visited. A similar query scans as many cells as SEARCH_BUDGET multiply-adds allow (~10-30 ms on one
+# loaded core; more cells, better recall); dupes visits NPROBE_PAIRS per row, as its pairs at cosine >= T lie in
+# the same or a next cell (benchmarks/similar.py: 4 finds what 8 finds, in half the time).
+SEARCH_BUDGET = 64_000_000
 NPROBE_PAIRS = 4
 FEW_QUERIES = 16  # searches of fewer queries run on one thread
 DISAGREE_TASKS = ("class", "color")  # a group whose members differ in one of these is flagged
@@ -177,15 +178,25 @@ class VectorIndex:
         """Search parameters: IVF cells to visit (None for the exact index)."""
         return None if self.exact else _faiss().SearchParametersIVF(nprobe=min(nprobe, self.index.nlist))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Cosine [q, k] and row [q, k] of each query's k nearest rows, best first (row -1: fewer than k)."""
+    @property
+    def search_cells(self) -> int:
+        """IVF cells a similar query visits: SEARCH_BUDGET over the cost of one cell (0 for the exact index)."""
+        if self.exact:
+            return 0
+        cell_cost = max(1, len(self) // self.index.nlist) * self.index.d
+        return int(min(self.index.nlist, max(NPROBE_PAIRS, SEARCH_BUDGET // cell_cost)))
+
+    def search(self, queries: np.ndarray, k: int, cells: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine [q, k] and row [q, k] of each query's k nearest rows, best first (row -1: fewer than k).
+        cells: IVF cells to visit [default: search_cells]."""
         faiss = _faiss()
         # A few queries run on one thread: OpenMP's start and barriers would cost more than they save.
         threads = faiss.omp_get_max_threads()
         if len(queries) < FEW_QUERIES:
             faiss.omp_set_num_threads(1)
         try:
-            sims, rows = self.index.search(_f32(queries), min(k, len(self)), params=self._params(NPROBE_SEARCH))
+            params = self._params(self.search_cells if cells is None else cells)
+            sims, rows = self.index.search(_f32(queries), min(k, len(self)), params=params)
         finally:
             faiss.omp_set_num_threads(threads)
         return sims, rows
