@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import io
 import json
@@ -467,18 +466,15 @@ def embed_images(files: Sequence[Path], et: EmbeddingTable, model: str | os.Path
     from tagger.engines.plan import ErrorLimit
 
     path = query_model(et, model)
-    if "embeddings" not in {f.name for f in dataclasses.fields(RunConfig)}:
-        raise TaggerError("this tagger cannot embed a query image: its `tagger run` has no --embeddings")
     with tempfile.TemporaryDirectory(prefix="tagger-similar-") as tmp:
         listing = Path(tmp) / "queries.txt"
         listing.write_bytes(b"".join(os.fsencode(f.resolve()) + b"\n" for f in files))
         out = Path(tmp) / "queries.parquet"
         catalog = Path(tmp) / "catalog"  # files_from lists absolute paths; the catalog is only their base
         catalog.mkdir()
-        options: dict[str, Any] = {"embeddings": True}
         everything = ErrorLimit(percent=100)  # a query that cannot be read is named below, not counted
         run(RunConfig(catalog=catalog, out=out, model=path, files_from=listing, workers=0, progress=False,
-                      max_errors=everything, **options))  # fmt: skip
+                      max_errors=everything, embeddings=True))  # fmt: skip
         tagged = pq.read_table(out, columns=["path", "status", "error", EMBEDDING_COLUMN])
     for f, status, error in zip(files, tagged.column("status").to_pylist(), tagged.column("error").to_pylist()):
         if status != s.STATUS_OK:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import io
 import json
 import re
@@ -243,28 +242,26 @@ def test_query_image_with_another_model_is_refused(
     _one_error_line(res, TaggerError.exit_code, "a model that is not shipped")
 
 
-def _embeddings_run() -> bool:
-    from tagger.engines.plan import RunConfig
+def test_query_image_is_embedded_with_the_tables_model(contract_onnx: Path, tmp_path: Path) -> None:
+    from PIL import Image
 
-    return "embeddings" in {f.name for f in dataclasses.fields(RunConfig)}
-
-
-@pytest.mark.skipif(not _embeddings_run(), reason="this tagger's run has no --embeddings yet")
-def test_query_image_is_embedded_with_the_tables_model(tmp_path: Path) -> None:
     from tagger import RunConfig, run
 
     table = tmp_path / "tags.parquet"
-    options: dict[str, Any] = {"embeddings": True}
-    run(RunConfig(catalog=SAMPLES, out=table, workers=0, progress=False, **options))
+    run(RunConfig(catalog=SAMPLES, out=table, model=contract_onnx, workers=0, progress=False, embeddings=True))
     photo = sorted((SAMPLES / "images").glob("*.jpg"))[3]
-    query = tmp_path / "query.png"  # the same photo, re-encoded and half the size
-    from PIL import Image
-
+    query = tmp_path / "query.png"  # the same photo, half the size, another format
     with Image.open(photo) as im:
         im.resize((im.width // 2, im.height // 2)).save(query)
-    [res] = similar(table, [query], k=3)
+    [res] = similar(table, [query], k=3, model=contract_onnx)
     assert res.source == "image" and res.neighbours[0].path == f"images/{photo.name}"
-    assert res.neighbours[0].similarity > 0.9 > res.neighbours[1].similarity
+    assert res.neighbours[0].similarity > 0.99 and res.neighbours[0].similarity > res.neighbours[1].similarity
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a photo")
+    with pytest.raises(UsageError, match="query .*broken.jpg cannot be embedded"):
+        similar(table, [broken], model=contract_onnx)
+    # The table's own rows group as dupes do on any table: a real output of tagger run --embeddings.
+    assert dupes(table).rows == len(list((SAMPLES / "images").glob("*.jpg")))
 
 
 def _data_uris(page: str) -> list[bytes]:
