@@ -18,7 +18,7 @@ from tagger.errors import TaggerError
 from tagger.evaluate import resolve_tasks, truth_indices
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error
-from tagger.model.info import read_model_metadata
+from tagger.model.info import read_model_metadata, task_columns as recorded_columns
 from tagger.model.registry import derived_model_path
 from tagger.pipeline.compose import decoded_batches
 from tagger.pipeline.decode import Failure
@@ -81,7 +81,7 @@ def calibrate_model(
     source = session.path
     out_path = Path(out) if out is not None else derived_model_path(model, source, ".calibrated.onnx")
     check_destination(out_path, source)
-    tasks = resolve_tasks(session.tasks, task_columns, folder)
+    tasks = resolve_tasks(session.tasks, task_columns, folder, recorded_columns(session.info))
     probs, ok, sample = _predict(session, folder, workers)
 
     fits, temperatures = [], {}

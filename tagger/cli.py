@@ -131,22 +131,30 @@ def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] =
 
 
 @main.command()
-@click.option("--data", "data", type=click.Path(path_type=Path), required=True, help="Folder with styles.csv and images/<id>.jpg.")
+@click.option("--data", "data", type=click.Path(path_type=Path), multiple=True, required=True, help="Folder with styles.csv and images/<id>.jpg; --heads-only: repeatable (an id already in an earlier folder takes that image's side of the split).")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Run directory to write.")
-@click.option("--epochs", default=15, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--heads-only", is_flag=True, help="Fit task heads on the pooled features of --base (minutes on a CPU) and write RUN/model.onnx.")
+@click.option("--base", default="default", show_default=True, help="--heads-only: the model whose backbone is kept: default, default-int8 or an .onnx file.")
+@click.option("--data-weight", "data_weights", multiple=True, metavar="DIR=W", help="--heads-only: sample weight of every image of one --data folder (default 1); repeatable.")
+@click.option("--drop", multiple=True, metavar="TASK", help="--heads-only: leave this task of the base model out; repeatable. Base tasks not named by --task or --drop are kept as they are.")
+@click.option("--hidden", default=0, show_default=True, type=click.IntRange(0), help="--heads-only: 0 fits linear heads; N fits Linear(D, N) + ReLU + Linear(N, classes).")
+@click.option("--from-scratch", is_flag=True, help="--heads-only: a refit head starts from zero, not from the base's head of that name.")
+@click.option("--cache", type=click.Path(path_type=Path), default=None, help="--heads-only: folder of the feature cache [default: $TAGGER_CACHE/heads or ~/.cache/tagger/heads].")
+@click.option("--threads", type=click.IntRange(1), default=None, help="--heads-only: inference threads [default: one per core].")
+@click.option("--epochs", default=None, type=click.IntRange(1), help="[default: 15; --heads-only: 10]")
+@click.option("--batch-size", default=None, type=click.IntRange(1), help="[default: 128; --heads-only: 1024]")
+@click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="[default: 1e-3; --heads-only: 4e-3]")
 @click.option("--image-size", default=160, show_default=True, type=click.IntRange(16), help="Square input side in pixels.")
 @click.option("--backbone", default="tf_efficientnet_lite0", show_default=True, help="Any timm model name.")
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a state_dict file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(0), default=None, help="Data-loading processes [default: cores, at most 8].")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Data-loading (decode) processes [default: cores, at most 8].")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Use a seeded random subset of N rows.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue from a run's last.pt.")
-@click.option("--task", "tasks", multiple=True, metavar="NAME=COLUMN", help="Replace the default tasks (class=articleType, color=baseColour); repeatable, first is primary.")
+@click.option("--task", "tasks", multiple=True, metavar="NAME=COLUMN", help="Replace the default tasks (class=articleType, color=baseColour); repeatable, first is primary. --heads-only: the tasks to add or refit.")
 @click.option("--task-weight", "task_weights", multiple=True, metavar="NAME=F", help="Loss weight of a task (default 1.0); repeatable.")
-@click.option("--min-count", default=8, show_default=True, type=click.IntRange(1), help="Drop primary labels with fewer images.")
+@click.option("--min-count", default=8, show_default=True, type=click.IntRange(1), help="Drop primary labels with fewer images (--heads-only: each task's).")
 @click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--class-weight-power", default=0.3, show_default=True, type=click.FloatRange(0, 1), help="Class weight = frequency^-power; 0 = unweighted.")
 @click.option("--label-smoothing", default=0.1, show_default=True, type=click.FloatRange(0, 1, max_open=True))
@@ -154,23 +162,68 @@ def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] =
 @click.option("--precision", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True, help="auto: bf16 autocast on CUDA and on CPUs with bf16 instructions (AVX512-BF16, AMX), else fp32.")
 @_friendly
 def train(**kw: Any) -> None:
-    """Train the multi-task model on a styles.csv + images/ folder."""
+    """Train the multi-task model on a styles.csv + images/ folder, or (--heads-only) fit task heads on a model."""
     from tagger.train import check_train_dependencies
 
-    check_train_dependencies("tagger train", ("torch", "torchvision", "timm"))
+    heads = kw["heads_only"]
+    check_train_dependencies("tagger train", ("torch", "onnx") if heads else ("torch", "torchvision", "timm"))
+    if not _quiet():  # a long job: its rows kept and dropped and a line per epoch by default, not only with -v
+        logging.getLogger("tagger.train").setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))
     from tagger.contract import DEFAULT_TASKS
+
+    heads_only = ("base", "data_weights", "drop", "hidden", "from_scratch", "cache", "threads")
+    if kw.pop("heads_only"):
+        _train_heads(kw)
+        return
+    used = [f"--{k.replace('_', '-')}" for k in heads_only if kw[k] not in (None, (), 0, False, "default")]
+    if used:
+        raise click.UsageError(f"{used[0]} needs --heads-only")
+    if len(kw["data"]) != 1:
+        raise click.UsageError("--data is given once (several folders need --heads-only)")
+    for k in heads_only:
+        kw.pop(k)
     from tagger.train.data import default_workers
     from tagger.train.loop import TrainConfig, fit
 
-    if not _quiet():  # a long job: its rows kept and dropped and a line per epoch by default, not only with -v
-        logging.getLogger("tagger.train").setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))
-
+    kw["data"] = kw["data"][0]
     kw["tasks"] = _pairs(kw["tasks"], "--task") or tuple(DEFAULT_TASKS.items())
     kw["task_weights"] = _pairs(kw["task_weights"], "--task-weight", float)
+    for k, default in (("epochs", 15), ("batch_size", 128), ("lr", 1e-3)):
+        kw[k] = default if kw[k] is None else kw[k]
     if kw["workers"] is None:
         kw["workers"] = default_workers()
     best = fit(TrainConfig(**kw))
     _say(f"best checkpoint: {best}")
+
+
+def _train_heads(kw: dict[str, Any]) -> None:
+    from tagger.train.heads import HeadsConfig, train_heads
+
+    full_only = ("image_size", "backbone", "weights", "device", "limit", "resume", "task_weights", "ema_decay")
+    defaults = {"image_size": 160, "backbone": "tf_efficientnet_lite0", "weights": "imagenet", "device": "auto", "ema_decay": 0.999}
+    used = [f"--{k.replace('_', '-')}" for k in full_only if kw[k] not in (None, (), defaults.get(k))]
+    if used:
+        raise click.UsageError(f"{used[0]} does not apply to --heads-only")
+    config = HeadsConfig(
+        base=kw["base"],
+        data=tuple(kw["data"]),
+        tasks=_pairs(kw["tasks"], "--task"),
+        out=kw["out"],
+        drop=tuple(kw["drop"]),
+        data_weights=tuple((Path(p), w) for p, w in _pairs(kw["data_weights"], "--data-weight", float)),
+        hidden=kw["hidden"],
+        warm_start=not kw["from_scratch"],
+        **{k: kw[k] for k in ("epochs", "batch_size", "lr") if kw[k] is not None},
+        label_smoothing=kw["label_smoothing"],
+        class_weight_power=kw["class_weight_power"],
+        min_count=kw["min_count"],
+        val_fraction=kw["val_fraction"],
+        seed=kw["seed"],
+        cache=kw["cache"],
+        workers=kw["workers"],
+        threads=kw["threads"],
+    )
+    _say(f"model: {train_heads(config)}")
 
 
 @main.command("run")

@@ -19,6 +19,7 @@ from tagger.contract import DEFAULT_TASKS, TaskSpec
 from tagger.errors import TaggerError, UsageError
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error, confusion_matrix, per_class, summarize
+from tagger.model.info import task_columns
 from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Failure
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.compose import check_stage_options, decoded_batches, tag_batches
@@ -180,9 +181,13 @@ class _Collected:
 
 
 def resolve_tasks(
-    model_tasks: Sequence[TaskSpec], overrides: Sequence[tuple[str, str]], folder: LabelledFolder
+    model_tasks: Sequence[TaskSpec],
+    overrides: Sequence[tuple[str, str]],
+    folder: LabelledFolder,
+    columns: Mapping[str, str] = DEFAULT_TASKS,
 ) -> list[tuple[TaskSpec, str]]:
-    """The model's tasks paired with their styles.csv columns; a default column absent from the csv skips its task."""
+    """The model's tasks paired with their styles.csv columns: an override, else the column the model records
+    (`columns`, model.info.task_columns), else the task's own name; a column absent from the csv skips its task."""
     names = [t.name for t in model_tasks]
     for name, _ in overrides:
         if name not in names:
@@ -194,7 +199,7 @@ def resolve_tasks(
             column = explicit[t.name]
             folder.require_column(column, f"--task {t.name}={column}")
         else:
-            column = DEFAULT_TASKS.get(t.name, t.name)
+            column = columns.get(t.name, t.name)
             if column not in folder.columns:
                 log.warning(
                     "task %r: no column %r in %s; not scored (use --task %s=COLUMN)",
@@ -217,7 +222,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
     folder = load_labelled_folder(config.data, config.limit, config.seed)
     refs = folder.refs
     session = open_session(config.model, config.device, config.threads)
-    tasks = resolve_tasks(session.tasks, config.tasks, folder)
+    tasks = resolve_tasks(session.tasks, config.tasks, folder, task_columns(session.info))
     log.info("evaluating %s on %d images of %s (%s)", session.path.name, len(refs), folder.root, session.provider)
 
     got = _Collected(index={t.name: [] for t, _ in tasks}, score={t.name: [] for t, _ in tasks})

@@ -104,9 +104,24 @@ def _page(result: EvalResult, max_classes: int) -> str:
         _problems(result),
         "</section>",
     ]
+    parts.append(_tasks_table(result))
     parts += [_task_section(t, max_classes) for t in result.tasks]
     parts.append("</main></body></html>\n")
     return "\n".join(parts)
+
+
+def _tasks_table(result: EvalResult) -> str:
+    """Every scored task on one line each, so a model with many tasks reads at a glance."""
+    rows = "".join(
+        f"<tr><td><a href=\"#task-{_e(t.name)}\">{_e(t.name)}</a></td><td>{_e(t.column)}</td><td>{len(t.labels)}</td>"
+        f"<td>{t.top1_all:.1%}</td><td>{t.top1_known:.1%}</td><td>{t.macro_f1:.3f}</td><td>{t.labelled}</td></tr>"
+        for t in result.tasks
+    )
+    return (
+        '<section><h2>Tasks</h2><div class="scroll"><table><thead><tr><th>task</th><th>column</th><th>labels</th>'
+        "<th>top-1 (all)</th><th>top-1 (known labels)</th><th>macro-F1</th><th>labelled</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table></div></section>"
+    )
 
 
 def _problems(result: EvalResult) -> str:
@@ -124,7 +139,7 @@ def _task_section(t: TaskResult, max_classes: int) -> str:
     png, caption = _confusion_png(t, max_classes)
     png_uri = "data:image/png;base64," + base64.b64encode(png).decode()
     parts = [
-        f"<section><h2>{_e(t.name)} <span class=\"sub\">(column {_e(t.column)}, {len(t.labels)} labels)</span></h2>",
+        f"<section id=\"task-{_e(t.name)}\"><h2>{_e(t.name)} <span class=\"sub\">(column {_e(t.column)}, {len(t.labels)} labels)</span></h2>",
         '<div class="cards">',
         _card(format_score(t.top1_all), f"top-1, all {t.labelled} rows"),
         _card(format_score(t.top1_known), f"top-1, {t.scored} known labels"),

@@ -15,6 +15,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from tagger.contract import (
+    DEFAULT_TASKS,
     EMBEDDING_OUTPUT,
     FORMAT_VERSION,
     INPUT_NAME,
@@ -72,6 +73,16 @@ class ModelInfo:
             "model": dict(self.model),
             "embedding_dim": self.embedding_dim,
         }
+
+
+def task_columns(info: ModelInfo) -> dict[str, str]:
+    """Task -> the styles.csv column it was trained from: as the model records it (`columns`), else, for models from
+    before that record, the default tasks' columns."""
+    out = {t.name: DEFAULT_TASKS[t.name] for t in info.tasks if t.name in DEFAULT_TASKS}
+    recorded = info.model.get("columns")
+    if isinstance(recorded, dict):
+        out.update({str(k): str(v) for k, v in recorded.items() if k in {t.name for t in info.tasks}})
+    return out
 
 
 def model_sha256(path: str | os.PathLike[str]) -> str:

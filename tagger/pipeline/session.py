@@ -10,7 +10,7 @@ import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -121,6 +121,11 @@ class Session:
             self._cuda_rows = max(self._cuda_rows, n)
             return self._probs([o[:n] for o in self._run_bound(images)])
         return self._probs(self._sess.run(self._outputs, {INPUT_NAME: images}))
+
+    def outputs(self, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+        """The named graph outputs for uint8 [N, S, S, 3] on the session's provider, as ORT returns them (e.g. the
+        pooled features heads-only training fits on)."""
+        return list(self._sess.run(list(names), {INPUT_NAME: np.ascontiguousarray(images)}))
 
     def predict_each(
         self, items: Iterable[T], images: Callable[[T], np.ndarray], inflight: int = 1

@@ -43,7 +43,7 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _in_val(digest: str, seed: int, val_fraction: float) -> bool:
+def in_val(digest: str, seed: int, val_fraction: float) -> bool:
     """Seeded, order-free assignment by content: every copy of the same bytes lands on the same side."""
     h = hashlib.sha256(f"{seed}:{digest}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < val_fraction
@@ -93,8 +93,8 @@ def load_labelled_set(
         )
         for r, ref in kept
     ]
-    train = tuple(e for e in examples if not _in_val(e.digest, seed, val_fraction))
-    val = tuple(e for e in examples if _in_val(e.digest, seed, val_fraction))
+    train = tuple(e for e in examples if not in_val(e.digest, seed, val_fraction))
+    val = tuple(e for e in examples if in_val(e.digest, seed, val_fraction))
     if not train or not val:
         raise TaggerError(f"too few images ({len(examples)}) for a train/validation split")
     log.info("split by content hash (seed %d): %d train, %d validation", seed, len(train), len(val))
@@ -108,15 +108,19 @@ def class_weights(examples: Sequence[Example], tasks: Sequence[TaskSpec], power:
     handful of samples; power 0.3 to 0.5 tempers that. On the validation split, 0.3 beat 0.5 on top-1 for both tasks at
     the same macro-F1. Unseen classes get the largest weight.
     """
-    out = {}
-    for i, task in enumerate(tasks):
-        n = np.bincount(
-            [e.labels[i] for e in examples if e.labels[i] != IGNORE], minlength=len(task.labels)
-        ).astype(np.float64)
-        w = np.power(np.maximum(n, 1.0), -power)
-        w *= n.sum() / max((w * n).sum(), 1e-12)
-        out[task.name] = w.astype(np.float32)
-    return out
+    return {
+        task.name: class_weight_vector(np.array([e.labels[i] for e in examples], np.int64), len(task.labels), power)
+        for i, task in enumerate(tasks)
+    }
+
+
+def class_weight_vector(labels: np.ndarray, n_classes: int, power: float = 0.3) -> np.ndarray:
+    """float32 [n_classes]: w_c ∝ n_c^-power over the scored `labels` (int [N], IGNORE skipped), mean weight 1 per
+    training sample (see class_weights)."""
+    n = np.bincount(labels[labels != IGNORE], minlength=n_classes).astype(np.float64)
+    w = np.power(np.maximum(n, 1.0), -power)
+    w *= n.sum() / max((w * n).sum(), 1e-12)
+    return w.astype(np.float32)
 
 
 def decode_cache(
