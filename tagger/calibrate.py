@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -13,11 +12,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tagger.contract import META_MODEL
 from tagger.errors import TaggerError
 from tagger.evaluate import resolve_tasks, truth_indices
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error
+from tagger.model.edit import model_metadata, set_model_metadata
 from tagger.model.info import read_model_metadata, task_columns as recorded_columns
 from tagger.model.registry import derived_model_path
 from tagger.pipeline.compose import decoded_batches
@@ -152,7 +151,7 @@ def _write_rescaled(
         raise TaggerError(f"calibration needs the onnx package ({e}): pip install 'tagger[onnx]'") from None
 
     proto = onnx.load(str(source))
-    model: dict[str, Any] = json.loads({p.key: p.value for p in proto.metadata_props}[META_MODEL])
+    model: dict[str, Any] = model_metadata(proto)
     totals = {str(k): float(v) for k, v in (model.get("temperature") or {}).items()}
     totals.update({task: totals.get(task, 1.0) * temperature for task, temperature in temperatures.items()})
     set_temperatures(proto.graph, {task: totals[task] for task in temperatures}, str(source))
@@ -161,8 +160,7 @@ def _write_rescaled(
         "data": data_name,
         "tasks": {f.task: {"images": f.images, "error_before": f.error_before, "error_after": f.error_after} for f in fits},
     }
-    props = {p.key: p.value for p in proto.metadata_props}
-    onnx.helper.set_model_props(proto, {**props, META_MODEL: json.dumps(model)})
+    set_model_metadata(proto, model)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(target))
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -16,8 +15,9 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from tagger.storage import check_destination, publish, reserve_temp
-from tagger.contract import INPUT_NAME, META_MODEL
+from tagger.contract import INPUT_NAME
 from tagger.errors import TaggerError
+from tagger.model.edit import set_model_metadata
 from tagger.model.info import ModelInfo, ort_errors, read_model_metadata
 from tagger.pipeline.compose import decoded_batches
 from tagger.pipeline.discover import ImageRef, discover
@@ -214,8 +214,7 @@ def _set_quantization_metadata(path: Path, source: ModelInfo, n_calibration: int
         "calibration_images": n_calibration,
         "source_sha256": source.sha256,
     }
-    props = {p.key: p.value for p in proto.metadata_props}
-    onnx.helper.set_model_props(proto, {**props, META_MODEL: json.dumps(model)})
+    set_model_metadata(proto, model)
     onnx.save(proto, str(path))
 
 
