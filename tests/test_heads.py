@@ -201,3 +201,19 @@ def test_eval_scores_a_task_by_the_column_recorded_in_the_model(heads_run: tuple
     assert [(t.name, t.column) for t in result.tasks] == [("class", "articleType"), ("color", "baseColour"), ("tone", "usage")]
     tone = result.task("tone")
     assert tone.labelled == len(load_labelled_folder(shapes).refs) and tone.top1_all > 0.8
+
+
+def test_the_embedding_of_heads_only_training_is_tagger_runs(heads_run: tuple[Path, HeadsConfig], tmp_path: Path) -> None:
+    model, cfg = heads_run
+    folder = load_labelled_folder(cfg.data[0])
+    out = tmp_path / "tags.parquet"
+    tagger.run(tagger.RunConfig(catalog=str(cfg.data[0]), out=str(out), model=model, workers=0, embeddings=True))
+    table = pq.read_table(out)
+    by_path = dict(zip(table["path"].to_pylist(), table["embedding"].to_pylist()))
+    refs = folder.refs[:20]
+    features, ok, counts = embed(refs, file_digests(refs), Path(cfg.base), cfg.cache, workers=0)
+    assert ok.all() and counts["embedded"] == 0  # heads-only training cached them
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    got = np.array([by_path[r.path] for r in refs], np.float32)  # float16 in the table
+    assert got.shape == unit.shape and (np.sum(got * unit, axis=1) >= 0.999).all()
+    assert read_model_metadata(model).embedding_dim == features.shape[1]

@@ -191,7 +191,8 @@ def with_heads(
         graph.node.append(
             onnx.helper.make_node("LpNormalization", [features], [EMBEDDING_OUTPUT], name="tagger_embedding", axis=1, p=2)
         )
-        graph.output.append(onnx.helper.make_tensor_value_info(EMBEDDING_OUTPUT, onnx.TensorProto.FLOAT, [_BATCH_DIM, None]))
+        dim = _feature_dim(out, features, heads)
+        graph.output.append(onnx.helper.make_tensor_value_info(EMBEDDING_OUTPUT, onnx.TensorProto.FLOAT, [_BATCH_DIM, dim]))
 
     tasks = tuple(TaskSpec(t, tuple(base_tasks[t])) for t in keep) + tuple(h.task for h in heads)
     values = {META_TASKS: tasks_to_json(tasks)}
@@ -209,6 +210,20 @@ def with_heads(
 def _tasks(proto: Any) -> dict[str, list[str]]:
     props = {p.key: p.value for p in proto.metadata_props}
     return dict(json.loads(props.get(META_TASKS, "{}")))
+
+
+def _feature_dim(proto: Any, features: str, heads: Sequence[Head]) -> int:
+    """D of the features [N, D]: from a head's first weight [out, D], else from shape inference (the contract wants a
+    fixed D for `embedding`)."""
+    if heads:
+        return int(heads[0].layers[0][0].shape[1])
+    inferred = onnx_module().shape_inference.infer_shapes(proto)
+    for v in inferred.graph.value_info:
+        if v.name == features:
+            dims = v.type.tensor_type.shape.dim
+            if len(dims) == 2 and dims[1].HasField("dim_value"):
+                return int(dims[1].dim_value)
+    raise TaggerError(f"cannot tell the width of the pooled features {features!r}")
 
 
 def _elem_type(proto: Any, name: str) -> int:
