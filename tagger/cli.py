@@ -30,10 +30,14 @@ def _friendly(fn: F) -> F:
             return fn(*args, **kwargs)
         except TaggerError as e:
             click.echo(f"error: {e}", err=True)
-            sys.exit(e.exit_code)
+            _exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            _exit(130)
+        except SystemExit as e:  # SIGTERM, or a command's own exit code
+            if isinstance(e.code, int):
+                _exit(e.code)
+            raise
         except MemoryError as e:  # an allocation too large for this machine: one line, no traceback
             click.echo(f"error: out of memory: {one_line(e, named=True)}", err=True)
             sys.exit(TaggerError.exit_code)
@@ -77,6 +81,22 @@ def _say(text: str) -> None:
     for whatever the verbosity)."""
     if not _quiet():
         click.echo(text)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`; at once when calls to a store that does not answer are still waiting (see storage)."""
+    from tagger.storage import exit_if_stuck
+
+    exit_if_stuck(code)
+    sys.exit(code)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM: stop waiting for object stores (at most a few seconds of clean-up), then unwind like Ctrl-C."""
+    from tagger.storage import stop_waiting
+
+    stop_waiting()
+    sys.exit(128 + signum)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -265,7 +285,7 @@ def run_command(
     from tagger.pipeline.discover import parse_extensions
 
     # A scheduler's SIGTERM unwinds like Ctrl-C, so the half-written temp output is removed.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, _terminate)
     if ext is not None:
         kw["extensions"] = parse_extensions(ext)
     if max_pixels is not None:

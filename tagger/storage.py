@@ -17,18 +17,21 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import socket
 import stat
+import sys
 import tempfile
+import threading
 import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, TypeVar, Union
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -57,7 +60,10 @@ def redact(loc: Location) -> str:
     may carry secret_key=, session_token=, ...); a local path as is."""
     if not is_uri(loc):
         return os.fspath(loc)
-    scheme, host, port, path = _place(str(loc))
+    try:
+        scheme, host, port, path = _place(str(loc))
+    except ValueError:  # malformed ('s3://[x/y'): cut what could be secret by pattern
+        return _URI_IN_TEXT.sub(r"\1\3", str(loc))
     return f"{scheme}://{host}{f':{port}' if port else ''}{path}"
 
 
@@ -84,7 +90,10 @@ def _why(e: BaseException, loc: Location) -> str:
     if not is_uri(loc):
         return text
     text = _URI_IN_TEXT.sub(r"\1\3", text)
-    u = urllib.parse.urlsplit(str(loc))
+    try:
+        u = urllib.parse.urlsplit(str(loc))
+    except ValueError:  # malformed: the pattern above did what it could
+        return text
     secrets = [u.username, u.password, u.query] + [v for _, v in urllib.parse.parse_qsl(u.query)]
     for secret in sorted((s for s in secrets if s and len(s) > 2), key=len, reverse=True):
         text = text.replace(secret, "***")
@@ -96,9 +105,17 @@ def absolute(loc: Location) -> str:
     return redact(loc) if is_uri(loc) else os.path.realpath(loc)
 
 
+class BadURI(OSError):
+    """A URI that is malformed or that no filesystem of pyarrow opens: for one listed file, that file's error row."""
+
+
 def _split(uri: str) -> tuple[str, str, str]:
-    """(scheme://authority, path without leading '/', query) of a URI; the path percent-decoded."""
-    u = urllib.parse.urlsplit(uri)
+    """(scheme://authority, path without leading '/', query) of a URI; the path percent-decoded. BadURI when
+    malformed."""
+    try:
+        u = urllib.parse.urlsplit(uri)
+    except ValueError as e:
+        raise BadURI(f"malformed URI: {one_line(e)}") from None
     return f"{u.scheme}://{u.netloc}", urllib.parse.unquote(u.path).lstrip("/"), u.query
 
 
@@ -121,14 +138,42 @@ def with_suffix_name(loc: Location, suffix: str) -> str | Path:
 
 
 def name_of(loc: Location) -> str:
-    """The last component of a location's path."""
-    return _split(str(loc))[1].rstrip("/").rsplit("/", 1)[-1] if is_uri(loc) else Path(loc).name
+    """The last component of a location's path ('' for a malformed URI)."""
+    if not is_uri(loc):
+        return Path(loc).name
+    try:
+        return _split(str(loc))[1].rstrip("/").rsplit("/", 1)[-1]
+    except BadURI:
+        return ""
+
+
+def has_dot_segments(loc: Location) -> bool:
+    """Whether a URI's key has a '.' or '..' component ('cat/hires/../small/1.jpg'). HTTP clients collapse such
+    segments before sending (RFC 3986), so that object can be neither read nor written under its own key: another
+    one would be."""
+    return is_uri(loc) and any(part in (".", "..") for part in _split(str(loc))[1].split("/"))
+
+
+class AmbiguousKey(OSError):
+    """An object whose key has a '.' or '..' component: reading it would read another object (see
+    has_dot_segments), so it is an error row, never read."""
 
 
 def check_names_file(loc: Location, what: str) -> None:
-    """UsageError when `loc` names no file to write ('', '/', '.', '..', a bare bucket): `what` must name a file."""
+    """UsageError when `loc` names no file to write ('', '/', '.', '..', a bare bucket), or an object whose key has
+    '.' or '..' components (the client would write another object: a photo of the catalog, say)."""
+    if is_uri(loc):
+        try:
+            _split(str(loc))
+        except BadURI as e:
+            raise UsageError(f"{what} {redact(loc)!r}: {e}") from None
     if name_of(loc) in ("", ".", ".."):
         raise UsageError(f"{what} must name a file, got {redact(loc)!r}")
+    if has_dot_segments(loc):
+        raise UsageError(
+            f"{what} {redact(loc)!r} has a '.' or '..' component in its key, which the store would resolve to "
+            "another object; write the key without them"
+        )
 
 
 def relative_key(root: Location, loc: Location) -> str | None:
@@ -148,31 +193,240 @@ def has_latency(loc: Location) -> bool:
     return is_uri(loc)
 
 
+STORE_TIMEOUT_ENV = "TAGGER_STORE_TIMEOUT"
+DEFAULT_STORE_TIMEOUT = 60.0  # seconds a store may fail with transient errors before a call gives up
+MAX_BACKOFF_S = 5.0
+
+
+def store_timeout() -> float:
+    """How long one store call keeps retrying transient errors (seconds): TAGGER_STORE_TIMEOUT, else 60. Read from
+    the environment so that decode workers, in other processes, follow the same bound."""
+    raw = os.environ.get(STORE_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_STORE_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{STORE_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not 0 < value <= 86400:
+        raise UsageError(f"{STORE_TIMEOUT_ENV} must be between 0 and 86400 seconds, got {raw!r}")
+    return value
+
+
+def request_timeouts(bound: float) -> tuple[float, float]:
+    """(connect, request) timeouts of one attempt, in whole seconds (the S3 client rounds down, and 0 would mean
+    none): a quarter of the bound, at most 10 s to connect and 15 s without receiving a byte (curl's low-speed
+    limit: a slow large transfer is not cut). A PUT may wait that long in each of its phases (headers, body,
+    answer), so one attempt stays within 3/4 of the bound and a call within twice the bound."""
+    quarter = max(1, int(bound / 4))
+    return float(min(10, quarter)), float(min(15, quarter))
+
+
 @functools.lru_cache(maxsize=16)
-def _filesystem(base: str, query: str) -> tuple[pafs.FileSystem, str]:
-    """One filesystem per store and options, per process (clients hold connection pools and credentials).
+def _filesystem(base: str, query: str, bound: float) -> tuple[pafs.FileSystem, str]:
+    """One filesystem per store, options and bound, per process (clients hold connection pools and credentials).
 
     Credentials come from the standard chains (AWS env vars, ~/.aws profiles, instance roles, AWS_ENDPOINT_URL;
     GCS application default credentials) unless the URI carries them. S3: allow_delayed_open makes a small object
-    one PUT instead of create + upload part + complete (3 round trips); errors still surface at close, inside the
-    same call here.
+    one PUT instead of create + upload part + complete (3 round trips); its errors surface at close(), which
+    publish calls itself. Every attempt gets connect and request timeouts and the SDK retries nothing: _retrying
+    retries transient errors, so one bound covers a whole call.
     """
     options = urllib.parse.parse_qs(query)
     if base.startswith("s3://") and "allow_delayed_open" not in options:
         query = (query + "&" if query else "") + "allow_delayed_open=true"
     fs, root = pafs.FileSystem.from_uri(f"{base}/?{query}" if query else f"{base}/")
+    if isinstance(fs, pafs.S3FileSystem):
+        _, (kw,) = fs.__reduce__()  # the options from_uri resolved (region, endpoint, credentials), to rebuild with
+        connect, request = request_timeouts(bound)
+        kw.update(connect_timeout=connect, request_timeout=request,
+                  retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))  # fmt: skip
+        kw["region"] = kw["region"] or None
+        if not kw["proxy_options"]["host"]:
+            kw["proxy_options"] = None
+        fs = pafs.S3FileSystem(**kw)
     return fs, root.rstrip("/")  # s3://bkt/ -> 'bkt', file:/// -> ''
+
+
+# A store's answer that may change by itself: connection refused or reset, timeouts, throttling, 5xx. Matched
+# against pyarrow's messages (AWS SDK error names, curl's) and against error rows written by earlier runs.
+TRANSIENT_PATTERN = (
+    r"NETWORK_CONNECTION|REQUEST_TIMEOUT|SLOW_DOWN|THROTTL|SERVICE_UNAVAILABLE|INTERNAL_FAILURE|REQUEST_LIMIT|"
+    r"Timeout was reached|Connection reset|Could not connect|Connection refused|timed out|"
+    r"HTTP (?:status|response code):? ?(?:5\d\d|429)|\[code (?:5\d\d|429)\]"
+)
+_TRANSIENT = re.compile(TRANSIENT_PATTERN, re.IGNORECASE)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a store error may go away by itself (retry it) rather than be the object's answer (403, missing)."""
+    return isinstance(e, (OSError, pa.ArrowException)) and not isinstance(e, FileNotFoundError) and (
+        isinstance(e, (ConnectionError, TimeoutError)) or _TRANSIENT.search(str(e)) is not None
+    )
+
+
+class StoreUnavailable(TaggerError):
+    """The object store kept failing with transient errors past the bound: the run stops, it blames no file."""
+
+
+_T = TypeVar("_T")
+
+_gave_up: dict[str, float] = {}  # store (scheme://authority) -> when a call last gave up on it (monotonic)
+_hurry_until: float | None = None  # set by hurry(): no store call waits past this (monotonic)
+
+
+def _store_of(loc: Location) -> str:
+    return _split(str(loc))[0]
+
+
+_CALL_THREAD = "tagger-store-call"
+
+
+def _attempt(call: Callable[[], _T]) -> _T:
+    """call() once, in a helper thread that the caller waits for: a signal (SIGTERM, Ctrl-C) is handled at once in
+    the main thread, and once a stopping run hurries (hurry, abort_fast) no thread waits past its deadline for a
+    store that does not answer (TimeoutError; the helper is a daemon, so nothing waits for it at exit either)."""
+    result: list[_T] = []
+    error: list[BaseException] = []
+    done = threading.Event()
+
+    def target() -> None:
+        try:
+            result.append(call())
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            error.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=target, name=_CALL_THREAD, daemon=True).start()
+    while not done.wait(0.25):
+        if _hurry_until is not None and time.monotonic() >= _hurry_until:
+            raise TimeoutError("the run is stopping; no answer from the store in time")
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def _retrying(loc: Location, what: str, call: Callable[[], _T]) -> _T:
+    """call(), retried with bounded exponential backoff while it fails transiently; StoreUnavailable once
+    store_timeout() has passed since the first attempt (a call ends within the bound plus one request timeout).
+    Permanent errors are raised as they are, at once. A store this process gave up on less than a bound ago is
+    not waited for again: the run is stopping, its clean-up must not take another bound."""
+    bound = store_timeout()
+    store = _store_of(loc)
+    deadline = time.monotonic() + bound
+    gave_up = time.monotonic() - _gave_up.get(store, -math.inf)
+    if gave_up < bound:  # the run is stopping because of it: its clean-up must not wait another bound
+        raise StoreUnavailable(f"object store unreachable ({STORE_TIMEOUT_ENV}: gave up {gave_up:.0f} s ago)")
+    delay = 0.2
+    while True:
+        try:
+            return _attempt(call)
+        except (OSError, pa.ArrowException) as e:
+            if not is_transient(e):
+                raise
+            hurry_until = _hurry_until  # may have been set meanwhile (SIGTERM)
+            if time.monotonic() + delay >= (deadline if hurry_until is None else min(deadline, hurry_until)):
+                _gave_up[store] = time.monotonic()
+                raise StoreUnavailable(
+                    f"object store unreachable for {bound:g} s ({STORE_TIMEOUT_ENV}) while trying to {what} "
+                    f"{redact(loc)}: {_why(e, loc)}"
+                ) from None
+            log.debug("transient store error on %s, retrying in %.1f s: %s", redact(loc), delay, _why(e, loc))
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF_S)
+
+
+def exit_if_stuck(code: int) -> None:
+    """End the process at once with `code` while store calls still wait for an answer (a store that never
+    answers): pyarrow's exit handler would wait for each of them, up to its request timeouts. For the CLI, after the
+    run has cleaned up and said why it stops; nothing happens when no call is left waiting."""
+    if any(t.name == _CALL_THREAD and t.is_alive() for t in threading.enumerate()):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+CLEANUP_SECONDS = 3.0  # the most a stopping run waits for a store in all: its last rows, its lock
+
+
+def stop_waiting(seconds: float = CLEANUP_SECONDS) -> None:
+    """From now on, no store call in this process waits more than `seconds` in all. For a SIGTERM handler, before
+    it unwinds the run: threads reading ahead stop waiting for a store that does not answer, so the run's clean-up
+    is not held up by them."""
+    global _hurry_until
+    until = time.monotonic() + seconds
+    _hurry_until = until if _hurry_until is None else min(_hurry_until, until)
+
+
+def aborting(exc_type: type[BaseException] | None) -> bool:
+    """Whether a block ends because the run was told to stop (SIGTERM, Ctrl-C) or its store stopped answering:
+    then its clean-up hurries."""
+    return exc_type is not None and (not issubclass(exc_type, Exception) or issubclass(exc_type, StoreUnavailable))
+
+
+@contextlib.contextmanager
+def hurry(seconds: float) -> Iterator[None]:
+    """Within the block no store call waits more than `seconds` in all: the clean-up of a run that was told to stop
+    or whose store failed, which must end soon whatever the store does."""
+    global _hurry_until
+    saved = _hurry_until
+    _hurry_until = time.monotonic() + seconds if saved is None else min(saved, time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _hurry_until = saved
+
+
+@contextlib.contextmanager
+def abort_fast(seconds: float) -> Iterator[Callable[..., bool]]:
+    """For a run's ExitStack: yields an exit callback to push last. When the run aborts (see aborting), it makes
+    the clean-up of everything pushed before it (decode threads, work parts, the lock) wait for the store at most
+    `seconds` in all; the block's end restores the normal bound."""
+    global _hurry_until
+    saved = _hurry_until
+
+    def on_exit(exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+        global _hurry_until
+        if aborting(exc_type):
+            _hurry_until = time.monotonic() + seconds if saved is None else min(saved, time.monotonic() + seconds)
+        return False
+
+    try:
+        yield on_exit
+    finally:
+        _hurry_until = saved
+        _gave_up.clear()  # the next run tries the store afresh
 
 
 def _fs(loc: str) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path in it) of a URI (an S3 or GCS path starts with the bucket); TaggerError (redacted) when
-    pyarrow does not understand it."""
-    base, path, query = _split(loc)
+    pyarrow does not understand it (StoreUnavailable when the store does not answer as it is opened: S3 may ask
+    it for the bucket's region)."""
     try:
-        fs, root = _filesystem(base, query)
+        base, path, query = _split(loc)
+        bound = store_timeout()
+        try:
+            fs, root = _filesystem(base, query, bound)  # cached: no call to the store after the first
+        except (OSError, pa.ArrowException) as e:
+            if not is_transient(e):
+                raise
+            fs, root = _retrying(loc, "open", lambda: _filesystem(base, query, bound))
     except (pa.ArrowException, OSError, ValueError) as e:
         raise TaggerError(f"cannot open {redact(loc)}: {_why(e, loc)}") from None
     return fs, f"{root}/{path}" if root or base.startswith("file:") else path
+
+
+def _file_fs(loc: str) -> tuple[pafs.FileSystem, str]:
+    """_fs for one file of a catalog or list: a URI that cannot be opened is that file's error (BadURI, its row),
+    not the run's; a store that does not answer still stops the run."""
+    try:
+        return _fs(loc)
+    except StoreUnavailable:
+        raise
+    except TaggerError as e:
+        raise BadURI(str(e)) from None
 
 
 def arrow_source(loc: Location) -> tuple[str, pafs.FileSystem | None]:
@@ -202,7 +456,7 @@ def list_files(root: str) -> Iterator[Entry]:
     fs, path = _fs(root)
     prefix = path.rstrip("/")
     try:
-        infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=False))
+        infos = _retrying(root, "list", lambda: fs.get_file_info(pafs.FileSelector(prefix, recursive=True)))
     except (OSError, pa.ArrowException) as e:
         raise TaggerError(f"cannot list catalog {redact(root)}: {_why(e, root)}") from None
     entries = []
@@ -221,8 +475,8 @@ def stat_file(loc: Location) -> tuple[int, float]:
     if not is_uri(loc):
         st = os.stat(loc)
         return st.st_size, st.st_mtime
-    fs, path = _fs(str(loc))
-    info = fs.get_file_info(path)
+    fs, path = _file_fs(str(loc))
+    info = _retrying(loc, "read", lambda: fs.get_file_info(path))
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(2, "No such object")
     return info.size, (info.mtime_ns or 0) / 1e9
@@ -234,7 +488,7 @@ def exists(loc: Location) -> bool:
         return os.path.exists(loc)
     fs, path = _fs(str(loc))
     try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        return _retrying(loc, "read", lambda: fs.get_file_info(path)).type != pafs.FileType.NotFound
     except (OSError, pa.ArrowException) as e:
         raise TaggerError(f"cannot read {redact(loc)}: {_why(e, loc)}") from None
 
@@ -245,7 +499,7 @@ def is_folder(loc: Location) -> bool:
         return os.path.isdir(loc)
     fs, path = _fs(str(loc))
     try:
-        return fs.get_file_info(path).type == pafs.FileType.Directory
+        return _retrying(loc, "read", lambda: fs.get_file_info(path)).type == pafs.FileType.Directory
     except (OSError, pa.ArrowException):
         return False  # no bucket or no access: writing it says so
 
@@ -277,10 +531,16 @@ def read_file(path: Location) -> bytes:
     for a FIFO in between cannot block either (a non-blocking open of a FIFO returns at once; a socket fails).
     """
     if is_uri(path):
-        fs, key = _fs(str(path))
-        with fs.open_input_stream(key, compression=None) as f:  # never 'detect': a photo named x.gz stays bytes
-            data: bytes = f.read()
-            return data
+        if has_dot_segments(path):
+            raise AmbiguousKey("a key with a '.' or '..' component, which the store would resolve to another object")
+        fs, key = _file_fs(str(path))
+
+        def get() -> bytes:
+            with fs.open_input_stream(key, compression=None) as f:  # never 'detect': a photo named x.gz stays bytes
+                data: bytes = f.read()
+                return data
+
+        return _retrying(path, "read", get)
     _check_regular(os.stat(path).st_mode)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     with open(fd, "rb", buffering=0) as f:
@@ -383,16 +643,13 @@ def publish(tmp: Path, out: Location) -> None:
     or the complete new one. mkstemp/mkdtemp create owner-only entries; the runtime may run as another user, so
     the umask decides, as for any new file.
 
-    An object is uploaded from the finished file in one call (pyarrow's copy, in C++: a large file goes as one
-    multipart upload, completed only once every part is sent, and a completed upload is atomic). Nothing is ever
-    streamed from Python into an open object stream: its destructor would complete a half-written upload.
+    An object is uploaded from the finished file (see _upload) and only the store's answer says it is there:
+    a refused or failed upload is a TaggerError and the previous object stays.
     """
     if is_uri(out):
-        fs, path = _fs(str(out))
         try:
-            pafs.copy_files(str(tmp), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-        except (OSError, pa.ArrowException) as e:
-            raise TaggerError(f"cannot write {redact(out)}: {_why(e, out)}") from None
+            check_names_file(out, "output")
+            _upload(tmp, str(out))
         finally:
             discard(tmp)
         return
@@ -413,6 +670,57 @@ def publish(tmp: Path, out: Location) -> None:
     except OSError as e:
         discard(tmp)
         raise TaggerError(f"cannot write {out}: {one_line(e)}") from None
+
+
+UPLOAD_IN_ONE_WRITE = 64 << 20  # bytes: a file up to this size is uploaded from memory, in one write
+
+
+def _put(fs: pafs.FileSystem, key: str, data: bytes) -> None:
+    """Write `data` as the whole object `key` and close the stream ourselves: close() is where the store answers
+    (a delayed or multipart upload is sent or completed there), and a destructor would only log its error. All of
+    `data` goes in one write, so whatever interrupts us, the object is complete or absent."""
+    f = fs.open_output_stream(key)
+    try:
+        f.write(data)
+    finally:
+        f.close()
+
+
+def _upload(tmp: Path, out: str) -> None:
+    """Upload a finished local file as the object `out`, verified by the store's answer (TaggerError otherwise).
+
+    Up to UPLOAD_IN_ONE_WRITE bytes: one write of the whole file (_put). Larger: streamed to a hidden staging
+    object beside it, then copied server-side onto `out` in one call (CopyObject, up to 5 GB) and the staging object
+    deleted: a stream interrupted halfway can only ever complete the staging object, never `out`.
+    """
+    fs, path = _fs(out)
+    try:
+        size = tmp.stat().st_size
+        if size <= UPLOAD_IN_ONE_WRITE:
+            data = tmp.read_bytes()
+            _retrying(out, "write", lambda: _put(fs, path, data))
+            return
+        head, _, name = path.rpartition("/")
+        staging = f"{head}/.{name}.{uuid.uuid4().hex}.upload.tmp"
+
+        def stream() -> None:
+            with open(tmp, "rb") as src:
+                f = fs.open_output_stream(staging)
+                try:
+                    for block in iter(lambda: src.read(8 << 20), b""):
+                        f.write(block)
+                finally:
+                    f.close()
+
+        try:
+            _retrying(out, "write", stream)
+            _retrying(out, "write", lambda: fs.copy_file(staging, path))
+        finally:
+            # Retried a little only: the store may be what failed. A staging object left behind is hidden.
+            with contextlib.suppress(OSError, pa.ArrowException, TaggerError), hurry(CLEANUP_SECONDS):
+                _retrying(out, "remove", lambda: fs.delete_file(staging))
+    except (OSError, pa.ArrowException) as e:
+        raise TaggerError(f"cannot write {redact(out)}: {_why(e, out)}") from None
 
 
 def _fsync_file(path: Path) -> None:
@@ -442,8 +750,15 @@ def publishing(out: Location, tmp_dir: Location | None = None) -> Iterator[Path]
 
 
 def publish_bytes(out: Location, data: bytes, tmp_dir: Location | None = None) -> None:
-    """Write `data` as the whole of `out`, atomically and durably. An object too goes through a finished temp file
-    and publish's one-call upload: a write failing in an open object stream could still complete a partial object."""
+    """Write `data` as the whole of `out`, atomically and durably: an object in one write, answered by the store."""
+    if is_uri(out):
+        check_names_file(out, "output")
+        fs, path = _fs(str(out))
+        try:
+            _retrying(out, "write", lambda: _put(fs, path, data))
+        except (OSError, pa.ArrowException) as e:
+            raise TaggerError(f"cannot write {redact(out)}: {_why(e, out)}") from None
+        return
     with publishing(out, tmp_dir) as tmp:
         try:
             tmp.write_bytes(data)
@@ -466,8 +781,9 @@ def list_names(folder: Location) -> list[str]:
         except FileNotFoundError:
             return []
     fs, path = _fs(str(folder))
+    selector = pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
+        infos = _retrying(folder, "list", lambda: fs.get_file_info(selector))
     except (OSError, pa.ArrowException) as e:
         raise TaggerError(f"cannot list {redact(folder)}: {_why(e, folder)}") from None
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
@@ -486,8 +802,9 @@ def list_entries(folder: Location) -> list[str] | None:
         except OSError as e:
             raise TaggerError(f"cannot list {folder}: {one_line(e)}") from None
     fs, path = _fs(str(folder))
+    selector = pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True)
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
+        infos = _retrying(folder, "list", lambda: fs.get_file_info(selector))
     except (OSError, pa.ArrowException) as e:
         raise TaggerError(f"cannot list {redact(folder)}: {_why(e, folder)}") from None
     return sorted(i.base_name for i in infos)
@@ -500,7 +817,7 @@ def remove(loc: Location) -> None:
         return
     fs, path = _fs(str(loc))
     try:
-        fs.delete_file(path)
+        _retrying(loc, "remove", lambda: fs.delete_file(path))
     except FileNotFoundError:
         pass
     except (OSError, pa.ArrowException) as e:
@@ -513,8 +830,8 @@ def remove_tree(loc: Location) -> None:
         shutil.rmtree(loc, ignore_errors=True)
         return
     fs, path = _fs(str(loc))
-    with contextlib.suppress(OSError):  # delete_dir: also the folder marker S3 leaves once its last object goes
-        fs.delete_dir(path)
+    with contextlib.suppress(OSError, TaggerError):  # delete_dir: also the folder marker S3 leaves
+        _retrying(loc, "remove", lambda: fs.delete_dir(path))
 
 
 LOCK_LEASE_S = 900.0  # an object lock not refreshed for this long belongs to a dead run
@@ -563,9 +880,15 @@ class Lock:
         return str(join(self.folder, "lock"))
 
     def _holder(self) -> dict[str, object] | None:
+        """The lock object's content; None when there is none or it is not ours to read (torn, not JSON).
+        TaggerError when the store refuses the read (credentials, no bucket): that is the cause to name."""
         try:
             data = json.loads(read_file(self._object()))
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise TaggerError(f"cannot write output {self.what}: {_why(e, self._object())}") from None
+        except ValueError:
             return None
         return data if isinstance(data, dict) else None
 
@@ -598,10 +921,12 @@ class Lock:
             os.close(self._fd)
             self._fd = None
         elif is_uri(self.folder):
-            holder = self._holder()
-            if holder is not None and holder.get("token") == self._token:
-                with contextlib.suppress(OSError, TaggerError):
+            try:
+                holder = self._holder()
+                if holder is not None and holder.get("token") == self._token:
                     remove(self._object())
+            except (OSError, TaggerError) as e:  # the store is down or refuses: the lease runs out by itself
+                log.warning("could not release the lock %s: %s", redact(self._object()), e)
 
 
 def _dead(holder: dict[str, object]) -> bool:
@@ -621,17 +946,29 @@ def _dead(holder: dict[str, object]) -> bool:
 
 
 __all__ = [
+    "AmbiguousKey",
+    "BadURI",
     "Entry",
+    "DEFAULT_STORE_TIMEOUT",
     "LOCK_LEASE_S",
+    "STORE_TIMEOUT_ENV",
+    "StoreUnavailable",
+    "TRANSIENT_PATTERN",
     "Location",
     "Lock",
     "NotARegularFile",
+    "abort_fast",
+    "aborting",
     "absolute",
     "arrow_source",
     "as_location",
     "exists",
+    "exit_if_stuck",
+    "has_dot_segments",
     "has_latency",
+    "hurry",
     "is_folder",
+    "is_transient",
     "is_uri",
     "join",
     "list_entries",
@@ -644,7 +981,10 @@ __all__ = [
     "remove",
     "remove_tree",
     "stat_file",
+    "stop_waiting",
+    "store_timeout",
     "with_suffix_name",
+    "CLEANUP_SECONDS",
     "check_destination",
     "check_not_input",
     "discard",

@@ -20,7 +20,7 @@ from tagger.pipeline.compose import StageTimer, decoded_batches, tag_batches
 from tagger.pipeline.decode import default_workers
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import default_batch_size, default_inflight, default_threads, open_session
-from tagger.storage import redact
+from tagger.storage import CLEANUP_SECONDS, abort_fast, redact
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run(config: RunConfig) -> RunSummary:
     # progress None: a bar on a terminal, else a plain line every PROGRESS_EVERY_S; True: the bar; False: neither.
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
     show_lines = config.progress is None and not show_bar
-    with contextlib.ExitStack() as stack:
+    with abort_fast(CLEANUP_SECONDS) as on_abort, contextlib.ExitStack() as stack:
         previous = (
             load_previous(
                 config.out, identity, tasks, config.keep_stale_model, config.checksum, config.allow_other_catalog
@@ -114,6 +114,7 @@ def run(config: RunConfig) -> RunSummary:
                 )  # fmt: skip
             )
         )
+        stack.push(on_abort)  # SIGTERM or a store outage: what is cleaned up above waits for the store seconds only
         # The bar's total (and so its ETA) is the number of files to tag, known once the listing has ended.
         bar = stack.enter_context(tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr))
         t_tag = last_line = time.perf_counter()

@@ -189,8 +189,8 @@ class Assembler:
                 self._matched[row] = True
                 if not prev.index.same_file(row, ref.size, ref.mtime):
                     ch.changed += 1
-                elif self._retry and not prev.index.ok[row]:
-                    ch.retried += 1
+                elif (self._retry and not prev.index.ok[row]) or prev.index.transient[row]:
+                    ch.retried += 1  # a transient error (timeout, 5xx) is the store's, not the file's: always again
                 elif prev.reuse and self._checksum and not self._same_bytes(ref, prev.index.sha256(row)):
                     ch.changed += 1
                 elif prev.reuse:
@@ -201,7 +201,7 @@ class Assembler:
         if self._parts is not None:
             index = self._parts[1]
             row = index.find(ref.path)
-            if row is not None and index.same_file(row, ref.size, ref.mtime):
+            if row is not None and index.same_file(row, ref.size, ref.mtime) and not index.transient[row]:
                 self._resumed_errors += not index.ok[row]
                 return _PARTS, row
         return _TAG, 0

@@ -128,11 +128,12 @@ def _check_out(out: Location, shard_files: Sequence[Location]) -> None:
 
 def _check_out_is_no_photo(out: Location, identity: out_schema.RunIdentity) -> None:
     """Refuse an OUT that the shards' catalog walk lists (a photo of it, or a name the next run would tag). Shards
-    always come from a walk (--shard refuses --files-from), so the recorded extensions are there; a catalog in a
-    bucket is not checked: its recorded URI is redacted, without the options that say which store it is."""
-    if is_uri(identity.catalog) or is_uri(out) or identity.extensions is None:
+    always come from a walk (--shard refuses --files-from), so the recorded extensions are there. A catalog in a
+    bucket is recorded redacted, without the options that say which store it is: an OUT in the same bucket and
+    prefix is refused, whichever store it is on."""
+    if is_uri(identity.catalog) != is_uri(out) or identity.extensions is None:
         return
-    if walk_would_list(identity.catalog, out, identity.extensions):
+    if walk_would_list(identity.catalog, redact(out) if is_uri(out) else out, identity.extensions):
         raise TaggerError(
             f"output {redact(out)} is a file of the catalog {identity.catalog} the shards tagged (an image extension); "
             "choose another name"

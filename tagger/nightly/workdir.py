@@ -20,9 +20,12 @@ from tagger.errors import TaggerError, one_line
 from tagger.output.reader import RowIndex, RowReader
 from tagger.output.schema import output_schema
 from tagger.storage import (
+    CLEANUP_SECONDS,
     Location,
     Lock,
+    aborting,
     as_location,
+    hurry,
     join,
     list_entries,
     list_names,
@@ -276,7 +279,12 @@ class WorkDir:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if not self._finished:
+        if self._finished:
+            return
+        if aborting(exc_type):  # SIGTERM, Ctrl-C or a store that stopped answering: clean up within seconds
+            with hurry(CLEANUP_SECONDS):
+                self.abandon()
+        else:
             self.abandon()
 
 

@@ -19,11 +19,12 @@ from tagger.contract import FORMAT_VERSION, META_FORMAT, META_TASKS, TaskSpec, t
 from tagger.errors import TaggerError
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
-from tagger.storage import Location, arrow_source, as_location, redact
+from tagger.storage import TRANSIENT_PATTERN, Location, arrow_source, as_location, redact
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ("path", "bytes", "mtime", "status")  # enough to tell whether a file changed since its row was written
+# enough to tell whether a file changed since its row was written, and whether its error may be reused
+KEY_COLUMNS = ("path", "bytes", "mtime", "status", "error")
 _ARROW_SCHEMA_KEY = "ARROW:schema"  # pyarrow's own copy of the schema; not tagger metadata
 
 
@@ -131,7 +132,7 @@ class RowReader:
         self.num_rows = n
 
     def keys(self, columns: Sequence[str] = KEY_COLUMNS) -> pa.Table:
-        """These columns (default: path, bytes, mtime and status) of every row, in order."""
+        """These columns (default: KEY_COLUMNS) of every row, in order."""
         tables = [f.read(columns=list(columns)) for f in self._files]
         if not tables:
             return self.schema.empty_table().select(list(columns))
@@ -192,6 +193,9 @@ class RowIndex:
         self.size = keys.column("bytes").fill_null(-1).to_numpy()  # int64 [n]; -1: the file was missing
         self.mtime = keys.column("mtime").fill_null(math.nan).to_numpy()  # float64 [n]; NaN never compares equal
         self.ok = pc.equal(keys.column("status"), s.STATUS_OK).to_numpy()  # bool [n]
+        # bool [n]: an error the store may not give again (timeout, 5xx, ...): such a row is never reused
+        transient = pc.match_substring_regex(keys.column("error"), TRANSIENT_PATTERN, ignore_case=True)
+        self.transient = pc.fill_null(transient, False).to_numpy(zero_copy_only=False)
         # Read only when asked: ~70 bytes a row that plain reuse does not need.
         self._sha256 = keys.column("sha256").combine_chunks() if checksums else None
         self.num_rows = len(paths)

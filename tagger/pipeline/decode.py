@@ -29,7 +29,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from tagger.contract import PreprocessSpec
 from tagger.errors import TaggerError, one_line
 from tagger.pipeline.discover import ImageRef
-from tagger.storage import has_latency, read_file, redact, sha256_hex
+from tagger.storage import StoreUnavailable, has_latency, read_file, redact, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,8 @@ def decode_one(
         return Sample(index, fit_and_pad(img, spec), w, h, digest)
     except DECODE_ERRORS as e:
         return Failure(index, _error_text(e, path), digest)
+    except StoreUnavailable:  # the store, not this file: the run stops
+        raise
     except Exception as e:  # noqa: BLE001
         # Last resort, recorded in the row: decoder plugins raise arbitrary types on malformed files (fuzzers find
         # IndexError, TypeError, ...), and one such photo must not end a run over millions.

@@ -106,7 +106,9 @@ def discover(root: Location, extensions: Iterable[str] = DEFAULT_EXTENSIONS) -> 
     exts = parse_extensions(extensions)
     if is_uri(root):
         for obj in list_files(str(root)):
-            if _extension(obj.rel) in exts and not any(part.startswith(".") for part in obj.rel.split("/")):
+            # '.' and '..' are not hidden names: such a key gets its row (an AmbiguousKey error, never read).
+            hidden = any(part.startswith(".") and part not in (".", "..") for part in obj.rel.split("/"))
+            if _extension(obj.rel) in exts and not hidden:
                 yield ImageRef(obj.rel, obj.location, obj.size, obj.mtime)
         return
     root_path = Path(root)
@@ -204,7 +206,10 @@ def refs_from_list(root: Location, list_file: Location, copy: BinaryIO | None = 
     root_abs = _absolute_root(root)
     for abspath in _listed(root, list_file, copy):
         if is_uri(abspath):
-            rel_key = relative_key(root, abspath)
+            try:
+                rel_key = relative_key(root, abspath)
+            except OSError:  # a malformed URI line: its row says so (BadURI, as it is read)
+                rel_key = None
             yield _ref(rel_key if rel_key is not None else redact(abspath), abspath)
             continue
         rel = os.path.relpath(abspath, root_abs)
