@@ -331,7 +331,7 @@ def test_wrong_credentials_and_a_missing_bucket_for_out_name_the_real_cause(
     s3_server: S3Server, contract_onnx: Path, tmp_path: Path
 ) -> None:
     """Not "another tagger run took the lock": a bucket that does not exist says NO_SUCH_BUCKET, credentials the
-    server does not know say ACCESS_DENIED; exit 1, one line, no secret."""
+    server does not know say so (INVALID_ACCESS_KEY_ID, or ACCESS_DENIED); exit 1, one line, no secret."""
     from test_object_store import _cli, _one_line_error
 
     cat = tmp_path / "cat"
@@ -344,7 +344,8 @@ def test_wrong_credentials_and_a_missing_bucket_for_out_name_the_real_cause(
         env = {**os.environ, **strict.env(), "TAGGER_STORE_TIMEOUT": "3"}
         proc = _cli(cat, "--out", "s3://some-bucket/tags.parquet", *common, env=env)
         line = _one_line_error(proc)
-        assert "s3://some-bucket/tags.parquet" in line and "ACCESS_DENIED" in line, line
+        assert "s3://some-bucket/tags.parquet" in line, line
+        assert "INVALID_ACCESS_KEY_ID" in line or "ACCESS_DENIED" in line, line
         assert "another tagger run" not in line and SECRET_KEY not in proc.stderr
     finally:
         strict.stop()
