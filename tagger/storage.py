@@ -780,13 +780,7 @@ def list_names(folder: Location) -> list[str]:
             return sorted(e.name for e in os.scandir(folder) if e.is_file())
         except FileNotFoundError:
             return []
-    fs, path = _fs(str(folder))
-    selector = pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True)
-    try:
-        infos = _retrying(folder, "list", lambda: fs.get_file_info(selector))
-    except (OSError, pa.ArrowException) as e:
-        raise TaggerError(f"cannot list {redact(folder)}: {_why(e, folder)}") from None
-    return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+    return sorted(i.base_name for i in _list_prefix(folder) if i.type == pafs.FileType.File)
 
 
 def list_entries(folder: Location) -> list[str] | None:
@@ -801,13 +795,18 @@ def list_entries(folder: Location) -> list[str] | None:
             return []
         except OSError as e:
             raise TaggerError(f"cannot list {folder}: {one_line(e)}") from None
+    return sorted(i.base_name for i in _list_prefix(folder))
+
+
+def _list_prefix(folder: Location) -> list[pafs.FileInfo]:
+    """What lies directly below a key prefix; TaggerError (redacted) when it cannot be listed (403, no server)."""
     fs, path = _fs(str(folder))
     selector = pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True)
     try:
-        infos = _retrying(folder, "list", lambda: fs.get_file_info(selector))
+        infos: list[pafs.FileInfo] = _retrying(folder, "list", lambda: fs.get_file_info(selector))
     except (OSError, pa.ArrowException) as e:
         raise TaggerError(f"cannot list {redact(folder)}: {_why(e, folder)}") from None
-    return sorted(i.base_name for i in infos)
+    return infos
 
 
 def remove(loc: Location) -> None:
