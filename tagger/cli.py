@@ -104,7 +104,7 @@ def _terminate(signum: int, frame: object) -> None:
 @click.option("-v", "--verbose", count=True, help="-v: details (INFO); -vv: debug.")
 @click.option("-q", "--quiet", is_flag=True, help="Errors only: no warnings, progress or summary line (eval and info still print their result).")
 def main(verbose: int, quiet: bool) -> None:
-    """Tag product photos with their article class and colour.
+    """Tag product photos: class, colour and the other tasks of the model, one Parquet row per file.
 
     \b
     Exit codes: 0 done (a run with error rows included, up to --max-errors), 1 the job could not be done (bad
