@@ -172,7 +172,7 @@ def test_sigterm_ends_a_run_within_seconds_while_the_store_never_answers(
     """A black-hole store with a long bound (60 s): SIGTERM still ends the run within a few seconds, with decoding
     in this process or in worker processes whose reads hang (they are killed, not waited for)."""
     cat = tmp_path / "cat"
-    _photos(cat, 24, seed=13, size=(640, 480), ext="png")
+    _photos(cat, 24 if workers == "0" else 192, seed=13, size=(640, 480), ext="png")  # workers: chunks of 32 in flight
     pafs.copy_files(str(cat), f"{BUCKET}/cat", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=store.fs)
     store.env["TAGGER_STORE_TIMEOUT"] = "60"
     proc = _start(store, f"s3://{BUCKET}/cat", "--out", f"s3://{BUCKET}/tags.parquet", "--model", contract_onnx,
