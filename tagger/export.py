@@ -42,6 +42,7 @@ from tagger.contract import (
     tasks_to_json,
 )
 from tagger.errors import TaggerError
+from tagger.model.edit import set_metadata
 from tagger.model.info import ModelInfo, ort_errors, read_model_metadata, sha256_file
 from tagger.pipeline.decode import Failure, decode_one, fit_and_pad
 from tagger.storage import check_destination, publish, reserve_temp
@@ -330,6 +331,9 @@ def _set_metadata(
         "exporter": EXPORTER,
         "trained_with": raw.get("tagger_version"),
     }
+    columns = dict((raw.get("args") or {}).get("tasks") or ())  # the trainer's (task, styles.csv column) pairs
+    if columns:
+        model["columns"] = {t.name: columns[t.name] for t in ckpt.tasks if t.name in columns}
     if _temperatures(ckpt):
         model["temperature"] = _temperatures(ckpt)
         model["calibration"] = {"data": "the checkpoint's validation split"}
@@ -340,7 +344,7 @@ def _set_metadata(
         META_VERSION: json.dumps(__version__),
         META_FORMAT: json.dumps(FORMAT_VERSION),
     }
-    onnx.helper.set_model_props(proto, values)
+    set_metadata(proto, values)
     proto.doc_string = f"tagger model: {raw['backbone']} -> {', '.join(t.name for t in ckpt.tasks)}"
 
 

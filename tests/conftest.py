@@ -253,7 +253,10 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         class_weights={name: [1.0] * len(labels) for name, labels in TINY_TASKS.items()},
         metrics={"val_acc_class": 0.5, "val_acc_color": 0.25},
         epoch=3,
-        args={"backbone": "test_efficientnet", "image_size": TINY_SIZE},
+        args={
+            "backbone": "test_efficientnet", "image_size": TINY_SIZE,
+            "tasks": [["class", "articleType"], ["color", "baseColour"]],
+        },
         data={"root": "fashion-tiny", "n_train": 10, "n_val": 4},
     )
     return path

@@ -131,6 +131,7 @@ def test_metadata_round_trip(tiny_onnx: Path, tiny_checkpoint: Path, tiny_export
     assert m["metrics"] == {"val_acc_class": 0.5, "val_acc_color": 0.25}
     assert m["data"] == {"root": "fashion-tiny", "n_train": 10, "n_val": 4}
     assert m["epoch"] == 3 and m["opset"] == tiny_export.opset
+    assert m["columns"] == {"class": "articleType", "color": "baseColour"}  # the trainer's --task pairs
     assert tiny_export.info == info
 
 
