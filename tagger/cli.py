@@ -150,6 +150,18 @@ def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] =
     return tuple(out)
 
 
+def _task_ints(values: tuple[str, ...], option: str, tasks: tuple[tuple[str, Any], ...], low: int) -> tuple[tuple[str, int], ...]:
+    """Parse repeated NAME=N options for tasks named by --task."""
+    out = _pairs(values, option, int)
+    names = [n for n, _ in tasks]
+    for name, n in out:
+        if name not in names:
+            raise click.BadParameter(f"{name!r} is not a --task of this run ({', '.join(names) or 'none'})", param_hint=option)
+        if n < low:
+            raise click.BadParameter(f"{name}={n}: must be at least {low}", param_hint=option)
+    return out
+
+
 @main.command()
 @click.option("--data", "data", type=click.Path(path_type=Path), multiple=True, required=True, help="Folder with styles.csv and images/<id>.jpg; --heads-only: repeatable (an id already in an earlier folder takes that image's side of the split).")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Run directory to write.")
@@ -158,6 +170,8 @@ def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] =
 @click.option("--data-weight", "data_weights", multiple=True, metavar="DIR=W", help="--heads-only: sample weight of every image of one --data folder (default 1); repeatable.")
 @click.option("--drop", multiple=True, metavar="TASK", help="--heads-only: leave this task of the base model out; repeatable. Base tasks not named by --task or --drop are kept as they are.")
 @click.option("--hidden", default=0, show_default=True, type=click.IntRange(0), help="--heads-only: 0 fits linear heads; N fits Linear(D, N) + ReLU + Linear(N, classes).")
+@click.option("--task-hidden", "task_hidden", multiple=True, metavar="NAME=N", help="--heads-only: --hidden for one task; repeatable.")
+@click.option("--task-epochs", "task_epochs", multiple=True, metavar="NAME=E", help="--heads-only: --epochs for one task; repeatable.")
 @click.option("--from-scratch", is_flag=True, help="--heads-only: a refit head starts from zero, not from the base's head of that name.")
 @click.option("--cache", type=click.Path(path_type=Path), default=None, help="--heads-only: folder of the feature cache [default: $TAGGER_CACHE/heads or ~/.cache/tagger/heads].")
 @click.option("--threads", type=click.IntRange(1), default=None, help="--heads-only: inference threads [default: one per core].")
@@ -191,7 +205,7 @@ def train(**kw: Any) -> None:
         logging.getLogger("tagger.train").setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))
     from tagger.contract import DEFAULT_TASKS
 
-    heads_only = ("base", "data_weights", "drop", "hidden", "from_scratch", "cache", "threads")
+    heads_only = ("base", "data_weights", "drop", "hidden", "task_hidden", "task_epochs", "from_scratch", "cache", "threads")
     if kw.pop("heads_only"):
         _train_heads(kw)
         return
@@ -224,14 +238,17 @@ def _train_heads(kw: dict[str, Any]) -> None:
     used = [f"--{k.replace('_', '-')}" for k in full_only if kw[k] not in (None, (), defaults.get(k))]
     if used:
         raise click.UsageError(f"{used[0]} does not apply to --heads-only")
+    tasks = _pairs(kw["tasks"], "--task")
     config = HeadsConfig(
         base=kw["base"],
         data=tuple(kw["data"]),
-        tasks=_pairs(kw["tasks"], "--task"),
+        tasks=tasks,
         out=kw["out"],
         drop=tuple(kw["drop"]),
         data_weights=tuple((Path(p), w) for p, w in _pairs(kw["data_weights"], "--data-weight", float)),
         hidden=kw["hidden"],
+        task_hidden=_task_ints(kw["task_hidden"], "--task-hidden", tasks, 0),
+        task_epochs=_task_ints(kw["task_epochs"], "--task-epochs", tasks, 1),
         warm_start=not kw["from_scratch"],
         **{k: kw[k] for k in ("epochs", "batch_size", "lr") if kw[k] is not None},
         label_smoothing=kw["label_smoothing"],

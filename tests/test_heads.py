@@ -17,7 +17,7 @@ import tagger
 from tagger.cli import main
 from tagger.contract import EMBEDDING_OUTPUT
 from tagger.labelled import load_labelled_folder
-from tagger.model.edit import Head, features_tensor, with_features_output, with_heads
+from tagger.model.edit import Head, features_tensor, linear_head, with_features_output, with_heads
 from tagger.model.info import read_model_metadata, task_columns
 from tagger.pipeline.session import open_session
 from tagger.train.features import embed, file_digests
@@ -134,7 +134,6 @@ def test_the_embedding_output_of_an_export_and_its_features(tiny_onnx: Path) -> 
 def test_every_base_head_refit(tiny_onnx: Path, tmp_path: Path) -> None:
     """Nothing of the base's heads kept: the backbone up to the features must survive the pruning."""
     from tagger.contract import TaskSpec
-    from tagger.model.edit import linear_head
 
     proto = onnx.load(str(tiny_onnx))
     w, b = linear_head(proto, "class")
@@ -160,6 +159,8 @@ def test_every_base_head_refit(tiny_onnx: Path, tmp_path: Path) -> None:
         (["--task", "status=usage"], "--task"),
         (["--drop", "nosuchtask", "--task", "tone=usage"], "--drop nosuchtask"),
         (["--task", "tone=usage", "--backbone", "resnet50"], "--backbone does not apply to --heads-only"),
+        (["--task", "tone=usage", "--task-hidden", "color=64"], "'color' is not a --task of this run"),
+        (["--task", "tone=usage", "--task-epochs", "tone=0"], "tone=0: must be at least 1"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(
@@ -174,6 +175,27 @@ def test_bad_options_are_one_line_and_exit_2(
     lines = result.output.strip().splitlines()
     assert message in result.output and len([x for x in lines if x.startswith("error") or "Error" in x]) == 1
     assert not (tmp_path / "r" / "model.onnx").exists()
+
+
+def test_task_hidden_and_task_epochs_shape_one_head(shapes: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    """--task-hidden gives one task an MLP while the other stays linear (and warm-started); both are recorded."""
+    out = tmp_path / "r"
+    result = CliRunner().invoke(
+        main,
+        ["train", "--heads-only", "--base", str(tiny_onnx), "--data", str(shapes), "--out", str(out),
+         "--cache", str(tmp_path / "c"), "--threads", "1", "--workers", "0", "--batch-size", "32",
+         "--task", "tone=usage", "--task", "color=baseColour", "--task-hidden", "tone=8",
+         "--task-epochs", "tone=40", "--epochs", "2"],
+    )
+    assert result.exit_code == 0, result.output
+    proto = onnx.load(str(out / "model.onnx"))
+    assert linear_head(proto, "tone") is None  # two Gemms: Linear + ReLU + Linear
+    assert linear_head(proto, "color") is not None
+    meta = read_model_metadata(out / "model.onnx").model["heads"]
+    assert meta["head"] == {"tone": "mlp 8", "color": "linear"}
+    assert meta["epochs"] == {"tone": 40, "color": 2}
+    gemms = [sum(n.op_type == "Gemm" for n in m.graph.node) for m in (onnx.load(str(tiny_onnx)), proto)]
+    assert gemms[1] == gemms[0] + 2  # class kept (1), color refit (1), tone (2), against class and color
 
 
 def test_an_id_in_an_earlier_folder_keeps_its_side(shapes: Path, tiny_onnx: Path, tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -46,8 +46,10 @@ class HeadsConfig:
     drop: tuple[str, ...] = ()
     data_weights: tuple[tuple[Path, float], ...] = ()
     hidden: int = 0  # 0: a linear head; N: Linear(D, N) + ReLU + Linear(N, C)
+    task_hidden: tuple[tuple[str, int], ...] = ()  # per task, overrides `hidden`
     warm_start: bool = True  # a refit linear head starts from the base's head of that name, where it has one
-    epochs: int = 10  # on standardised features a linear head has converged by then (see the model card)
+    epochs: int = 10
+    task_epochs: tuple[tuple[str, int], ...] = ()  # per task, overrides `epochs`
     batch_size: int = 1024
     lr: float = 4e-3
     weight_decay: float = 1e-4
@@ -59,6 +61,14 @@ class HeadsConfig:
     cache: Path | None = None
     workers: int | None = None
     threads: int | None = None
+
+    def for_task(self, name: str) -> HeadsConfig:
+        """This config with the task's own hidden width and epochs, where given."""
+        return replace(
+            self,
+            hidden=dict(self.task_hidden).get(name, self.hidden),
+            epochs=dict(self.task_epochs).get(name, self.epochs),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,11 +105,12 @@ def train_heads(cfg: HeadsConfig) -> Path:
     heads, metrics = [], {}
     for name, column in cfg.tasks:
         y, task = _labels(data, column, name, cfg.min_count)
+        task_cfg = cfg.for_task(name)
         init = None
-        if cfg.warm_start and cfg.hidden <= 0 and name in old_labels:
+        if cfg.warm_start and task_cfg.hidden <= 0 and name in old_labels:
             found = linear_head(base, name)
             init = (found[0], found[1], old_labels[name]) if found is not None else None
-        head, m = _fit_task(cfg, data, task, y, init)
+        head, m = _fit_task(task_cfg, data, task, y, init)
         heads.append(head)
         metrics[name] = m
         log.info("%s (%s): validation top-1 %.1f%%, macro-F1 %.3f, temperature %.2f", name, column,
@@ -326,18 +337,22 @@ def _metadata(
         "base": info.path.name,
         "kept": list(keep),
         "fitted": [n for n, _ in cfg.tasks],
-        "head": "linear" if cfg.hidden <= 0 else f"mlp {cfg.hidden}",
+        "head": {n: _head_kind(cfg.for_task(n).hidden) for n, _ in cfg.tasks},
         "warm_start": cfg.warm_start,
         "data": [{"folder": str(p), "name": p.name, "weight": dict((q.resolve(), w) for q, w in cfg.data_weights).get(p.resolve(), 1.0)} for p in cfg.data],
         "images": data.counts["images"],
         "split": {"method": "content hash", "seed": cfg.seed, "val_fraction": cfg.val_fraction},
-        "epochs": cfg.epochs,
+        "epochs": {n: cfg.for_task(n).epochs for n, _ in cfg.tasks},
         "label_smoothing": cfg.label_smoothing,
         "class_weight_power": cfg.class_weight_power,
     }
     if earlier is not None:  # the base came from heads-only training too: keep its record
         meta["heads"]["base_heads"] = earlier
     return meta
+
+
+def _head_kind(hidden: int) -> str:
+    return "linear" if hidden <= 0 else f"mlp {hidden}"
 
 
 def _round(d: Any) -> Any:
