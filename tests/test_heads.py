@@ -114,10 +114,10 @@ def test_refit_a_base_head_and_drop_another(heads_run: tuple[Path, HeadsConfig],
                     drop=("class",), epochs=5, val_fraction=0.3, cache=cfg.cache, workers=0, threads=1)
     )
     info = read_model_metadata(out)
-    assert [t.name for t in info.tasks] == ["tone", "color"]
-    assert info.tasks[1].labels == ("Blue", "Green", "Red")  # refit on this folder's colours
+    assert [t.name for t in info.tasks] == ["color", "tone"]  # the refit colour keeps its place before tone
+    assert info.tasks[0].labels == ("Blue", "Green", "Red")  # refit on this folder's colours
     proto = onnx.load(str(out))
-    assert [o.name for o in proto.graph.output] == ["tone_probs", "color_probs", EMBEDDING_OUTPUT]
+    assert [o.name for o in proto.graph.output] == ["color_probs", "tone_probs", EMBEDDING_OUTPUT]
     assert not any(i.name.startswith("heads.") for i in proto.graph.initializer)  # the old heads are gone
 
 

@@ -138,7 +138,7 @@ def with_heads(
 ) -> Any:
     """A new model: the base graph up to the pooled features, the kept tasks' heads as they were, the new heads
     (each Gemm [+ ReLU + Gemm], divided by its temperature, softmax -> `<task>_probs`), and the `embedding` output
-    (the features, L2-normalised). Tasks come in the order: kept (base order), then new. `metadata` replaces
+    (the features, L2-normalised). Tasks keep the base's order (kept and refit ones alike), then the new ones. `metadata` replaces
     META_MODEL; the tasks' labels are written from the base (kept) and the heads (new)."""
     onnx = onnx_module()
     from onnx import numpy_helper
@@ -194,7 +194,13 @@ def with_heads(
         dim = _feature_dim(out, features, heads)
         graph.output.append(onnx.helper.make_tensor_value_info(EMBEDDING_OUTPUT, onnx.TensorProto.FLOAT, [_BATCH_DIM, dim]))
 
-    tasks = tuple(TaskSpec(t, tuple(base_tasks[t])) for t in keep) + tuple(h.task for h in heads)
+    # A refit task keeps its place (the first task is the primary one); new tasks follow the base's.
+    specs = {t: TaskSpec(t, tuple(base_tasks[t])) for t in keep} | {h.task.name: h.task for h in heads}
+    tasks = tuple(specs[t] for t in base_tasks if t in specs) + tuple(h.task for h in heads if h.task.name not in base_tasks)
+    by_name = {o.name: o for o in graph.output}
+    ordered = [by_name[t.output] for t in tasks] + [by_name[EMBEDDING_OUTPUT]]
+    del graph.output[:]
+    graph.output.extend(ordered)
     values = {META_TASKS: tasks_to_json(tasks)}
     if metadata is not None:
         values[META_MODEL] = json.dumps(metadata)
