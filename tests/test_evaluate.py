@@ -344,8 +344,8 @@ def test_report_without_matplotlib_says_how_to_install_it(
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason="the shipped default model is not in export/")
 def test_default_model_on_the_sample_photos(tmp_path: Path) -> None:
-    # 20 real catalogue photos from the validation split; measured on CPU: class 16/20, colour 11/20 (12/20 with the
-    # two-task model), gender 17/20, category 20/20, subcategory 19/20, usage 16/20.
+    # 20 real catalogue photos from the validation split; measured on CPU: class 16/20, colour 12/20 (the two-task
+    # model's head), gender 16/20, category 20/20, subcategory 19/20, usage 16/20.
     r = evaluate(EvalConfig(REPO / "sample_images", device="cpu", workers=0))
     assert (r.rows, r.decoded, r.missing, r.decode_errors) == (20, 20, 0, 0)
     # Every task is scored without --task, by the column the model records.
