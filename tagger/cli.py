@@ -353,17 +353,19 @@ def merge_command(out: str, shards: tuple[str, ...]) -> None:
 @click.option("--mistakes", default=24, show_default=True, type=click.IntRange(0), help="Most confident mistakes shown per task in the report.")
 @click.option("--show-confusions", default=5, show_default=True, type=click.IntRange(0), help="Print the N most frequent confusions per task.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Score a random sample of N rows of styles.csv (seeded: the same rows each time).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the --limit sample.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Seed of the --limit sample.")
 @_friendly
 def eval_command(report: Path | None, show_confusions: int, **kw: Any) -> None:
     """Score a model on a labelled styles.csv + images/ folder, tagged exactly as `tagger run` tags."""
-    from tagger.evaluate import EvalConfig, evaluate
+    from tagger.evaluate import EvalConfig, check_report_path, evaluate
     from tagger.report import check_report_dependencies, write_report
 
-    if report is not None:
-        check_report_dependencies()  # before the run, not after it
     kw["tasks"] = _pairs(kw["tasks"], "--task")
-    result = evaluate(EvalConfig(**kw))
+    config = EvalConfig(**kw)
+    if report is not None:  # before the run, not after it
+        check_report_dependencies()
+        check_report_path(report, config)
+    result = evaluate(config)
     click.echo("\n".join(result.lines(show_confusions)))  # what eval is for: printed with -q too
     if report is not None:
         click.echo(f"report: {write_report(result, report)}")
@@ -430,13 +432,14 @@ def dupes_command(table: str, out: str, threshold: float, report: Path | None) -
     """Group the duplicate photos of a `tagger run --embeddings` TABLE: byte-identical (same sha256) and near
     (cosine >= --threshold), as connected components."""
     from tagger.report import write_dupes_report
-    from tagger.similar import dupes, write_groups
+    from tagger.similar import check_dupes_outputs, dupes, write_groups
 
     result = dupes(table, threshold)
+    check_dupes_outputs(table, out, report, result.catalog)
     write_groups(result, out, table)
-    click.echo(f"{result.line()} -> {out}")
+    _say(f"{result.line()} -> {out}")
     if report is not None:
-        click.echo(f"report: {write_dupes_report(result, report)}")
+        _say(f"report: {write_dupes_report(result, report)}")
 
 
 @main.command("similar")

@@ -21,9 +21,11 @@ META_MODEL = "tagger.model"
 META_VERSION = "tagger.version"
 META_FORMAT = "tagger.format"
 
-# Output columns of `tagger run` besides each task's own (tagger.output.schema): a task may not take these names.
+# Output columns of `tagger run` besides each task's own (tagger.output.schema), and those `tagger dupes` and
+# `tagger similar` put beside each task's tag (tagger.similar): a task may not take these names.
 RESERVED_COLUMNS: frozenset[str] = frozenset(
     {"path", "status", "error", "width", "height", "bytes", "mtime", "sha256", EMBEDDING_OUTPUT}
+    | {"group", "kind", "disagree", "similarity"}
 )
 TASK_COLUMN_SUFFIXES = ("", "_score", "_topk")  # the output columns of task t: t, t_score, t_topk (with --top-k)
 

@@ -20,10 +20,12 @@ from tagger.errors import TaggerError, UsageError
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error, confusion_matrix, per_class, summarize
 from tagger.model.info import task_columns
+from tagger.model.registry import resolve_model
 from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Failure
-from tagger.pipeline.discover import ImageRef
+from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, walk_would_list
 from tagger.pipeline.compose import check_stage_options, decoded_batches, tag_batches
 from tagger.pipeline.session import default_batch_size, default_inflight, open_session
+from tagger.storage import check_not_input
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +213,15 @@ def resolve_tasks(
         raise TaggerError(f"no task of the model maps to a column of {folder.csv_path}; use --task NAME=COLUMN")
     return out
 
+
+
+def check_report_path(report: Path, config: EvalConfig) -> None:
+    """TaggerError when a report at `report` would overwrite an input: the model, styles.csv or a photo of the
+    labelled folder."""
+    check_not_input(report, resolve_model(config.model), "model")
+    check_not_input(report, config.data / "styles.csv", "labels file")
+    if walk_would_list(config.data, report, DEFAULT_EXTENSIONS):
+        raise TaggerError(f"report {report} is a photo of the labelled folder {config.data}; choose another name")
 
 def evaluate(config: EvalConfig) -> EvalResult:
     """Tag the image of every row of config.data/styles.csv with the `tagger run` stages and score each task.

@@ -20,7 +20,10 @@ import pyarrow.parquet as pq
 from tagger.contract import EMBEDDING_OUTPUT, META_TASKS, tasks_from_json
 from tagger.errors import TaggerError, UsageError, one_line
 from tagger.output import schema as s
-from tagger.storage import Location, arrow_source, check_not_input, is_uri, publish_bytes, redact, sha256_file
+from tagger.pipeline.discover import DEFAULT_EXTENSIONS, walk_would_list
+from tagger.storage import (
+    Location, arrow_source, check_not_input, is_uri, publish_bytes, redact, same_file, sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +358,19 @@ def _split_by(gid: np.ndarray, members: np.ndarray) -> dict[int, list[int]]:
     for g, r in zip(gid.tolist(), members.tolist()):
         out.setdefault(g, []).append(r)
     return out
+
+
+def check_dupes_outputs(table: Location, out: Location, report: Location | None, catalog: str | None) -> None:
+    """TaggerError when the groups file or the report would overwrite an input: the table, each other, or a photo
+    of the catalog the table was tagged from (a file its walk lists)."""
+    for path in (out, report):
+        if path is None:
+            continue
+        check_not_input(path, table, "table")
+        if catalog is not None and walk_would_list(catalog, path, DEFAULT_EXTENSIONS):
+            raise TaggerError(f"output {redact(path)} is a photo of the catalog {catalog}; choose another name")
+    if report is not None and same_file(report, out):
+        raise UsageError(f"--report {report} is the groups file -o; choose another name")
 
 
 def write_groups(result: DupesResult, out: Location, table: Location) -> None:

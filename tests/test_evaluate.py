@@ -360,3 +360,21 @@ def test_default_model_on_the_sample_photos(tmp_path: Path) -> None:
     page = write_report(r, tmp_path / "sample.html").read_text(encoding="utf-8")
     assert page.count("data:image/png;base64,") == len(r.tasks)  # one confusion matrix per task
     assert all(f'href="#task-{t.name}"' in page for t in r.tasks)
+
+
+def test_report_never_overwrites_an_input_and_a_bad_seed_is_a_usage_error(
+    labelled: Labelled, contract_onnx: Path
+) -> None:
+    """--report onto the model, styles.csv or a photo of the folder is refused before the run; --seed -1 exits 2."""
+    root = labelled[0]
+    photo = sorted((root / "images").glob("*.jpg"))[0]
+    inputs = {p: p.read_bytes() for p in (contract_onnx, root / "styles.csv", photo)}
+    base = ["eval", "--data", str(root), "--model", str(contract_onnx), "--workers", "0"]
+    for target, message in ((contract_onnx, "is the model itself"), (root / "styles.csv", "is the labels file itself"),
+                            (photo, "is a photo of the labelled folder")):
+        res = CliRunner().invoke(main, [*base, "--report", str(target)])
+        errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert res.exit_code == TaggerError.exit_code and len(errors) == 1 and message in errors[0], res.output
+    assert {p: p.read_bytes() for p in inputs} == inputs
+    res = CliRunner().invoke(main, [*base, "--limit", "2", "--seed", "-1"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output

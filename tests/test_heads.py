@@ -137,12 +137,12 @@ def test_every_base_head_refit(tiny_onnx: Path, tmp_path: Path) -> None:
 
     proto = onnx.load(str(tiny_onnx))
     w, b = linear_head(proto, "class")
-    head = Head(TaskSpec("kind", ("a", "b", "c")), ((w * 2, b),), 1.5)
+    head = Head(TaskSpec("shape", ("a", "b", "c")), ((w * 2, b),), 1.5)
     path = tmp_path / "m.onnx"
     onnx.save(with_heads(proto, [head], []), str(path))
     images = np.random.default_rng(0).integers(0, 255, (3, 32, 32, 3), dtype=np.uint8)
     session = open_session(path, "cpu")
-    got = session.predict(images)["kind"]
+    got = session.predict(images)["shape"]
     (embedding,) = session.outputs(images, [EMBEDDING_OUTPUT])
     raw = onnx.load(str(tiny_onnx))
     exposed = tmp_path / "f.onnx"
@@ -161,11 +161,15 @@ def test_every_base_head_refit(tiny_onnx: Path, tmp_path: Path) -> None:
         (["--task", "tone=usage", "--backbone", "resnet50"], "--backbone does not apply to --heads-only"),
         (["--task", "tone=usage", "--task-hidden", "color=64"], "'color' is not a --task of this run"),
         (["--task", "tone=usage", "--task-epochs", "tone=0"], "tone=0: must be at least 1"),
+        (["--task", "similarity=usage"], "--task"),  # a column of tagger dupes and similar
+        *((["--task", "tone=usage", "--data-weight", f"DATA={w}"], "a weight must be a positive number")
+          for w in ("nan", "0", "-1", "inf")),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(
     shapes: Path, tiny_onnx: Path, tmp_path: Path, args: list[str], message: str
 ) -> None:
+    args = [a.replace("DATA=", f"{shapes}=") for a in args]  # a weight of the --data folder
     result = CliRunner().invoke(
         main,
         ["train", "--heads-only", "--base", str(tiny_onnx), "--data", str(shapes), "--out", str(tmp_path / "r"),
@@ -175,6 +179,20 @@ def test_bad_options_are_one_line_and_exit_2(
     lines = result.output.strip().splitlines()
     assert message in result.output and len([x for x in lines if x.startswith("error") or "Error" in x]) == 1
     assert not (tmp_path / "r" / "model.onnx").exists()
+
+
+def test_a_run_of_few_steps_and_an_out_that_is_a_file(shapes: Path, tiny_onnx: Path, tmp_path: Path) -> None:
+    """The default 10 epochs of one batch (a small folder) train; --out onto a file is one line, the file kept."""
+    common = ["train", "--heads-only", "--base", str(tiny_onnx), "--data", str(shapes), "--cache", str(tmp_path / "c"),
+              "--threads", "1", "--workers", "0", "--task", "tone=usage"]
+    result = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "r")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r" / "model.onnx").is_file()
+    taken = tmp_path / "taken.txt"
+    taken.write_text("hello")
+    result = CliRunner().invoke(main, [*common, "--out", str(taken)])
+    assert result.exit_code == 1 and "cannot make the run folder" in result.output, result.output
+    assert "Traceback" not in result.output and taken.read_text() == "hello"
 
 
 def test_task_hidden_and_task_epochs_shape_one_head(shapes: Path, tiny_onnx: Path, tmp_path: Path) -> None:

@@ -232,6 +232,23 @@ def test_bad_input_is_one_line_with_its_exit_code(catalog: tuple[Path, Path], tm
     assert not Path(out).exists()
 
 
+def test_dupes_outputs_never_overwrite_an_input(catalog: tuple[Path, Path], tmp_path: Path) -> None:
+    """Neither the groups file nor the report goes over the table, over each other, or over a catalog photo."""
+    runner = CliRunner()
+    table = tmp_path / "tags.parquet"
+    shutil.copyfile(catalog[1], table)
+    before = {p: p.read_bytes() for p in (table, catalog[0] / "a.jpg")}
+    out = tmp_path / "g.parquet"
+    for args, code, text in (
+        (["-o", str(out), "--report", str(table)], 1, "is the table itself"),
+        (["-o", str(out), "--report", str(out)], 2, "is the groups file"),
+        (["-o", str(catalog[0] / "a.jpg")], 1, "is a photo of the catalog"),
+        (["-o", str(out), "--report", str(catalog[0] / "a.jpg")], 1, "is a photo of the catalog"),
+    ):
+        _one_error_line(runner.invoke(main, ["dupes", str(table), *args]), code, text)
+    assert {p: p.read_bytes() for p in before} == before and not out.exists()
+
+
 def test_query_image_with_another_model_is_refused(
     catalog: tuple[Path, Path], contract_onnx: Path, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -13,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from tagger.contract import TaskSpec, check_task_names
-from tagger.errors import TaggerError, UsageError
+from tagger.errors import TaggerError, UsageError, one_line
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, summarize
 from tagger.model.edit import Head, linear_head, model_metadata, onnx_module, with_heads
@@ -62,6 +63,11 @@ class HeadsConfig:
     workers: int | None = None
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        for folder, weight in self.data_weights:
+            if not (math.isfinite(weight) and weight > 0):  # 0, NaN or inf would make NaN scores; < 0 ascends
+                raise UsageError(f"--data-weight {folder}={weight}: a weight must be a positive number")
+
     def for_task(self, name: str) -> HeadsConfig:
         """This config with the task's own hidden width and epochs, where given."""
         return replace(
@@ -96,7 +102,10 @@ def train_heads(cfg: HeadsConfig) -> Path:
     columns = _plan_tasks(cfg, info)
     out = cfg.out / MODEL_FILE
     check_destination(out, base_path, "model")
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TaggerError(f"cannot make the run folder {cfg.out}: {one_line(e)}") from None
 
     data = _load(cfg, base_path, columns)
     onnx = onnx_module()
@@ -261,9 +270,10 @@ def _fit_task(
     )
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, cfg.lr, total_steps=cfg.epochs * steps_per_epoch, pct_start=0.1
-    )
+    # OneCycleLR divides by the length of each phase minus one step: a run of few steps gets phases of 1.5 steps
+    # or more (a run of under 4 steps ends before its schedule does).
+    total = max(4, cfg.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, cfg.lr, total_steps=total, pct_start=max(0.1, 2.5 / total))
     gen = torch.Generator().manual_seed(cfg.seed)
     net.train()
     for _ in range(cfg.epochs):
@@ -382,16 +392,16 @@ def _check(model: Path, base: Path, data: Dataset, heads: Sequence[Head], keep: 
     features = np.stack([feats[i] for i in rows])
     for head in heads:
         gap = float(np.abs(got[head.task.name] - head.probs(features)).max())
-        if gap > PARITY_ATOL:
+        if not gap <= PARITY_ATOL:  # NaN fails too
             raise TaggerError(f"the written model differs from the fitted {head.task.name} head (max |diff| {gap:.2e})")
     if old is not None:
         ref = old.predict(x)
         for t in keep:
             gap = float(np.abs(got[t] - ref[t]).max())
-            if gap > PARITY_ATOL:
+            if not gap <= PARITY_ATOL:
                 raise TaggerError(f"the written model changed the kept {t} head (max |diff| {gap:.2e})")
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
-    if float(np.abs(embedding - unit).max()) > PARITY_ATOL:
+    if not float(np.abs(embedding - unit).max()) <= PARITY_ATOL:
         raise TaggerError("the written model's embedding is not the normalised features it was fitted on")
     log.info("checked %d held-out images: the written model equals the fitted heads", len(x))
 
