@@ -704,7 +704,6 @@ def decode_stream(
         return
     window = 2 * workers
     decoders = _Decoders(workers, _Arena(window, chunk_size, spec.size), spec, max_pixels, decode_memory, io_threads)
-    done = False
     try:
         start = 0
         for chunk in chunks:
@@ -714,9 +713,8 @@ def decode_stream(
                 yield decoders.next_result()
         while decoders.pending:
             yield decoders.next_result()
-        done = True
     finally:
-        decoders.close(kill=not done)
+        decoders.close()
 
 
 @dataclass(eq=False)
@@ -882,13 +880,7 @@ class _Decoders:
                 proc.kill()
                 proc.join()
 
-    def close(self, kill: bool = False) -> None:
-        """Stop the pool; kill: end its workers at once, for a run that is stopping (SIGTERM, an outage, an error)
-        must not wait for chunks whose store reads hang."""
-        if kill:
-            # Python < 3.14 has no public terminate_workers(); what the workers decode now is abandoned anyway.
-            for proc in list((self._pool._processes or {}).values()):
-                proc.kill()
+    def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.arena.close()
 
