@@ -165,16 +165,18 @@ def test_a_store_outage_mid_run_exits_1_within_the_bound_and_resume_equals_a_ful
     store.assert_same_rows(f"{BUCKET}/tags.parquet", reference)
 
 
+@pytest.mark.parametrize("workers", ["0", "2"])
 def test_sigterm_ends_a_run_within_seconds_while_the_store_never_answers(
-    store: Store, contract_onnx: Path, tmp_path: Path
+    store: Store, contract_onnx: Path, tmp_path: Path, workers: str
 ) -> None:
-    """A black-hole store with a long bound (60 s): SIGTERM still ends the run within a few seconds."""
+    """A black-hole store with a long bound (60 s): SIGTERM still ends the run within a few seconds, with decoding
+    in this process or in worker processes stuck in store reads (they are killed, not waited for)."""
     cat = tmp_path / "cat"
-    _photos(cat, 24, seed=13, size=(640, 480), ext="png")
+    _photos(cat, 24 if workers == "0" else 192, seed=13, size=(640, 480), ext="png")  # workers: chunks in flight
     pafs.copy_files(str(cat), f"{BUCKET}/cat", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=store.fs)
     store.env["TAGGER_STORE_TIMEOUT"] = "60"
     proc = _start(store, f"s3://{BUCKET}/cat", "--out", f"s3://{BUCKET}/tags.parquet", "--model", contract_onnx,
-                  "--device", "cpu", "--workers", "0", "--batch-size", "2", "--threads", "1", "--commit-every", "4")
+                  "--device", "cpu", "--workers", workers, "--batch-size", "2", "--threads", "1", "--commit-every", "4")
     try:
         _wait_for_parts(store, f"{BUCKET}/tags.parquet.work", proc)
         store.proxy.set_mode("stall")

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import warnings
+import weakref
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -735,6 +736,16 @@ def _sources(chunk: Sequence[ImageRef]) -> list[Source]:
     return [r.abspath if r.unlistable is None and not has_latency(r.abspath) else r for r in chunk]
 
 
+_LIVE_DECODERS: weakref.WeakSet[_Decoders] = weakref.WeakSet()
+
+
+def stop_decoders() -> None:
+    """Kill the workers of every decode pool of this process: for a run told to stop (SIGTERM), whose pools may be
+    waiting on store reads that never answer."""
+    for decoders in list(_LIVE_DECODERS):
+        decoders.stop()
+
+
 class _Decoders:
     """decode_stream's pool of workers, its arena, and the chunks in flight, in input order.
 
@@ -756,6 +767,16 @@ class _Decoders:
         # than multiprocessing.Pool: a worker killed mid-task raises BrokenProcessPool instead of hanging the run.
         self._ctx = multiprocessing.get_context("spawn")
         self._pool = self._new_pool()
+        self._stopping = False
+        _LIVE_DECODERS.add(self)
+
+    def stop(self) -> None:
+        """Kill the workers and never restart them: the chunk being waited for ends (BrokenProcessPool), and
+        _restart raises, instead of a wait on store reads that may never answer."""
+        self._stopping = True
+        # Python < 3.14 has no public terminate_workers(); what the workers decode now is abandoned anyway.
+        for proc in list((self._pool._processes or {}).values()):
+            proc.kill()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         memory = DecodeMemory(self.decode_memory)
@@ -802,6 +823,8 @@ class _Decoders:
         cannot import again, a missing library, no memory for a process), which no file is to blame for.
         """
         self._pool.shutdown(wait=True, cancel_futures=True)  # a broken pool has terminated and joined its workers
+        if self._stopping:
+            raise TaggerError("decoding stopped: the run is stopping")
         if not self._begun.value:
             raise cannot_start("its workers died")
         self._pool = self._new_pool()
