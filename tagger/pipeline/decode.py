@@ -705,6 +705,7 @@ def decode_stream(
         return
     window = 2 * workers
     decoders = _Decoders(workers, _Arena(window, chunk_size, spec.size), spec, max_pixels, decode_memory, io_threads)
+    done = False
     try:
         start = 0
         for chunk in chunks:
@@ -714,8 +715,9 @@ def decode_stream(
                 yield decoders.next_result()
         while decoders.pending:
             yield decoders.next_result()
+        done = True
     finally:
-        decoders.close()
+        decoders.close(kill=not done)
 
 
 @dataclass(eq=False)
@@ -903,7 +905,11 @@ class _Decoders:
                 proc.kill()
                 proc.join()
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Stop the pool; kill: a stream closed before its end (an error, a consumer that stopped) ends its workers
+        at once instead of letting them finish chunks nobody will read."""
+        if kill:
+            self.stop()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.arena.close()
 
