@@ -21,7 +21,8 @@ from tagger.contract import DEFAULT_TASKS, PreprocessSpec
 from tagger.metrics import IGNORE
 from tagger.train.augment import train_transform
 from tagger.train.data import decode_cache, load_labelled_set
-from tagger.train.loop import CachedImages, _labels, cpu_has_bf16, mixed_precision, pick_device, train_one_epoch
+from tagger.train.hardware import cpu_has_bf16, mixed_precision, pick_device
+from tagger.train.loop import CachedImages, _labels, train_one_epoch
 from tagger.train.model import MultiTaskNet
 
 WARMUP_BATCHES = 3  # first steps allocate and pick kernels; not timed
@@ -42,7 +43,7 @@ def measure(args: argparse.Namespace, precision: str, dataset: CachedImages, tas
     model = MultiTaskNet(args.backbone, tasks, weights="none").to(device)  # speed does not depend on the weights
     if bf16:
         model = model.to(memory_format=torch.channels_last)
-    criteria: dict[str, nn.Module] = {t.name: nn.CrossEntropyLoss(ignore_index=IGNORE) for t in tasks}
+    criteria = {t.name: nn.CrossEntropyLoss(ignore_index=IGNORE, reduction="none") for t in tasks}
     weights = {t.name: 1.0 for t in tasks}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
 
-    data = load_labelled_set(args.data, dict(DEFAULT_TASKS), limit=args.limit, val_fraction=0.01)
+    data = load_labelled_set([args.data], dict(DEFAULT_TASKS), limit=args.limit, val_fraction=0.01)
     spec = PreprocessSpec(size=args.image_size)
     images, examples = decode_cache(data.train, spec, args.workers)
     dataset = CachedImages(images, _labels(examples), train_transform(spec))

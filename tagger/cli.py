@@ -166,11 +166,11 @@ def _task_ints(values: tuple[str, ...], option: str, tasks: tuple[tuple[str, Any
 
 
 @main.command()
-@click.option("--data", "data", type=click.Path(path_type=Path), multiple=True, required=True, help="Folder with styles.csv and images/<id>.jpg; --heads-only: repeatable (an id already in an earlier folder takes that image's side of the split).")
+@click.option("--data", "data", type=click.Path(path_type=Path), multiple=True, required=True, help="Folder with styles.csv and images/<id>.jpg; repeatable (an id already in an earlier folder takes that image's side of the split).")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Run directory to write.")
 @click.option("--heads-only", is_flag=True, help="Fit task heads on the pooled features of --base (minutes on a CPU) and write RUN/model.onnx.")
 @click.option("--base", default="default", show_default=True, help="--heads-only: the model whose backbone is kept: default, default-int8 or an .onnx file.")
-@click.option("--data-weight", "data_weights", multiple=True, metavar="DIR=W", help="--heads-only: sample weight of every image of one --data folder (default 1); repeatable.")
+@click.option("--data-weight", "data_weights", multiple=True, metavar="DIR=W", help="Weight in the loss of every image of one --data folder (default 1); repeatable.")
 @click.option("--drop", multiple=True, metavar="TASK", help="--heads-only: leave this task of the base model out; repeatable. Base tasks not named by --task or --drop are kept as they are.")
 @click.option("--hidden", default=0, show_default=True, type=click.IntRange(0), help="--heads-only: 0 fits linear heads; N fits Linear(D, N) + ReLU + Linear(N, classes).")
 @click.option("--task-hidden", "task_hidden", multiple=True, metavar="NAME=N", help="--heads-only: --hidden for one task; repeatable.")
@@ -182,6 +182,10 @@ def _task_ints(values: tuple[str, ...], option: str, tasks: tuple[tuple[str, Any
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="[default: 128; --heads-only: 1024]")
 @click.option("--lr", default=None, type=click.FloatRange(min=0, min_open=True), help="[default: 1e-3; --heads-only: 4e-3]")
 @click.option("--image-size", default=160, show_default=True, type=click.IntRange(16), help="Square input side in pixels.")
+@click.option("--init", default=None, metavar="default|FILE", help="Start from a model's weights: default (the shipped model's), a checkpoint (.pt) or a tagger model (.onnx).")
+@click.option("--downscale", default=0.0, show_default=True, type=click.FloatRange(0, 1), help="Probability of shrinking a training image and scaling it back up, so sharp photos also look like thumbnails.")
+@click.option("--early-size", type=click.IntRange(16), default=None, help="Input side of the first --early-epochs epochs (smaller is faster; validation uses --image-size).")
+@click.option("--early-epochs", default=0, show_default=True, type=click.IntRange(0), help="Epochs at --early-size.")
 @click.option("--backbone", default="tf_efficientnet_lite0", show_default=True, help="Any timm model name.")
 @click.option("--weights", default="imagenet", show_default=True, help="imagenet, none, or a state_dict file.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -208,21 +212,22 @@ def train(**kw: Any) -> None:
         logging.getLogger("tagger.train").setLevel(min(logging.INFO, logging.getLogger().getEffectiveLevel()))
     from tagger.contract import DEFAULT_TASKS
 
-    heads_only = ("base", "data_weights", "drop", "hidden", "task_hidden", "task_epochs", "from_scratch", "cache", "threads")
+    heads_only = ("base", "drop", "hidden", "task_hidden", "task_epochs", "from_scratch", "cache", "threads")
     if kw.pop("heads_only"):
         _train_heads(kw)
         return
     used = [f"--{k.replace('_', '-')}" for k in heads_only if kw[k] not in (None, (), 0, False, "default")]
     if used:
         raise click.UsageError(f"{used[0]} needs --heads-only")
-    if len(kw["data"]) != 1:
-        raise click.UsageError("--data is given once (several folders need --heads-only)")
+    if (kw["early_size"] is None) != (kw["early_epochs"] == 0):
+        raise click.UsageError("--early-size and --early-epochs go together")
     for k in heads_only:
         kw.pop(k)
     from tagger.train.data import default_workers
     from tagger.train.loop import TrainConfig, fit
 
-    kw["data"] = kw["data"][0]
+    kw["data"] = tuple(kw["data"])
+    kw["data_weights"] = tuple((Path(p), w) for p, w in _pairs(kw["data_weights"], "--data-weight", float))
     kw["tasks"] = _pairs(kw["tasks"], "--task") or tuple(DEFAULT_TASKS.items())
     kw["task_weights"] = _pairs(kw["task_weights"], "--task-weight", float)
     for k, default in (("epochs", 15), ("batch_size", 128), ("lr", 1e-3)):
@@ -236,8 +241,8 @@ def train(**kw: Any) -> None:
 def _train_heads(kw: dict[str, Any]) -> None:
     from tagger.train.heads import HeadsConfig, train_heads
 
-    full_only = ("image_size", "backbone", "weights", "device", "limit", "resume", "task_weights", "ema_decay")
-    defaults = {"image_size": 160, "backbone": "tf_efficientnet_lite0", "weights": "imagenet", "device": "auto", "ema_decay": 0.999}
+    full_only = ("image_size", "backbone", "weights", "device", "limit", "resume", "task_weights", "ema_decay", "init", "downscale", "early_size", "early_epochs")
+    defaults = {"image_size": 160, "backbone": "tf_efficientnet_lite0", "weights": "imagenet", "device": "auto", "ema_decay": 0.999, "downscale": 0.0, "early_epochs": 0}
     used = [f"--{k.replace('_', '-')}" for k in full_only if kw[k] not in (None, (), defaults.get(k))]
     if used:
         raise click.UsageError(f"{used[0]} does not apply to --heads-only")

@@ -61,7 +61,7 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(catalog: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainConfig]:
     cfg = TrainConfig(
-        data=catalog, out=tmp_path_factory.mktemp("run"), epochs=8, batch_size=16, lr=3e-3, image_size=32,
+        data=(catalog,), out=tmp_path_factory.mktemp("run"), epochs=8, batch_size=16, lr=3e-3, image_size=32,
         backbone="test_efficientnet", weights="none", device="cpu", workers=0, val_fraction=0.25, ema_decay=0.0,
     )
     return fit(cfg), cfg
@@ -88,7 +88,7 @@ def test_rare_labels_and_missing_images(tmp_path: Path) -> None:
         f.write("3,Men,Apparel,Topwear,Hexagon,Red,Summer,2012,Casual,rare class\n")  # dropped
     shutil.copy(root / "images" / "1000.jpg", root / "images" / "1.jpg")
     Image.new("RGB", (10, 10), "red").save(root / "images" / "3.jpg")
-    data = load_labelled_set(root, {"class": "articleType", "color": "baseColour"}, min_count=8, val_fraction=0.3)
+    data = load_labelled_set([root], {"class": "articleType", "color": "baseColour"}, min_count=8, val_fraction=0.3)
     tasks = {t.name: t.labels for t in data.tasks}
     assert set(tasks["class"]) == set(SHAPES)
     assert "Magenta" not in tasks["color"] and "Hexagon" not in tasks["class"]
@@ -108,17 +108,17 @@ def test_hash_split_never_leaks_a_duplicate(tmp_path: Path) -> None:
         lines.append(f"{5000 + k},Men,Apparel,Topwear,{lines[1 + 2 * k].split(',')[4]},{color},S,2012,C,copy\n")
     (root / "styles.csv").write_text("".join(lines))
     for seed in (0, 1, 2):
-        data = load_labelled_set(root, {"class": "articleType", "color": "baseColour"}, seed=seed, val_fraction=0.3)
+        data = load_labelled_set([root], {"class": "articleType", "color": "baseColour"}, seed=seed, val_fraction=0.3)
         train_digests = {e.digest for e in data.train}
         assert not train_digests & {e.digest for e in data.val}
         assert len(data.train) + len(data.val) == 90 + 40
-    a = load_labelled_set(root, {"class": "articleType"}, seed=0, val_fraction=0.3)
-    b = load_labelled_set(root, {"class": "articleType"}, seed=0, val_fraction=0.3)
+    a = load_labelled_set([root], {"class": "articleType"}, seed=0, val_fraction=0.3)
+    b = load_labelled_set([root], {"class": "articleType"}, seed=0, val_fraction=0.3)
     assert [e.id for e in a.val] == [e.id for e in b.val]  # seeded, deterministic
 
 
 def test_class_weights_temper_inverse_frequency(catalog: Path) -> None:
-    data = load_labelled_set(catalog, {"class": "articleType"}, val_fraction=0.2)
+    data = load_labelled_set([catalog], {"class": "articleType"}, val_fraction=0.2)
     examples = list(data.train) + [e for e in data.train if e.labels[0] == 0] * 9  # class 0 ten times as frequent
     n = np.bincount([e.labels[0] for e in examples])
     for power in (0.3, 0.5):
@@ -167,7 +167,7 @@ def test_checkpoint_round_trips(trained: tuple[Path, TrainConfig], catalog: Path
 def _resume_config(root: Path, out: Path, epochs: int, resume: Path | None = None) -> TrainConfig:
     # warmup_epochs=1: epoch 1 runs the same learning rates whether the schedule is 1 or 2 epochs long.
     return TrainConfig(
-        data=root, out=out, epochs=epochs, batch_size=8, lr=3e-3, image_size=32, backbone="test_efficientnet",
+        data=(root,), out=out, epochs=epochs, batch_size=8, lr=3e-3, image_size=32, backbone="test_efficientnet",
         weights="none", device="cpu", workers=0, val_fraction=0.25, ema_decay=0.9, warmup_epochs=1.0, resume=resume,
     )
 
@@ -249,7 +249,7 @@ def test_corrupt_training_images_are_skipped(tmp_path: Path) -> None:
     root = make_catalog(tmp_path / "c", per_combo=4)
     (root / "images" / "1000.jpg").write_bytes(b"not a jpeg")
     cfg = TrainConfig(
-        data=root, out=tmp_path / "run", epochs=1, batch_size=16, image_size=32, backbone="test_efficientnet",
+        data=(root,), out=tmp_path / "run", epochs=1, batch_size=16, image_size=32, backbone="test_efficientnet",
         weights="none", device="cpu", workers=0, val_fraction=0.3,
     )
     fit(cfg)
@@ -264,7 +264,7 @@ def test_any_number_of_tasks_trains_and_exports(catalog: Path, tmp_path: Path) -
 
     tasks = (("color", "baseColour"), ("class", "articleType"), ("season", "season"))
     cfg = TrainConfig(
-        data=catalog, out=tmp_path / "run", epochs=1, batch_size=16, image_size=32, backbone="test_efficientnet",
+        data=(catalog,), out=tmp_path / "run", epochs=1, batch_size=16, image_size=32, backbone="test_efficientnet",
         weights="none", device="cpu", workers=0, val_fraction=0.25, tasks=tasks, task_weights=(("season", 0.1),),
     )
     best = fit(cfg)

@@ -60,7 +60,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_training_cache_holds_the_serving_decoders_pixels(folder: Path, workers: int) -> None:
-    data = load_labelled_set(folder, {"class": "articleType", "color": "baseColour"}, min_count=1, val_fraction=0.5)
+    data = load_labelled_set([folder], {"class": "articleType", "color": "baseColour"}, min_count=1, val_fraction=0.5)
     examples = data.train + data.val
     assert {e.ref.path for e in examples} >= {f"images/{name}" for name in SPECIAL.values()}
 

@@ -12,6 +12,8 @@ from tagger.errors import TaggerError
 DEFAULT_MODEL_NAME = "tagger-default.onnx"
 # Models shipped with the package, by the name `--model` accepts for them.
 SHIPPED_MODELS: Mapping[str, str] = {"default": DEFAULT_MODEL_NAME, "default-int8": "tagger-default.int8.onnx"}
+# The default model's training weights (`tagger train --init default`): `tagger export` of it gives the default model.
+DEFAULT_WEIGHTS_NAME = "tagger-default.pt"
 
 
 def default_model_path() -> Path:
@@ -21,7 +23,15 @@ def default_model_path() -> Path:
 
 def shipped_model_path(name: str) -> Path:
     """A model shipped with the package: package data tagger/_default_model/, else export/ of a source checkout."""
-    file = SHIPPED_MODELS[name]
+    return _shipped_file(SHIPPED_MODELS[name], f"the shipped model {name!r}", "pass --model MODEL.onnx")
+
+
+def shipped_weights_path() -> Path:
+    """The default model's training weights, shipped beside it."""
+    return _shipped_file(DEFAULT_WEIGHTS_NAME, "the default model's weights", "pass --init CHECKPOINT.pt")
+
+
+def _shipped_file(file: str, what: str, hint: str) -> Path:
     try:
         packaged = importlib.resources.files("tagger._default_model") / file
         if packaged.is_file():
@@ -31,7 +41,7 @@ def shipped_model_path(name: str) -> Path:
     checkout = Path(__file__).resolve().parents[2] / "export" / file
     if checkout.is_file():
         return checkout
-    raise TaggerError(f"the shipped model {name!r} is not installed ({file} not found); pass --model MODEL.onnx")
+    raise TaggerError(f"{what} is not installed ({file} not found); {hint}")
 
 
 def is_shipped_name(model: str | os.PathLike[str]) -> bool:

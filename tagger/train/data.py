@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -13,23 +14,25 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from tagger.contract import PreprocessSpec, TaskSpec
-from tagger.errors import TaggerError
+from tagger.errors import TaggerError, UsageError
 from tagger.labelled import load_labelled_folder
 from tagger.metrics import IGNORE
 from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Failure, decode_stream
 from tagger.pipeline.discover import ImageRef
+from tagger.train.features import file_digests
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Example:
-    """One labelled image: its id, file and one label index per task (IGNORE where not scored)."""
+    """One labelled image: its id, file, one label index per task (IGNORE where not scored) and its folder."""
 
     id: str
     ref: ImageRef
     labels: tuple[int, ...]
     digest: str  # sha256 of the file's bytes: byte-identical copies share it
+    source: int = 0  # index of its --data folder
 
 
 @dataclass(frozen=True)
@@ -39,42 +42,62 @@ class LabelledSet:
     val: tuple[Example, ...]
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def in_val(digest: str, seed: int, val_fraction: float) -> bool:
     """Seeded, order-free assignment by content: every copy of the same bytes lands on the same side."""
     h = hashlib.sha256(f"{seed}:{digest}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < val_fraction
 
 
+def split_sides(ids: Sequence[str], digests: Sequence[str], seed: int, val_fraction: float) -> list[bool]:
+    """Whether each image is validation. The first image of an id decides that id's side, so a product seen in an
+    earlier folder (a thumbnail) keeps its other images (real-size photos) on the same side."""
+    side: dict[str, str] = {}
+    for i, d in zip(ids, digests):
+        side.setdefault(i, d)
+    return [in_val(side[i], seed, val_fraction) for i in ids]
+
+
+def data_folder_weights(folders: Sequence[Path], weights: Sequence[tuple[Path, float]]) -> list[float]:
+    """Each folder's sample weight (--data-weight DIR=W, default 1), in folder order."""
+    index = {d.resolve(): i for i, d in enumerate(folders)}
+    out = [1.0] * len(folders)
+    for path, w in weights:
+        if path.resolve() not in index:
+            raise UsageError(f"--data-weight names {path}, which is not a --data folder")
+        if not (math.isfinite(w) and w > 0):  # 0, NaN or inf would make NaN scores; < 0 ascends
+            raise UsageError(f"--data-weight {path}={w}: a weight must be a positive number")
+        out[index[path.resolve()]] = w
+    return out
+
+
 def load_labelled_set(
-    data_dir: Path,
+    data_dirs: Sequence[Path],
     task_columns: Mapping[str, str],
     min_count: int = 8,
     val_fraction: float = 0.15,
     seed: int = 0,
     limit: int | None = None,
 ) -> LabelledSet:
-    """Rows of styles.csv with an image, filtered and split; the first task is the primary one.
+    """Rows of every folder's styles.csv with an image, filtered and split; the first task is the primary one.
 
-    Rows whose primary label has fewer than `min_count` images are dropped. A rare or missing label in another task
-    becomes IGNORE (left out of that task's loss) and the image is kept.
+    Rows whose primary label has fewer than `min_count` images (over all folders) are dropped. A rare or missing
+    label in another task becomes IGNORE (left out of that task's loss) and the image is kept.
     """
-    folder = load_labelled_folder(data_dir)
-    for task, column in task_columns.items():
-        folder.require_column(column, f"task {task!r}")
-    with_image = [(folder.rows[i], ref) for i, ref in zip(folder.ref_rows, folder.refs)]
+    with_image = []
+    for source, data_dir in enumerate(data_dirs):
+        folder = load_labelled_folder(data_dir)
+        for task, column in task_columns.items():
+            folder.require_column(column, f"task {task!r}")
+        with_image += [(folder.rows[i], ref, source) for i, ref in zip(folder.ref_rows, folder.refs)]
     if limit is not None and limit < len(with_image):
         pick = np.random.default_rng(seed).choice(len(with_image), size=limit, replace=False)
         with_image = [with_image[i] for i in sorted(pick)]
 
     names = list(task_columns)
     primary = names[0]
-    counts = {t: Counter(r[task_columns[t]] for r, _ in with_image if r[task_columns[t]]) for t in names}
+    counts = {t: Counter(r[task_columns[t]] for r, _, _ in with_image if r[task_columns[t]]) for t in names}
     kept_labels = {t: sorted(lab for lab, n in counts[t].items() if n >= min_count) for t in names}
-    kept = [(r, ref) for r, ref in with_image if r[task_columns[primary]] in set(kept_labels[primary])]
+    kept = [row for row in with_image if row[0][task_columns[primary]] in set(kept_labels[primary])]
     log.info(
         "kept %d rows: dropped %d whose %r label has fewer than %d images (%d of %d labels kept)",
         len(kept), len(with_image) - len(kept), primary, min_count, len(kept_labels[primary]), len(counts[primary]),
@@ -84,17 +107,20 @@ def load_labelled_set(
 
     tasks = tuple(TaskSpec(t, tuple(kept_labels[t])) for t in names)
     index = {t.name: {lab: i for i, lab in enumerate(t.labels)} for t in tasks}
+    digests = file_digests([ref for _, ref, _ in kept])
     examples = [
         Example(
             id=r["id"],
             ref=ref,
             labels=tuple(index[t].get(r[task_columns[t]], IGNORE) for t in names),
-            digest=_digest(Path(ref.abspath)),
+            digest=digest,
+            source=source,
         )
-        for r, ref in kept
+        for (r, ref, source), digest in zip(kept, digests)
     ]
-    train = tuple(e for e in examples if not in_val(e.digest, seed, val_fraction))
-    val = tuple(e for e in examples if in_val(e.digest, seed, val_fraction))
+    sides = split_sides([e.id for e in examples], digests, seed, val_fraction)
+    train = tuple(e for e, v in zip(examples, sides) if not v)
+    val = tuple(e for e, v in zip(examples, sides) if v)
     if not train or not val:
         raise TaggerError(f"too few images ({len(examples)}) for a train/validation split")
     log.info("split by content hash (seed %d): %d train, %d validation", seed, len(train), len(val))

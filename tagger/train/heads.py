@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +24,7 @@ from tagger.pipeline.decode import Sample
 from tagger.pipeline.session import open_session
 from tagger.storage import check_destination, publish, publish_bytes, reserve_temp
 from tagger.temperature import fit_temperature
-from tagger.train.data import class_weight_vector, in_val
+from tagger.train.data import class_weight_vector, data_folder_weights, split_sides
 from tagger.train.features import default_cache_dir, embed, file_digests
 
 log = logging.getLogger(__name__)
@@ -64,9 +63,7 @@ class HeadsConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        for folder, weight in self.data_weights:
-            if not (math.isfinite(weight) and weight > 0):  # 0, NaN or inf would make NaN scores; < 0 ascends
-                raise UsageError(f"--data-weight {folder}={weight}: a weight must be a positive number")
+        data_folder_weights(self.data, self.data_weights)  # a bad --data-weight fails before any work
 
     def for_task(self, name: str) -> HeadsConfig:
         """This config with the task's own hidden width and epochs, where given."""
@@ -167,10 +164,7 @@ def _plan_tasks(cfg: HeadsConfig, info: ModelInfo) -> dict[str, str]:
 
 
 def _load(cfg: HeadsConfig, base: Path, columns: Mapping[str, str]) -> Dataset:
-    weights = {p.resolve(): w for p, w in cfg.data_weights}
-    unknown = [str(p) for p in weights if p not in {d.resolve() for d in cfg.data}]
-    if unknown:
-        raise UsageError(f"--data-weight names {unknown[0]}, which is not a --data folder")
+    weights = data_folder_weights(cfg.data, cfg.data_weights)
     folders = [load_labelled_folder(d) for d in cfg.data]
     for folder in folders:
         for name, column in cfg.tasks:
@@ -186,12 +180,8 @@ def _load(cfg: HeadsConfig, base: Path, columns: Mapping[str, str]) -> Dataset:
     log.info("features: %s in %.0f s", ", ".join(f"{v} {k}" for k, v in counts.items()), time.perf_counter() - t0)
     source = np.concatenate([np.full(len(f.refs), i) for i, f in enumerate(folders)])
     ids = [f.rows[r]["id"] for f in folders for r in f.ref_rows]
-    # An id seen in an earlier folder takes that image's side of the split (the same product at another size).
-    side: dict[str, str] = {}
-    for i, d in zip(ids, digests):
-        side.setdefault(i, d)
-    val = np.array([in_val(side[i], cfg.seed, cfg.val_fraction) for i in ids], dtype=bool)
-    weight = np.array([weights.get(cfg.data[s].resolve(), 1.0) for s in source], np.float32)
+    val = np.array(split_sides(ids, digests, cfg.seed, cfg.val_fraction), dtype=bool)
+    weight = np.array([weights[s] for s in source], np.float32)
     keep = np.flatnonzero(ok)
     return Dataset(
         folders=folders,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -27,7 +26,12 @@ from tagger.storage import publish_bytes, publishing
 from tagger.temperature import fit_temperature
 from tagger.train.augment import eval_transform, train_transform
 from tagger.train.checkpoint import read_checkpoint, save_checkpoint
-from tagger.train.data import Example, class_weights, decode_cache, default_workers, load_labelled_set
+from tagger.train.data import (
+    Example, class_weights, data_folder_weights, decode_cache, default_workers, load_labelled_set,
+)
+from tagger.train.ema import Ema
+from tagger.train.hardware import mixed_precision, pick_device
+from tagger.train.init import apply_init, calibrate_folded_norms, calibration_images, load_init
 from tagger.train.model import MultiTaskNet
 
 log = logging.getLogger(__name__)
@@ -39,8 +43,10 @@ FEW_BATCHES = 10  # batches an epoch below which a run is said to learn little (
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: Path
+    data: tuple[Path, ...]  # folders of styles.csv + images/; an id of an earlier folder keeps that image's side
     out: Path
+    data_weights: tuple[tuple[Path, float], ...] = ()  # a folder's weight of each image in the loss (default 1)
+    init: str | None = None  # start from: default, a checkpoint or a tagger .onnx model (tagger.train.init)
     epochs: int = 15
     batch_size: int = 128
     lr: float = 1e-3
@@ -62,79 +68,29 @@ class TrainConfig:
     ema_decay: float = 0.999  # 0 disables the weight EMA
     class_weight_power: float = 0.3
     precision: str = "auto"  # auto: bf16 where the hardware runs it natively (mixed_precision); bf16; fp32
+    downscale: float = 0.0  # probability of shrinking an image and scaling it back up (augment.DownUp)
+    early_size: int | None = None  # side of the first `early_epochs` epochs' inputs (FixRes-style progressive sizes)
+    early_epochs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+        """Plain values only (paths as strings), so checkpoints load with weights_only=True."""
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
 
 
 class CachedImages(Dataset):
-    """Decoded uint8 [N, S, S, 3] images plus int64 labels [N, T], transformed per sample."""
+    """Decoded uint8 [N, S, S, 3] images, int64 labels [N, T] and float32 sample weights [N], transformed per
+    sample."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: nn.Module) -> None:
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: nn.Module, weights: np.ndarray | None = None) -> None:
         self.images, self.labels, self.transform = images, labels, transform
+        self.weights = np.ones(len(images), np.float32) if weights is None else weights
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(self.images[i]).permute(2, 0, 1)  # HWC -> CHW, uint8
-        return self.transform(x), torch.from_numpy(self.labels[i])
-
-
-class Ema:
-    """Exponential moving average of the weights, with timm's warm-up so early epochs are not stuck at the init."""
-
-    def __init__(self, model: MultiTaskNet, decay: float) -> None:
-        self.module: MultiTaskNet = copy.deepcopy(model).eval()
-        self.decay = decay
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for e, m in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if e.dtype.is_floating_point:
-                e.mul_(d).add_(m.detach(), alpha=1 - d)
-            else:
-                e.copy_(m)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TaggerError("--device cuda was asked for, but no CUDA device is available to torch")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise TaggerError(f"unknown device {name!r}: use auto, cpu or cuda")
-    return torch.device(name)
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
-_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), as /proc/cpuinfo lists them. torch's own check
-    (mkldnn bf16 support) also says yes on AVX512 CPUs that only emulate bf16, where it does not pay."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(
-                line.startswith("flags") and not _CPU_BF16_FLAGS.isdisjoint(line.split()) for line in f
-            )
-    except OSError:  # not Linux
-        return False
-
-
-def mixed_precision(device: torch.device, precision: str = "auto") -> bool:
-    """Whether to train and validate under bf16 autocast with channels_last tensors: on CUDA, and on CPUs with
-    bf16 instructions (on an AVX512-BF16 CPU, Lite0 at 160 px trained 1.2x more images per CPU-second than in fp32
-    and reached the same validation accuracy; README, Training)."""
-    if precision not in PRECISIONS:
-        raise TaggerError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision == "bf16"
-    return device.type == "cuda" or cpu_has_bf16()
+        return self.transform(x), torch.from_numpy(self.labels[i]), torch.tensor(self.weights[i])
 
 
 def _labels(examples: Sequence[Example]) -> np.ndarray:
@@ -142,14 +98,22 @@ def _labels(examples: Sequence[Example]) -> np.ndarray:
 
 
 def task_losses(
-    logits: dict[str, torch.Tensor], y: torch.Tensor, criteria: dict[str, nn.Module]
+    logits: dict[str, torch.Tensor], y: torch.Tensor, criteria: dict[str, nn.CrossEntropyLoss], w: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Cross-entropy per task; a batch with no scored label for a task contributes 0, not NaN."""
+    """Cross-entropy per task (criteria with reduction "none"), sample weights w [B]; a batch with no scored label for
+    a task contributes 0, not NaN.
+
+    The mean is weighted as torch's own with class weights: sum(w_i * l_i) / sum(w_i * class_weight[y_i]), so with
+    w = 1 it equals reduction "mean".
+    """
     out = {}
     for i, (name, crit) in enumerate(criteria.items()):
-        target = y[:, i]
-        if bool((target != IGNORE).any()):
-            out[name] = crit(logits[name].float(), target)
+        target = y[:, i]  # [B]
+        scored = target != IGNORE
+        if bool(scored.any()):
+            per_sample = crit(logits[name].float(), target)  # [B], 0 where IGNORE
+            cw = crit.weight[target.clamp_min(0)] if crit.weight is not None else torch.ones_like(w)
+            out[name] = (w * per_sample).sum() / (w * cw * scored).sum()
         else:
             out[name] = logits[name].sum() * 0.0
     return out
@@ -158,7 +122,7 @@ def task_losses(
 def train_one_epoch(
     model: MultiTaskNet,
     loader: DataLoader,
-    criteria: dict[str, nn.Module],
+    criteria: dict[str, nn.CrossEntropyLoss],
     task_weights: dict[str, float],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -176,12 +140,12 @@ def train_one_epoch(
     # A bar on a terminal only (a log gets the epoch's line), and none with -q (errors only).
     quiet = not sys.stderr.isatty() or not log.isEnabledFor(logging.WARNING)
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=quiet)
-    for x, y in bar:
+    for x, y, w in bar:
         x = x.to(device, non_blocking=True, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
-        y = y.to(device, non_blocking=True)
+        y, w = y.to(device, non_blocking=True), w.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
-        losses = task_losses(logits, y, criteria)
+        losses = task_losses(logits, y, criteria, w)
         loss = sum(task_weights[t] * losses[t] for t in losses)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
@@ -210,7 +174,7 @@ def evaluate(
     device: torch.device,
     batch_size: int = 256,
     bf16: bool = False,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """Per task on fitted-and-padded uint8 images, as the runtime sees them: top-1, macro-F1, balanced accuracy,
     and the temperature that calibrates the scores on these images (tagger.temperature.fit_temperature)."""
     model.eval()
@@ -223,7 +187,7 @@ def evaluate(
             logits = model(x)
         for t in tasks:
             probs[t.name].append(torch.softmax(logits[t.name].float(), dim=1).cpu().numpy())  # [B, C]
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for i, t in enumerate(tasks):
         p, y = np.concatenate(probs[t.name]), labels[:, i]  # [N, C], [N]
         out[t.name] = dict(summarize(y, p.argmax(1), len(t.labels)))
@@ -270,7 +234,9 @@ def fit(cfg: TrainConfig) -> Path:
         if name not in task_weights:
             raise TaggerError(f"--task-weight names unknown task {name!r}; tasks: {', '.join(task_weights)}")
         task_weights[name] = w
-    # Build the model first: an unknown backbone or missing weights fail before minutes of decoding.
+    folder_weights = data_folder_weights(cfg.data, cfg.data_weights)
+    # Build the model first: an unknown backbone, missing weights or a bad --init fail before minutes of decoding.
+    init = load_init(cfg.init) if cfg.init is not None else None
     probe_tasks = [TaskSpec(t, ("_",)) for t in task_columns]
     MultiTaskNet(cfg.backbone, probe_tasks, weights="none")
 
@@ -282,6 +248,8 @@ def fit(cfg: TrainConfig) -> Path:
     val_images, val_ex = decode_cache(data.val, spec, cfg.workers)
     log.info("decoded %d images in %.1fs", len(train_ex) + len(val_ex), time.perf_counter() - t0)
     train_labels, val_labels = _labels(train_ex), _labels(val_ex)
+    sample_weights = np.array([folder_weights[e.source] for e in train_ex], np.float32)  # [N_train]
+    val_sources = np.array([e.source for e in val_ex])
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     weights_np = class_weights(train_ex, tasks, cfg.class_weight_power)
@@ -297,29 +265,41 @@ def fit(cfg: TrainConfig) -> Path:
     }
     publish_bytes(cfg.out / "split.json", json.dumps(split).encode())
 
-    model = MultiTaskNet(cfg.backbone, tasks, weights=cfg.weights).to(device)
+    model = MultiTaskNet(cfg.backbone, tasks, weights="none" if init else cfg.weights)
+    if init is not None:
+        apply_init(model, tasks, init)
+        calib = calibration_images(train_images, 512, cfg.seed)  # uint8 [n, S, S, 3]
+        calibrate_folded_norms(model, init, eval_transform(spec)(torch.from_numpy(calib).permute(0, 3, 1, 2)))
+    model = model.to(device)
     if bf16:
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     log.info("training on %s in %s", device.type, "bf16 autocast, channels_last" if bf16 else "fp32")
-    criteria: dict[str, nn.Module] = {
+    criteria = {
         t.name: nn.CrossEntropyLoss(
-            weight=weights[t.name].to(device), ignore_index=IGNORE, label_smoothing=cfg.label_smoothing
+            weight=weights[t.name].to(device), ignore_index=IGNORE, label_smoothing=cfg.label_smoothing,
+            reduction="none",
         )
         for t in tasks
     }
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(
-        CachedImages(train_images, train_labels, train_transform(spec)),
-        batch_size=cfg.batch_size,
-        shuffle=True,
-        drop_last=len(train_images) > cfg.batch_size,
-        num_workers=cfg.workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=cfg.workers > 0,
-        generator=generator,
-    )
+
+    def loader_for(epoch: int) -> DataLoader:
+        """The epoch's loader: early epochs train on smaller inputs (validation and export use the full size)."""
+        size = cfg.early_size if epoch <= cfg.early_epochs else None
+        return DataLoader(
+            CachedImages(train_images, train_labels, train_transform(spec, cfg.downscale, size), sample_weights),
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=len(train_images) > cfg.batch_size,
+            num_workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=cfg.workers > 0,
+            generator=generator,
+        )
+
+    loader = loader_for(1)
     if len(loader) < FEW_BATCHES:
         log.warning(
             "only %d batches an epoch (%d training images at --batch-size %d%s): too few steps to learn much",
@@ -338,7 +318,8 @@ def fit(cfg: TrainConfig) -> Path:
         start_epoch, best_score = _resume(cfg.resume, tasks, model, optimizer, scheduler, ema, generator)
 
     data_info = {
-        "source": cfg.data.name,
+        "source": "+".join(d.name for d in cfg.data),
+        "weights": {d.name: folder_weights[i] for i, d in enumerate(cfg.data)},
         "n_train": len(train_ex),
         "n_val": len(val_ex),
         "split": "content hash",
@@ -349,19 +330,28 @@ def fit(cfg: TrainConfig) -> Path:
     best_path = cfg.out / BEST_NAME
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.perf_counter()
+        if epoch == start_epoch or epoch == cfg.early_epochs + 1:
+            loader = loader_for(epoch)
         train_stats = train_one_epoch(
             model, loader, criteria, task_weights, optimizer, scheduler, device, ema, f"epoch {epoch}/{cfg.epochs}",
             bf16,
         )
         scored = ema.module if ema is not None else model
         val = evaluate(scored, val_images, val_labels, tasks, spec, device, bf16=bf16)
+        if len(cfg.data) > 1:  # each folder's validation images too (thumbnails and real-size photos)
+            for i, d in enumerate(cfg.data):
+                mine = val_sources == i
+                if mine.any():
+                    by_folder = evaluate(scored, val_images[mine], val_labels[mine], tasks, spec, device, bf16=bf16)
+                    for t in tasks:
+                        val[t.name][d.name] = {k: v for k, v in by_folder[t.name].items() if k != "temperature"}
         seconds = time.perf_counter() - t_epoch
         score = float(np.mean([val[t.name]["top1"] for t in tasks]))
         log.info(
             "epoch %d/%d | train acc %s | %s | loss %.3f | %.1fs",
             epoch, cfg.epochs,
             " ".join(f"{t.name} {train_stats['acc_' + t.name]:.2%}" for t in tasks),
-            " | ".join(f"val {t.name} {val[t.name]['top1']:.2%}" for t in tasks),
+            " | ".join(f"val {t.name} {_top1s(val[t.name], cfg.data)}" for t in tasks),
             train_stats["loss"], seconds,
         )
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_stats["loss"], "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
@@ -389,6 +379,12 @@ def fit(cfg: TrainConfig) -> Path:
             ema_updates=ema.updates if ema is not None else 0, best_score=best_score, rng=_rng_state(generator),
         )
     return best_path
+
+
+def _top1s(metrics: dict[str, Any], folders: Sequence[Path]) -> str:
+    """"88.10%", or with several folders "88.10% (fashion-small 88.20%, fashion-photos 87.00%)"."""
+    parts = [f"{d.name} {metrics[d.name]['top1']:.2%}" for d in folders if d.name in metrics]
+    return f"{metrics['top1']:.2%}" + (f" ({', '.join(parts)})" if len(parts) > 1 else "")
 
 
 def _resume(
