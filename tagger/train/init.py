@@ -15,19 +15,20 @@ from tagger.contract import TaskSpec
 from tagger.errors import TaggerError
 from tagger.model.edit import linear_head, onnx_module
 from tagger.model.info import read_model_metadata
-from tagger.model.registry import shipped_weights_path
+from tagger.model.registry import default_model_path, shipped_weights_path
 from tagger.train.checkpoint import read_checkpoint
 from tagger.train.model import MultiTaskNet
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WEIGHTS = "default"  # --init default: export/tagger-default.pt, the weights of the shipped default model
+DEFAULT_WEIGHTS = "default"  # --init default: the shipped default model's weights (tagger-default.pt)
 
 
 @dataclass(frozen=True)
 class InitWeights:
-    """Weights to start from. `folded`: backbone convs whose batch norm the exporter folded into them (by conv
-    module name, the folded bias [C]); their norms are rebuilt from data by `calibrate_folded_norms`."""
+    """Weights to start from. A model from `tagger export` has no batch norms: the exporter folded each into the
+    conv before it, whose bias [C] is in `folded` by conv module name (absent where it was all zeros);
+    `calibrate_folded_norms` rebuilds those norms from data."""
 
     source: str
     backbone: str
@@ -38,7 +39,12 @@ class InitWeights:
 
 def load_init(source: str) -> InitWeights:
     """`default`, a tagger checkpoint (.pt) or a model `tagger export` wrote (.onnx)."""
-    path = shipped_weights_path() if source == DEFAULT_WEIGHTS else Path(source)
+    path = Path(source)
+    if source == DEFAULT_WEIGHTS:
+        try:
+            path = shipped_weights_path()
+        except TaggerError:  # an install without the weights file: read them back from the default model's graph
+            path = default_model_path()
     if not path.is_file():
         raise TaggerError(f"--init {source}: no such file; use default, a checkpoint (.pt) or a tagger model (.onnx)")
     if path.suffix == ".onnx":
@@ -81,7 +87,13 @@ def apply_init(model: MultiTaskNet, tasks: Sequence[TaskSpec], init: InitWeights
     if init.backbone != model.backbone_name:
         raise TaggerError(f"--init {init.source} is a {init.backbone} model; this run trains {model.backbone_name}")
     own = model.state_dict()
-    missing = [k for k in own if k.startswith("backbone.") and k not in init.state and not _rebuilt(k, init, own)]
+    rebuilt = {norm for norm, _ in _folded_norms(own, init).values()}
+    # The exporter drops a bias of zeros from the graph (a conv whose weight is there has one of zeros).
+    zeros = [k for k in own if k.endswith(".bias") and k not in init.state and f"{k[:-5]}.weight" in init.state]
+    missing = [
+        k for k in own
+        if k.startswith("backbone.") and k not in init.state and k not in zeros and k.rsplit(".", 1)[0] not in rebuilt
+    ]
     if missing:
         raise TaggerError(f"--init {init.source}: its weights do not fit {model.backbone_name} (no {missing[0]})")
     with torch.no_grad():
@@ -89,6 +101,8 @@ def apply_init(model: MultiTaskNet, tasks: Sequence[TaskSpec], init: InitWeights
             if k not in own or own[k].shape != v.shape:
                 raise TaggerError(f"--init {init.source}: its weights do not fit {model.backbone_name} (at {k})")
             own[k].copy_(v)
+        for k in zeros:
+            own[k].zero_()
         for task in tasks:
             if task.name not in init.heads:
                 continue
@@ -103,22 +117,27 @@ def apply_init(model: MultiTaskNet, tasks: Sequence[TaskSpec], init: InitWeights
             log.info("--init: %s head from %s (%d of %d labels)", task.name, init.source, len(shared), len(task.labels))
 
 
-def _rebuilt(key: str, init: InitWeights, own: Mapping[str, torch.Tensor]) -> bool:
-    """Whether `key` is a batch-norm tensor that calibrate_folded_norms rebuilds (the norm after a folded conv)."""
-    return any(key.startswith(norm + ".") for norm in _norm_after(own, init.folded).values())
+def _folded_norms(own: Mapping[str, torch.Tensor], init: InitWeights) -> dict[str, tuple[str, torch.Tensor]]:
+    """Conv module -> (the batch norm after it, its folded bias [C]) for each norm `init` has no tensors of.
 
-
-def _norm_after(own: Mapping[str, torch.Tensor], folded: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Folded conv module -> the batch norm module right after it, by the order of the state dict (timm's
-    EfficientNets define each norm right after its conv)."""
-    modules = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in own))
-    out = {}
-    for i, name in enumerate(modules):
-        if name in folded:
-            norm = next((m for m in modules[i + 1 :] if f"{m}.running_mean" in own), None)
-            if norm is None or own[f"{norm}.running_mean"].shape != folded[name].shape:
-                raise TaggerError(f"cannot find the batch norm after {name}; this model cannot be trained from")
-            out[name] = norm
+    A norm belongs to the last conv defined before it (timm's blocks define each norm after its conv; a squeeze-
+    excite's convs come before the projecting conv and its norm)."""
+    if not init.folded and any(k.endswith(".running_mean") for k in init.state):
+        return {}
+    out: dict[str, tuple[str, torch.Tensor]] = {}
+    last_conv = None
+    for name in dict.fromkeys(k.rsplit(".", 1)[0] for k in own):
+        weight = own.get(f"{name}.weight")
+        if f"{name}.running_mean" in own:
+            if f"{name}.running_mean" in init.state:
+                continue
+            channels = own[f"{name}.running_mean"].shape[0]
+            if last_conv is None or own[f"{last_conv}.weight"].shape[0] != channels:
+                raise TaggerError(f"cannot tell which conv {name} follows; this model cannot be trained from")
+            out[last_conv] = (name, init.folded.get(last_conv, torch.zeros(channels)))
+            last_conv = None
+        elif weight is not None and weight.ndim == 4:
+            last_conv = name
     return out
 
 
@@ -131,17 +150,17 @@ def calibrate_folded_norms(model: MultiTaskNet, init: InitWeights, images: torch
     variance v; with running stats (m, v), gamma sqrt(v + eps) and beta m + bias the eval output is unchanged, and
     in training the batch statistics start where the graph's activations are, not at an arbitrary scale.
     """
-    if not init.folded:
+    pairs = _folded_norms(model.state_dict(), init)
+    if not pairs:
         return
-    pairs = _norm_after(model.state_dict(), init.folded)
     modules = dict(model.named_modules())
-    stats: dict[str, list[torch.Tensor]] = {norm: [] for norm in pairs.values()}
+    stats: dict[str, list[torch.Tensor]] = {norm: [] for norm, _ in pairs.values()}
     hooks = []
-    for conv, norm in pairs.items():
+    for norm, bias in pairs.values():
         bn = modules[norm]
         assert isinstance(bn, nn.BatchNorm2d)
         bn.weight.fill_(1.0)
-        bn.bias.copy_(init.folded[conv])
+        bn.bias.copy_(bias)
         bn.running_mean.zero_()  # type: ignore[union-attr]
         bn.running_var.fill_(1.0 - bn.eps)  # type: ignore[union-attr]
 
@@ -159,7 +178,7 @@ def calibrate_folded_norms(model: MultiTaskNet, init: InitWeights, images: torch
         for h in hooks:
             h.remove()
         model.train(was_training)
-    for conv, norm in pairs.items():
+    for norm, bias in pairs.values():
         bn = modules[norm]
         assert isinstance(bn, nn.BatchNorm2d)
         mean, sq = torch.stack(stats[norm]).mean(0)  # equal batches but the last: close enough for a start
@@ -167,7 +186,7 @@ def calibrate_folded_norms(model: MultiTaskNet, init: InitWeights, images: torch
         bn.running_mean.copy_(mean)  # type: ignore[union-attr]
         bn.running_var.copy_(var)  # type: ignore[union-attr]
         bn.weight.copy_(torch.sqrt(var + bn.eps))
-        bn.bias.copy_(mean + init.folded[conv])
+        bn.bias.copy_(mean + bias)
     log.info("--init: rebuilt %d folded batch norms from %d images", len(pairs), len(images))
 
 

@@ -355,6 +355,7 @@ def fit(cfg: TrainConfig) -> Path:
             train_stats["loss"], seconds,
         )
         record: dict[str, Any] = {"epoch": epoch, "train_loss": train_stats["loss"], "seconds": seconds, "lr": scheduler.get_last_lr()[0]}
+        record["train_size"] = cfg.early_size if epoch <= cfg.early_epochs else cfg.image_size
         record.update({f"train_acc_{t.name}": train_stats["acc_" + t.name] for t in tasks})
         record.update({"val": val})
         with open(cfg.out / "metrics.jsonl", "a") as f:
