@@ -20,6 +20,7 @@ from tagger.errors import TaggerError
 from tagger.model.info import read_model_metadata
 from tagger.model.registry import default_model_path
 from tagger.train.augment import DownUp, eval_transform
+from tagger.train.checkpoint import load_checkpoint, save_weights
 from tagger.train.data import load_labelled_set
 from tagger.train.init import apply_init, calibrate_folded_norms, load_init
 from tagger.train.loop import TrainConfig, fit, task_losses
@@ -166,3 +167,10 @@ def test_early_epochs_train_on_smaller_inputs(tmp_path: Path) -> None:
     fit(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_size"] for r in records] == [16, 32]
+
+    # The run's weights alone, in fp16: no optimiser or random state, and the model rebuilds from them.
+    weights = save_weights(tmp_path / "run" / "last.pt", tmp_path / "weights.pt")
+    raw = torch.load(weights, weights_only=True)
+    assert "optimizer" not in raw and "rng" not in raw and raw["model"]["heads.class.weight"].dtype == torch.float16
+    assert weights.stat().st_size < 0.6 * (tmp_path / "run" / "last.pt").stat().st_size
+    assert load_checkpoint(weights).tasks == load_checkpoint(tmp_path / "run" / "last.pt").tasks

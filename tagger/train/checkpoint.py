@@ -88,3 +88,22 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str = "cpu") -> 
     model.load_state_dict(raw["model"])
     model.eval()
     return LoadedCheckpoint(model, PreprocessSpec.from_dict(raw["preprocess"]), tasks, raw)
+
+
+# What a weights file keeps of a checkpoint: enough to rebuild, export, fine-tune from (--init) and know its origin.
+WEIGHTS_KEYS = (*REQUIRED_KEYS, "tagger_version", "temperature", "metrics", "epoch", "args", "data")
+
+
+def save_weights(src: str | os.PathLike[str], dst: str | os.PathLike[str], half: bool = True) -> Path:
+    """A checkpoint without the optimiser, schedule, EMA and random state, float tensors in fp16 with `half`
+    (Lite0: 7 MB instead of 19 MB; the probabilities move by ~1e-3, so export the model from this file)."""
+    raw = read_checkpoint(src)
+    model = {k: (v.half() if half and v.is_floating_point() else v) for k, v in raw["model"].items()}
+    state = {k: raw[k] for k in WEIGHTS_KEYS if k in raw}
+    state["model"] = model
+    with publishing(dst) as tmp:
+        try:
+            torch.save(state, tmp)
+        except OSError as e:
+            raise TaggerError(f"cannot write {dst}: {one_line(e)}") from None
+    return Path(dst)
