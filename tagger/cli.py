@@ -96,9 +96,9 @@ def _terminate(signum: int, frame: object) -> None:
     from tagger.storage import stop_waiting
 
     stop_waiting()
-    decode = sys.modules.get("tagger.pipeline.decode")  # no pool to stop where decoding never started
-    if decode is not None:
-        decode.stop_decoders()  # a worker stuck in a store read would hold the run's unwinding for its timeout
+    pool = sys.modules.get("tagger.pipeline.pool")  # no pool to stop where decoding never started
+    if pool is not None:
+        pool.stop_decoders()  # a worker stuck in a store read would hold the run's unwinding for its timeout
     sys.exit(128 + signum)
 
 
