@@ -27,9 +27,9 @@ class FetchWindow:
 
     With a lease, each object's size (known from the listing) is held in its budget before its read is sent, only
     while the reads ahead leave half of the budget free (DecodeMemory.hold_ahead), and passes to the lease when
-    the decoding takes it. An object that does not fit then waits for its turn, and the objects after it with it
-    (sending them first could leave it no room): the decoding thread holds its size in the lease, waiting for room
-    as a decoding does, and reads it itself.
+    the decoding takes it. An object that does not fit waits, and the objects after it with it (sending them first
+    could leave it no room); if it still does not fit at its turn, the decoding thread holds its size in the lease,
+    waiting for room as a decoding does, and reads it itself.
     """
 
     def __init__(self, srcs: Sequence[Source], io_threads: int, lease: Lease | None) -> None:
@@ -64,6 +64,8 @@ class FetchWindow:
     def take(self, i: int) -> Future[bytes] | None:
         """Source i's bytes (None: not an object, decode reads it); the budget they hold passes to the lease.
         Called for every source, in order, by the decoding thread."""
+        if i not in self._sent:
+            self._send()  # the decodes before it gave their room back: it may go out now, and the ones after it
         if i in self._sent:
             future, nbytes = self._sent.pop(i)
             if self._lease is not None:
@@ -72,7 +74,7 @@ class FetchWindow:
             return future
         if not self._waiting or self._waiting[0] != i:
             return None
-        self._waiting.popleft()  # its turn came before room for it: read here
+        self._waiting.popleft()  # no room to read it ahead even now: read here
         ref = self._ref(i)
         done: Future[bytes] = Future()
         try:
