@@ -121,5 +121,6 @@ def test_a_decode_holds_its_estimate_in_its_lease_and_none_without_one(tmp_path:
     assert lease.held == 1000 + 60 * 80 * (4 + 4)  # RGB as Pillow holds it, and the RGB copy
     memory.acquire(LIMIT - lease.held, "all the rest")  # the budget is now full
     load_image(tmp_path / "a.png", spec, 10**6)  # no lease: no budget, no wait
-    with pytest.raises(DecodeMemoryError, match="^60x80 needs ~37.5 KiB to decode, more than --decode-memory 1000 bytes$"):
+    too_small = "^60x80 needs ~37.5 KiB to decode, more than --decode-memory 1000 bytes$"
+    with pytest.raises(DecodeMemoryError, match=too_small):
         load_image(tmp_path / "a.png", spec, 10**6, Lease(DecodeMemory(1000)))

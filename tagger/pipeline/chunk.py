@@ -1,4 +1,4 @@
-"""One chunk of files decoded by one thread into one packed uint8 array: in this process, a pool worker or a Ray task."""
+"""One chunk of files decoded by one thread into one packed uint8 array: in process, in a pool worker, in a Ray task."""
 
 from __future__ import annotations
 
