@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from gated import Gate
 from PIL import Image
 
 from tagger.cli import main
@@ -81,28 +82,31 @@ def _noise_catalog(root: Path, n: int) -> Path:
     return root
 
 
-def _wait_until_decoding(proc: subprocess.Popen[str]) -> list[int]:
-    """The run's decode workers, once both exist and one of them is decoding."""
+def _wait_until_decoding(proc: subprocess.Popen[str], gate: Gate) -> int:
+    """The decode worker that waits at the gate, once both workers of the run exist; it is mid-chunk."""
+    pid = gate.wait_reached(proc)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        workers = _decode_workers(proc.pid)
-        if len(workers) >= 2 and any(_decoding(w) for w in workers):
-            return workers
+    while len(workers := _decode_workers(proc.pid)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never started its second worker"
         time.sleep(0.005)
-    raise AssertionError("the run ended (or never decoded) before a worker could be killed")
+    assert pid in workers and _decoding(pid), (pid, workers)
+    return pid
 
 
 def test_a_worker_killed_mid_run_costs_no_rows(contract_onnx: Path, tmp_path: Path) -> None:
-    catalog = _noise_catalog(tmp_path / "catalog", 1600)
+    catalog = _noise_catalog(tmp_path / "catalog", 160)
+    gate = Gate(tmp_path / "gate")
+    gate.photo(catalog / "0090.jpg")  # its worker waits there until it is killed: the kill lands mid-chunk
     out = tmp_path / "out.parquet"
-    proc = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "2", "--batch-size", "16")
-    workers = _wait_until_decoding(proc)
-    os.kill(workers[0], signal.SIGKILL)
+    proc = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "2", "--batch-size", "16",
+                script=gate.script())  # fmt: skip
+    os.kill(_wait_until_decoding(proc, gate), signal.SIGKILL)
+    gate.open()  # the chunk sent again to the fresh pool decodes
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    assert "a decode worker died" in stderr  # the kill hit the run, not an idle process
+    assert "a decode worker died" in stderr
     rows = _rows(out)
-    assert [r["path"] for r in rows] == [f"{i:04d}.jpg" for i in range(1600)]
+    assert [r["path"] for r in rows] == [f"{i:04d}.jpg" for i in range(160)]
     assert {r["status"] for r in rows} == {"ok"}
 
 
@@ -166,10 +170,12 @@ def _alive(pid: int) -> bool:
 
 
 def test_killing_the_run_leaves_no_process_behind(contract_onnx: Path, tmp_path: Path) -> None:
-    catalog = _noise_catalog(tmp_path / "catalog", 1200)
+    catalog = _noise_catalog(tmp_path / "catalog", 64)
+    gate = Gate(tmp_path / "gate")
+    gate.photo(catalog / "0040.jpg")  # never opened: a worker is mid-chunk when the run is killed
     proc = _cli(catalog, "--out", tmp_path / "out.parquet", "--model", contract_onnx, "--workers", "2",
-                "--batch-size", "16")  # fmt: skip
-    _wait_until_decoding(proc)
+                "--batch-size", "16", script=gate.script())  # fmt: skip
+    _wait_until_decoding(proc, gate)
     tree = _tree(proc.pid)
     names = [Path(f"/proc/{p}/cmdline").read_bytes() for p in tree if _alive(p)]
     assert len(tree) >= 3 and any(b"resource_tracker" in n for n in names), names  # 2 workers and the tracker
