@@ -2,7 +2,8 @@
 
 Modes: "pass" forwards both ways; "kill" resets every open connection and each new one at once; "stall" accepts
 connections and reads them but never answers nor forwards (a black hole); "refuse" stops listening, so connects get
-"connection refused". set_mode switches at any time, also while requests are in flight. deny(prefix) answers HTTP
+"connection refused". `stalled` counts the connections on which "stall" swallowed something (each one a client
+waiting for an answer), for a test to wait for rather than sleep. set_mode switches at any time, also while requests are in flight. deny(prefix) answers HTTP
 requests whose request line starts with prefix (b"PUT /bucket/key ") as the store does when a policy refuses them
 (403 AccessDenied), without forwarding them.
 """
@@ -27,6 +28,7 @@ class FaultProxy:
         self._listener: socket.socket | None = None
         self.denied: bytes | None = None
         self.denials = 0  # requests answered by deny
+        self.stalled = 0  # connections with a request or an answer swallowed by "stall"
         self.port = self._listen(0)
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
@@ -74,6 +76,7 @@ class FaultProxy:
 
     def _serve(self, client: socket.socket) -> None:
         upstream: socket.socket | None = None
+        stalled = False
         try:
             while True:
                 r, _, _ = select.select([client] + ([upstream] if upstream else []), [], [], 0.2)
@@ -85,6 +88,10 @@ class FaultProxy:
                     if not data:
                         return
                     if mode == "stall":
+                        if not stalled:
+                            stalled = True
+                            with self._lock:
+                                self.stalled += 1
                         continue  # swallowed: the client waits for an answer that never comes
                     if s is client and self.denied is not None and data.startswith(self.denied):
                         self.denials += 1

@@ -124,6 +124,14 @@ def _wait_for_parts(store: Store, work: str, proc: subprocess.Popen[str]) -> Non
         time.sleep(0.05)
 
 
+def _wait_for_stalls(store: Store, proc: subprocess.Popen[str], connections: int) -> None:
+    deadline = time.monotonic() + 60
+    while store.proxy.stalled < connections:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, f"requests stalled on {store.proxy.stalled} connections after 60 s"
+        time.sleep(0.05)
+
+
 @pytest.mark.parametrize("mode", ["refuse", "kill", "stall"])
 def test_a_store_outage_mid_run_exits_1_within_the_bound_and_resume_equals_a_full_run(
     store: Store, contract_onnx: Path, tmp_path: Path, mode: str
@@ -180,7 +188,9 @@ def test_sigterm_ends_a_run_within_seconds_while_the_store_never_answers(
     try:
         _wait_for_parts(store, f"{BUCKET}/tags.parquet.work", proc)
         store.proxy.set_mode("stall")
-        time.sleep(2)  # every read and write is now waiting for an answer
+        # Requests waiting for an answer on 2 connections, with workers: more than this process has open at once
+        # (decoding is in the workers, a commit is one request), so a worker is stuck in a read.
+        _wait_for_stalls(store, proc, 1 if workers == "0" else 2)
         assert proc.poll() is None
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
