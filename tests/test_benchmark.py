@@ -182,5 +182,4 @@ def test_object_store_serves_the_uploaded_files_and_the_proxy_delays_every_reque
             assert time.perf_counter() - t0 >= delay
             assert body == (images / "images" / "0.jpg").read_bytes()
         pids = store.pids
-    time.sleep(0.2)
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)

@@ -106,8 +106,9 @@ def _ray_cluster(node_env: dict[str, str] | None = None) -> Iterator[str]:
                 os.kill(pid, signal.SIGKILL)
         for node in nodes:
             node.wait(10)
-        time.sleep(0.5)
-        left = [pid for pid in pids if _alive(pid)]
+        deadline = time.monotonic() + 5  # SIGKILLed ones end as soon as the kernel has torn them down
+        while (left := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
         subprocess.run(["rm", "-rf", str(tmp)])
         assert not left, f"Ray processes left running: {left}"
 
