@@ -65,6 +65,7 @@ def test_inference_batches_cycle_the_decoded_images(bench: ModuleType) -> None:
     assert [b.ravel().tolist() for b in batches] == [[0, 1, 2], [0, 1, 2], [0, 1]]
 
 
+@pytest.mark.slow
 def test_full_run_writes_every_field(images: Path, tiny_onnx: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     cmd = [

@@ -131,6 +131,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_a_file_that_crashes_the_decoder_gets_an_error_row(contract_onnx: Path, tmp_path: Path) -> None:
     catalog = tmp_path / "catalog"
     catalog.mkdir()
@@ -329,6 +330,7 @@ def _peak_tree_rss(args: list[str | Path]) -> int:
     return peak
 
 
+@pytest.mark.slow
 def test_decode_memory_bounds_the_process_tree(contract_onnx: Path, tmp_path: Path) -> None:
     small, big = tmp_path / "small", tmp_path / "big"
     small.mkdir()

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 from conftest import CONTRACT_EMBEDDING_DIM, quadrant_image
 from PIL import Image
@@ -184,6 +185,7 @@ def test_incremental_and_resume_carry_the_column(
     assert _embeddings(out).keys() == before.keys()
 
 
+@pytest.mark.slow
 def test_resume_reuses_committed_parts_only_with_the_same_option(contract_onnx: Path, tmp_path: Path) -> None:
     root = tmp_path / "cat"
     root.mkdir()

@@ -179,6 +179,7 @@ def test_report_describes_the_checks(tiny_export: ExportReport) -> None:
     assert all(a == 1.0 for a in tiny_export.top1_agreement.values())
 
 
+@pytest.mark.slow
 def test_trainer_temperature_is_applied_inside_the_graph(
     tiny_checkpoint: Path, tiny_onnx: Path, tmp_path: Path, photos: list[Path]
 ) -> None:
@@ -199,6 +200,7 @@ def test_trainer_temperature_is_applied_inside_the_graph(
     assert divs == ["tagger_temperature_class_div", "tagger_temperature_color_div"]  # where tagger calibrate looks
 
 
+@pytest.mark.slow
 def test_fp16_export_via_cli(tiny_checkpoint: Path, tmp_path: Path, photos: list[Path]) -> None:
     ckpt = shutil.copy(tiny_checkpoint, tmp_path / "model.pt")
     result = invoke("export", str(ckpt), "--fp16", "--opset", "20", "--check-image", str(photos[0]))
@@ -225,6 +227,7 @@ def test_fp16_export_via_cli(tiny_checkpoint: Path, tmp_path: Path, photos: list
         np.testing.assert_allclose(got[f"{task}_probs"], want[task], atol=2e-2, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_into_existing_file_replaces_it(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "model.onnx"
     out.write_bytes(b"old")

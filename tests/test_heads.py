@@ -49,6 +49,7 @@ def heads_run(shapes: Path, tiny_onnx: Path, tmp_path_factory: pytest.TempPathFa
     return train_heads(cfg), cfg
 
 
+@pytest.mark.slow
 def test_a_new_task_appears_in_tagger_run(heads_run: tuple[Path, HeadsConfig], shapes: Path, tmp_path: Path) -> None:
     model, cfg = heads_run
     info = read_model_metadata(model)
@@ -68,6 +69,7 @@ def test_a_new_task_appears_in_tagger_run(heads_run: tuple[Path, HeadsConfig], s
     assert np.mean(got) > 0.8  # the tiny random backbone still separates red from the rest
 
 
+@pytest.mark.slow
 def test_the_written_graph_equals_the_fitted_heads(heads_run: tuple[Path, HeadsConfig], tiny_onnx: Path) -> None:
     model, cfg = heads_run
     folder = load_labelled_folder(cfg.data[0])
@@ -96,6 +98,7 @@ def test_the_written_graph_equals_the_fitted_heads(heads_run: tuple[Path, HeadsC
         assert np.abs(got[t] - base[t]).max() < 1e-6
 
 
+@pytest.mark.slow
 def test_the_cache_is_reused_and_keyed_by_the_base_model(heads_run: tuple[Path, HeadsConfig], tmp_path: Path) -> None:
     model, cfg = heads_run
     folder = load_labelled_folder(cfg.data[0])
@@ -107,6 +110,7 @@ def test_the_cache_is_reused_and_keyed_by_the_base_model(heads_run: tuple[Path, 
     assert counts == {"cached": 0, "embedded": 5, "failed": 0}
 
 
+@pytest.mark.slow
 def test_refit_a_base_head_and_drop_another(heads_run: tuple[Path, HeadsConfig], shapes: Path, tmp_path: Path) -> None:
     model, cfg = heads_run
     out = train_heads(
@@ -195,6 +199,7 @@ def test_a_run_of_few_steps_and_an_out_that_is_a_file(shapes: Path, tiny_onnx: P
     assert "Traceback" not in result.output and taken.read_text() == "hello"
 
 
+@pytest.mark.slow
 def test_task_hidden_and_task_epochs_shape_one_head(shapes: Path, tiny_onnx: Path, tmp_path: Path) -> None:
     """--task-hidden gives one task an MLP while the other stays linear (and warm-started); both are recorded."""
     out = tmp_path / "r"
@@ -233,6 +238,7 @@ def test_an_id_in_an_earlier_folder_keeps_its_side(shapes: Path, tiny_onnx: Path
     assert [d["weight"] for d in meta["data"]] == [1.0, 3.0]
 
 
+@pytest.mark.slow
 def test_eval_scores_a_task_by_the_column_recorded_in_the_model(heads_run: tuple[Path, HeadsConfig], shapes: Path) -> None:
     from tagger.evaluate import EvalConfig, evaluate
 
@@ -243,6 +249,7 @@ def test_eval_scores_a_task_by_the_column_recorded_in_the_model(heads_run: tuple
     assert tone.labelled == len(load_labelled_folder(shapes).refs) and tone.top1_all > 0.8
 
 
+@pytest.mark.slow
 def test_the_embedding_of_heads_only_training_is_tagger_runs(heads_run: tuple[Path, HeadsConfig], tmp_path: Path) -> None:
     model, cfg = heads_run
     folder = load_labelled_folder(cfg.data[0])

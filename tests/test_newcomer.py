@@ -58,6 +58,7 @@ def test_train_and_export_without_the_train_extra_give_an_install_hint(
     assert "pip install 'tagger[train]'" in proc.stderr and f"cannot import {missing[0]}" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_training_prints_its_rows_and_one_line_per_epoch_by_default(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from test_train import make_catalog

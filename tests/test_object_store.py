@@ -250,6 +250,7 @@ def test_wrong_credentials_and_a_server_that_stops(contract_onnx: Path, tmp_path
         server.stop()
 
 
+@pytest.mark.slow
 def test_server_stopping_mid_run_stops_the_run_and_blames_no_file(contract_onnx: Path, tmp_path: Path) -> None:
     """The catalog's server stops mid-run, the output is local: exit 1 naming the store once TAGGER_STORE_TIMEOUT
     has passed, no output written (never a table of NETWORK_CONNECTION rows), the committed parts kept."""

@@ -90,6 +90,7 @@ def test_quantized_model_agrees_with_its_source(quantized: tuple[Path, dict[str,
 
 
 @needs_default_models
+@pytest.mark.slow
 def test_unmet_agreement_leaves_nothing_behind(photo_folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "model.int8.onnx"
     with pytest.raises(TaggerError, match="agrees with the original on too few photos"):

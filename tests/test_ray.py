@@ -66,6 +66,7 @@ def _assert_same_rows(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("model_fixture", ["contract_onnx", "tiny_onnx"])
+@pytest.mark.slow
 def test_ray_engine_writes_the_local_engines_rows_in_discovery_order(
     model_fixture: str, ray_local: Any, catalog: tuple[Path, dict[str, str]], tmp_path: Path,
     request: pytest.FixtureRequest,
@@ -90,6 +91,7 @@ def test_ray_engine_writes_the_local_engines_rows_in_discovery_order(
     assert summary.provider == "CPUExecutionProvider"
 
 
+@pytest.mark.slow
 def test_folder_output_is_parts_in_order_each_a_complete_output_file(
     ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
 ) -> None:
@@ -128,6 +130,7 @@ def test_rows_are_put_back_in_discovery_order_and_a_lost_or_repeated_row_is_an_e
         list(in_discovery_order([block(0, 1), block(1, 2)]))
 
 
+@pytest.mark.slow
 def test_files_from_reports_missing_files_as_error_rows(
     ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
 ) -> None:
@@ -146,6 +149,7 @@ def test_files_from_reports_missing_files_as_error_rows(
     assert summary.errors == 1
 
 
+@pytest.mark.slow
 def test_an_unlistable_folder_gets_its_listing_error_as_the_local_engine_does(
     ray_local: Any, contract_onnx: Path, tmp_path: Path
 ) -> None:
@@ -168,6 +172,7 @@ def test_an_unlistable_folder_gets_its_listing_error_as_the_local_engine_does(
     _assert_same_rows(rows, pa.concat_tables(local).to_pylist())
 
 
+@pytest.mark.slow
 def test_ray_shards_merge_into_the_unsharded_output(
     ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
 ) -> None:
@@ -186,6 +191,7 @@ def test_ray_shards_merge_into_the_unsharded_output(
     assert pq.read_table(tmp_path / "merged.parquet").equals(pq.read_table(whole))
 
 
+@pytest.mark.slow
 def test_incremental_and_resume_are_refused(
     ray_local: Any, catalog: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -197,6 +203,7 @@ def test_incremental_and_resume_are_refused(
 @pytest.mark.parametrize(
     ("case", "message"), [("ok", None), ("bad-model", "cannot load model"), ("cuda", "--device cuda")]
 )
+@pytest.mark.slow
 def test_cli_engine_ray(
     case: str, message: str | None, ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path,
     tmp_path: Path,
@@ -251,6 +258,7 @@ def test_an_output_that_is_an_input_is_refused_before_ray_starts(contract_onnx: 
     assert {p: p.read_bytes() for p in before} == before and sorted(os.listdir(root)) == ["a.jpg"]
 
 
+@pytest.mark.slow
 def test_folder_output_has_the_modes_a_file_output_gets(ray_local: Any, contract_onnx: Path, tmp_path: Path) -> None:
     root = tmp_path / "cat"
     root.mkdir()
@@ -307,6 +315,7 @@ def _actor_pids() -> set[int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the actor's process through /proc")
+@pytest.mark.slow
 def test_a_killed_inference_actor_is_restarted_and_loses_no_rows(
     ray_local: Any, contract_onnx: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

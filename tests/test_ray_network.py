@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_ray_cluster import _descendants
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = (REPO / "sample_images/images/10003.jpg").read_bytes()

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from test_messy_catalog import PHOTO, _drop_dac
 
 from tagger import RunConfig, run
@@ -24,6 +25,7 @@ def _cli(*args: str, prefix: tuple[str, ...]) -> subprocess.CompletedProcess[str
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_sharded_incremental_keeps_every_shards_rows_under_an_unlistable_folder(
     contract_onnx: Path, tmp_path: Path
 ) -> None:

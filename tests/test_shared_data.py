@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from tagger.cli import main
 
-pytestmark = pytest.mark.shared_data
+pytestmark = [pytest.mark.shared_data, pytest.mark.slow]
 
 DATA = Path(os.environ.get("TAGGER_TEST_DATA", "data"))
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "export" / "tagger-default.onnx"

@@ -83,6 +83,7 @@ def _error_line(proc: subprocess.CompletedProcess[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_refused_upload_exits_1_and_resume_finishes_the_job(
     store: Store, contract_onnx: Path, tmp_path: Path
 ) -> None:
@@ -133,6 +134,7 @@ def _wait_for_stalls(store: Store, proc: subprocess.Popen[str], connections: int
 
 
 @pytest.mark.parametrize("mode", ["refuse", "kill", "stall"])
+@pytest.mark.slow
 def test_a_store_outage_mid_run_exits_1_within_the_bound_and_resume_equals_a_full_run(
     store: Store, contract_onnx: Path, tmp_path: Path, mode: str
 ) -> None:
@@ -174,6 +176,7 @@ def test_a_store_outage_mid_run_exits_1_within_the_bound_and_resume_equals_a_ful
 
 
 @pytest.mark.parametrize("workers", ["0", "2"])
+@pytest.mark.slow
 def test_sigterm_ends_a_run_within_seconds_while_the_store_never_answers(
     store: Store, contract_onnx: Path, tmp_path: Path, workers: str
 ) -> None:

@@ -128,6 +128,7 @@ def test_class_weights_temper_inverse_frequency(catalog: Path) -> None:
         assert float((w[[e.labels[0] for e in examples]]).mean()) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_the_run_directory(trained: tuple[Path, TrainConfig]) -> None:
     best, cfg = trained
     for name in ("image_mtl_best.pt", "last.pt", "class_weights.pt", "metrics.jsonl", "split.json"):
@@ -142,6 +143,7 @@ def test_training_learns_and_writes_the_run_directory(trained: tuple[Path, Train
     assert set(weights) == {"class", "color"} and weights["class"].shape == (3,)
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trips(trained: tuple[Path, TrainConfig], catalog: Path) -> None:
     best, cfg = trained
     loaded = tagger.load_checkpoint(str(best))
@@ -189,6 +191,7 @@ def _assert_equal_tensors(a: object, b: object, where: str) -> None:
         assert a == b, where
 
 
+@pytest.mark.slow
 def test_resume_restores_optimizer_ema_schedule_and_random_state(tmp_path: Path) -> None:
     """Stopped after epoch 1 and resumed, a run ends bit for bit where the uninterrupted run ends.
 
@@ -258,6 +261,7 @@ def test_corrupt_training_images_are_skipped(tmp_path: Path) -> None:
     assert len(split["train_ids"]) + len(split["val_ids"]) == 35
 
 
+@pytest.mark.slow
 def test_any_number_of_tasks_trains_and_exports(catalog: Path, tmp_path: Path) -> None:
     from tagger.export import export_checkpoint
     from tagger.model.info import read_model_metadata
