@@ -244,6 +244,7 @@ def test_incremental_never_reuses_a_row_whose_error_was_transient(contract_onnx:
     assert again.column("error").to_pylist()[2] == errors[2]
 
 
+@pytest.mark.slow
 def test_outputs_with_dot_segments_are_refused_and_the_photo_stays(
     bucket: str, contract_onnx: Path, tmp_path: Path
 ) -> None:
