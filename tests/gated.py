@@ -1,40 +1,45 @@
 """A photo whose decode waits at a gate the test opens: "a run is decoding now", known instead of hoped for.
 
-Run the CLI through `script(folder)`: it registers a Pillow plugin (in spawned decode workers too, which import the
-main module again, like the crashing decoder of test_decode_pool) for files that start with b"GATED". Such a file
-names its gate folder; decoding it writes the decoding process's pid to `reached` there, then waits until `open`
-exists and decodes to a 16x16 RGB photo, so its row is "ok" like any other.
+Run the CLI as `python SCRIPT run ...` with SCRIPT from `Gate.script()` and `Gate.env` set: like the crashing
+decoder of test_decode_pool, the script wraps Pillow's open in the run and in its spawned decode workers (which
+import the main module again). Opening a photo marked by `gate_photo` (a JPEG or PNG comment) writes the opening
+process's pid to `reached` in the gate folder, then waits until `open` exists there. The photo itself is an
+ordinary one: runs without the script, and runs past the gate, tag it as usual.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
 
-SIZE = 16
+from PIL import Image, PngImagePlugin
 
-PLUGIN = f"""
+ENV = "TAGGER_TEST_GATE"
+MARK = "gate"
+
+SCRIPT = f"""
 import os, time
-from PIL import Image, ImageFile
+from PIL import Image
 
-class Gated(ImageFile.ImageFile):
-    format = "GATED"
+_open = Image.open
 
-    def _open(self):
-        head = self.fp.read(4096)
-        gate = head.split(b"\\n")[1].decode()
+
+def gated_open(*args, **kwargs):
+    img = _open(*args, **kwargs)
+    gate = os.environ.get({ENV!r})
+    if gate and img.info.get("comment") in ({MARK!r}, {MARK.encode()!r}):
         with open(os.path.join(gate, f".reached.{{os.getpid()}}"), "w") as f:
             f.write(str(os.getpid()))
         os.replace(f.name, os.path.join(gate, "reached"))  # whole or absent for the test's poll
         deadline = time.monotonic() + 300  # a test that never opens it has failed long before
         while not os.path.exists(os.path.join(gate, "open")) and time.monotonic() < deadline:
             time.sleep(0.01)
-        self._mode, self._size = "RGB", ({SIZE}, {SIZE})
-        offset = len(b"GATED\\n") + len(gate.encode()) + 1
-        self.tile = [ImageFile._Tile("raw", (0, 0, {SIZE}, {SIZE}), offset, ("RGB", 0, 1))]
+    return img
 
-Image.register_open("GATED", Gated, lambda prefix: prefix[:6] == b"GATED\\n")
+
+Image.open = gated_open
 
 if __name__ == "__main__":
     from tagger.cli import main
@@ -42,29 +47,39 @@ if __name__ == "__main__":
 """
 
 
+def gate_photo(path: Path) -> Path:
+    """Mark the photo at path (JPEG or PNG, rewritten in place) as one whose decode waits at the gate."""
+    with Image.open(path) as img:
+        img.load()
+    if img.format == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("comment", MARK)
+        img.save(path, pnginfo=info)
+    else:
+        img.save(path, quality=90, comment=MARK.encode())
+    return path
+
+
 class Gate:
-    """A gate folder; `photo` writes a file that waits at it."""
+    """A gate folder, the environment that points the script at it, and the script."""
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
-
-    def photo(self, path: Path, value: int = 128) -> Path:
-        path.write_bytes(b"GATED\n" + str(self.folder).encode() + b"\n" + bytes([value]) * (SIZE * SIZE * 3))
-        return path
+        self.env = {**os.environ, ENV: str(folder)}
 
     def script(self) -> Path:
-        """The CLI's entry point with the plugin registered: run it as `python SCRIPT run ...`."""
+        """The CLI's entry point with Pillow's open wrapped: run it as `python SCRIPT run ...` with `env`."""
         script = self.folder / "gated_tagger.py"
-        script.write_text(PLUGIN)
+        script.write_text(SCRIPT)
         return script
 
     def wait_reached(self, proc: subprocess.Popen[str], timeout: float = 60) -> int:
-        """The pid of the process decoding the gated photo, once it waits at the gate."""
+        """The pid of the process opening the gated photo, once it waits at the gate."""
         reached = self.folder / "reached"
         deadline = time.monotonic() + timeout
         while not reached.exists():
-            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before decoding the gated photo"
+            assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before opening the gated photo"
             assert time.monotonic() < deadline, f"no decode reached the gate within {timeout:.0f} s"
             time.sleep(0.005)
         return int(reached.read_text())

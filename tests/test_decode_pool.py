@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from gated import Gate
+from gated import Gate, gate_photo
 from PIL import Image
 
 from tagger.cli import main
@@ -26,11 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 MiB = 2**20
 
 
-def _cli(*args: str | Path, script: Path | None = None) -> subprocess.Popen[str]:
+def _cli(*args: str | Path, script: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     entry = [str(script)] if script else ["-m", "tagger.cli"]
     return subprocess.Popen(
         [sys.executable, *entry, "run", *map(str, args), "--device", "cpu"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
 
 
@@ -95,11 +95,11 @@ def _wait_until_decoding(proc: subprocess.Popen[str], gate: Gate) -> int:
 
 def test_a_worker_killed_mid_run_costs_no_rows(contract_onnx: Path, tmp_path: Path) -> None:
     catalog = _noise_catalog(tmp_path / "catalog", 160)
+    gate_photo(catalog / "0090.jpg")  # its worker waits there until it is killed: the kill lands mid-chunk
     gate = Gate(tmp_path / "gate")
-    gate.photo(catalog / "0090.jpg")  # its worker waits there until it is killed: the kill lands mid-chunk
     out = tmp_path / "out.parquet"
     proc = _cli(catalog, "--out", out, "--model", contract_onnx, "--workers", "2", "--batch-size", "16",
-                script=gate.script())  # fmt: skip
+                script=gate.script(), env=gate.env)  # fmt: skip
     os.kill(_wait_until_decoding(proc, gate), signal.SIGKILL)
     gate.open()  # the chunk sent again to the fresh pool decodes
     _, stderr = proc.communicate(timeout=120)
@@ -172,10 +172,10 @@ def _alive(pid: int) -> bool:
 
 def test_killing_the_run_leaves_no_process_behind(contract_onnx: Path, tmp_path: Path) -> None:
     catalog = _noise_catalog(tmp_path / "catalog", 64)
+    gate_photo(catalog / "0040.jpg")  # the gate stays shut: a worker is mid-chunk when the run is killed
     gate = Gate(tmp_path / "gate")
-    gate.photo(catalog / "0040.jpg")  # never opened: a worker is mid-chunk when the run is killed
     proc = _cli(catalog, "--out", tmp_path / "out.parquet", "--model", contract_onnx, "--workers", "2",
-                "--batch-size", "16", script=gate.script())  # fmt: skip
+                "--batch-size", "16", script=gate.script(), env=gate.env)  # fmt: skip
     _wait_until_decoding(proc, gate)
     tree = _tree(proc.pid)
     names = [Path(f"/proc/{p}/cmdline").read_bytes() for p in tree if _alive(p)]
