@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import make_contract_onnx, quadrant_image
+from gated import Gate, gate_photo
 
 from tagger.cli import main
 from tagger.errors import TaggerError
@@ -181,21 +182,23 @@ def test_incremental_refuses_a_foreign_output_and_leaves_it_untouched(
 # --- crash-safe resume -------------------------------------------------------------------------------------------
 
 CRASH_FILES = 300
+GATED = "p150.png"  # a run through gated.py waits there until its gate opens: it is still running when signalled
 
 
 @pytest.fixture(scope="module")
 def crash_catalog(contract_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(catalog of CRASH_FILES photos, the output of one uninterrupted run over it)."""
     root = tmp_path_factory.mktemp("crash_catalog")
-    # 640x480 PNGs: slow enough to decode (a few ms each) that a run outlives its first commit by a second or so.
     _photos(root, [f"p{i:03d}.png" for i in range(CRASH_FILES)], seed=5, size=(640, 480))
+    gate_photo(root / GATED)
     reference = tmp_path_factory.mktemp("reference") / "tags.parquet"
     run(_cfg(root, reference, contract_onnx))
     return root, reference
 
 
-def _cli(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "tagger.cli", "run", *map(str, args)]
+def _cli(*args: str | Path, script: Path | None = None) -> list[str]:
+    entry = [str(script)] if script else ["-m", "tagger.cli"]
+    return [sys.executable, *entry, "run", *map(str, args)]
 
 
 @pytest.fixture(scope="module")
@@ -205,9 +208,10 @@ def crashed(crash_catalog: tuple[Path, Path], contract_onnx: Path, tmp_path_fact
     out = tmp_path_factory.mktemp("crashed") / "tags.parquet"
     out.write_bytes(b"the previous night's output")
     work = work_dir_of(out)
+    gate = Gate(tmp_path_factory.mktemp("gate"))  # never opened
     args = _cli(root, "--out", out, "--model", contract_onnx, "--device", "cpu", "--workers", "0", "--batch-size", "1",
-                "--threads", "1", "--commit-every", "5")  # fmt: skip
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                "--threads", "1", "--commit-every", "5", script=gate.script())  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=gate.env)
     deadline = time.monotonic() + 60
     try:
         while len(list(work.glob("part-*.parquet"))) < 2:
@@ -256,13 +260,15 @@ def test_sigterm_commits_what_was_tagged_and_resume_finishes(
 ) -> None:
     root, reference = crash_catalog
     out = tmp_path / "tags.parquet"
+    gate = Gate(tmp_path / "gate")
     args = _cli(root, "--out", out, "--model", contract_onnx, "--device", "cpu", "--workers", "0", "--batch-size", "1",
-                "--threads", "1", "--commit-every", "7")  # fmt: skip
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                "--threads", "1", "--commit-every", "7", script=gate.script())  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=gate.env)
     deadline = time.monotonic() + 60
     while not list(work_dir_of(out).glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGTERM)  # what a scheduler sends before it kills
+    gate.open()  # a decode waiting there ends, so the unwinding need not wait for it
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     assert "rerun with --resume" in stderr and not out.exists()
