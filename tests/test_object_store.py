@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from gated import Gate, gate_photo
 from s3server import SECRET_KEY, S3Server
 
 from conftest import quadrant_image
@@ -136,6 +137,8 @@ def test_killed_run_resumes_and_never_shows_a_partial_output(
 ) -> None:
     root = tmp_path / "cat"
     _photos(root, 40, seed=3, size=(640, 480), ext="png")
+    gate_photo(root / "d1" / "p019.png")  # the 21st listed: the run waits there, never done before the kill
+    gate = Gate(tmp_path / "gate")
     _upload(root, f"{bucket}/cat")
     reference = tmp_path / "reference.parquet"
     run(_cfg(f"{bucket}/cat", reference, contract_onnx))
@@ -143,10 +146,10 @@ def test_killed_run_resumes_and_never_shows_a_partial_output(
     fs = _fs()
     with fs.open_output_stream(_key(out)) as f:
         f.write(b"the previous night's output")
-    args = [sys.executable, "-m", "tagger.cli", "-vv", "run", f"{bucket}/cat", "--out", out, "--model",
+    args = [sys.executable, str(gate.script()), "-vv", "run", f"{bucket}/cat", "--out", out, "--model",
             str(contract_onnx), "--device", "cpu", "--workers", "0", "--batch-size", "1", "--threads", "1",
             "--commit-every", "5"]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=gate.env)
     work = _key(out) + ".work"
     deadline = time.monotonic() + 90
     parts: list[str] = []
