@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import CONTRACT_EMBEDDING_DIM, quadrant_image
+from gated import Gate, gate_photo
 from PIL import Image
 
 from tagger import RunConfig, run
@@ -190,21 +191,24 @@ def test_resume_reuses_committed_parts_only_with_the_same_option(contract_onnx: 
     root = tmp_path / "cat"
     root.mkdir()
     rng = np.random.default_rng(3)
-    for i in range(RESUME_FILES):  # 640x480 PNGs: slow enough to decode that the run outlives its first commit
+    for i in range(RESUME_FILES):
         colors = [tuple(int(c) for c in rng.integers(0, 256, 3)) for _ in range(4)]
         quadrant_image(640, 480, colors).save(root / f"p{i:03d}.png")
+    gate_photo(root / "p060.png")  # the run waits there: it is still running when signalled
+    gate = Gate(tmp_path / "gate")
     reference = tmp_path / "reference.parquet"
     run(RunConfig(root, reference, model=contract_onnx, workers=0, embeddings=True))
     out = tmp_path / "run" / "tags.parquet"
     out.parent.mkdir()
-    args = [sys.executable, "-m", "tagger.cli", "run", str(root), "--out", str(out), "--model", str(contract_onnx),
+    args = [sys.executable, str(gate.script()), "run", str(root), "--out", str(out), "--model", str(contract_onnx),
             "--workers", "0", "--batch-size", "1", "--threads", "1", "--commit-every", "5", "--embeddings"]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=gate.env)
     work = work_dir_of(out)
     deadline = time.monotonic() + 60
     while not list(work.glob("part-*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     proc.send_signal(signal.SIGTERM)
+    gate.open()  # a decode waiting there ends, so the unwinding need not wait for it
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     committed = sum(pq.read_metadata(p).num_rows for p in work.glob("part-*.parquet"))
