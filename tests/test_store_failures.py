@@ -14,6 +14,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 import pytest
 from faultproxy import FaultProxy
+from gated import ENV, Gate, gate_photo
 from s3server import SECRET_KEY, S3Server
 
 from test_object_store import _photos, assert_same_rows
@@ -111,10 +112,13 @@ def test_a_refused_upload_exits_1_and_resume_finishes_the_job(
     assert store.keys(f"{BUCKET}/tags.parquet.work") == []
 
 
-def _start(store: Store, *args: object) -> subprocess.Popen[str]:
+def _start(store: Store, *args: object, gate: Gate | None = None) -> subprocess.Popen[str]:
+    """A run in the background; with gate, through its script (see gated.py)."""
+    entry = [str(gate.script())] if gate else ["-m", "tagger.cli"]
+    env = {**store.env, ENV: str(gate.folder)} if gate else store.env
     return subprocess.Popen(
-        [sys.executable, "-m", "tagger.cli", "run", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=store.env,
+        [sys.executable, *entry, "run", *map(str, args)], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
 
 
@@ -144,15 +148,18 @@ def test_a_store_outage_mid_run_exits_1_within_the_bound_and_resume_equals_a_ful
     what an uninterrupted run writes."""
     cat = tmp_path / "cat"
     _photos(cat, 24, seed=12, size=(640, 480), ext="png")
+    gate_photo(cat / "d1" / "p013.png")  # the 13th listed: the run waits there until the store is gone
+    gate = Gate(tmp_path / "gate")
     pafs.copy_files(str(cat), f"{BUCKET}/cat", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=store.fs)
     out = f"s3://{BUCKET}/tags.parquet"
     store.put(f"{BUCKET}/tags.parquet", b"last night's output")
     common = ("--model", contract_onnx, "--device", "cpu", "--workers", "0", "--batch-size", "2", "--threads", "1",
               "--io-threads", "2")  # fmt: skip
-    proc = _start(store, f"s3://{BUCKET}/cat", "--out", out, *common, "--commit-every", "4")
+    proc = _start(store, f"s3://{BUCKET}/cat", "--out", out, *common, "--commit-every", "4", gate=gate)
     try:
         _wait_for_parts(store, f"{BUCKET}/tags.parquet.work", proc)
         store.proxy.set_mode(mode)
+        gate.open()
         t0 = time.monotonic()
         stdout, stderr = proc.communicate(timeout=60)
         took = time.monotonic() - t0
