@@ -95,6 +95,7 @@ def test_init_refuses_another_backbone(tiny_onnx: Path) -> None:
         apply_init(model, [TaskSpec("class", ("a", "b"))], init)
 
 
+@pytest.mark.slow
 def test_train_init_default_starts_from_the_shipped_weights(tmp_path: Path) -> None:
     """A tiny CPU run of `tagger train --init default`: the run starts from the shipped model's weights (with
     a learning rate of ~0 the trained convs still equal the shipped graph's) and its heads' labels."""
@@ -158,6 +159,7 @@ def test_downup_softens_a_sharp_image_and_keeps_its_shape() -> None:
     assert torch.equal(DownUp(0.0)(sharp), sharp)
 
 
+@pytest.mark.slow
 def test_early_epochs_train_on_smaller_inputs(tmp_path: Path) -> None:
     root = make_catalog(tmp_path / "c", per_combo=3)
     cfg = TrainConfig(
