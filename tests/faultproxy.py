@@ -2,10 +2,10 @@
 
 Modes: "pass" forwards both ways; "kill" resets every open connection and each new one at once; "stall" accepts
 connections and reads them but never answers nor forwards (a black hole); "refuse" stops listening, so connects get
-"connection refused". `stalled` counts the connections on which "stall" swallowed something (each one a client
-waiting for an answer), for a test to wait for rather than sleep. set_mode switches at any time, also while requests are in flight. deny(prefix) answers HTTP
+"connection refused". set_mode switches at any time, also while requests are in flight. deny(prefix) answers HTTP
 requests whose request line starts with prefix (b"PUT /bucket/key ") as the store does when a policy refuses them
-(403 AccessDenied), without forwarding them.
+(403 AccessDenied), without forwarding them. `stalled` counts the connections on which "stall" swallowed something,
+each a client waiting for an answer: a test waits for it instead of sleeping.
 """
 
 from __future__ import annotations
