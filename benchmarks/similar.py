@@ -265,7 +265,7 @@ def embed_folder(folder: Path, model: Path, labels: dict[str, tuple[str, str]]) 
     import onnxruntime as ort
 
     from tagger.model.info import read_model_metadata
-    from tagger.pipeline.compose import decoded_batches
+    from tagger.compose import decoded_batches
     from tagger.pipeline.decode import Sample
     from tagger.pipeline.discover import discover
 

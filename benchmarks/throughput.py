@@ -253,7 +253,7 @@ def measure_decode(
     catalog: Path, spec: PreprocessSpec, cfg: BenchConfig, batch_size: int, keep: int
 ) -> tuple[Measurement, np.ndarray]:
     """discover -> decode -> batch with no inference; also returns the first `keep` decoded images [k, S, S, 3]."""
-    from tagger.pipeline.compose import decoded_batches
+    from tagger.compose import decoded_batches
 
     kept: list[np.ndarray] = []
     n_kept = files = 0

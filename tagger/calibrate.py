@@ -19,7 +19,7 @@ from tagger.metrics import IGNORE, calibration_error
 from tagger.model.edit import model_metadata, set_model_metadata
 from tagger.model.info import read_model_metadata, task_columns as recorded_columns
 from tagger.model.registry import derived_model_path
-from tagger.pipeline.compose import decoded_batches
+from tagger.compose import decoded_batches
 from tagger.pipeline.decode import Failure
 from tagger.pipeline.session import Session, default_batch_size, open_session
 from tagger.storage import check_destination, publishing

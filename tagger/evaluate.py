@@ -23,7 +23,7 @@ from tagger.model.info import task_columns
 from tagger.model.registry import resolve_model
 from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Failure
 from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, walk_would_list
-from tagger.pipeline.compose import check_stage_options, decoded_batches, tag_batches
+from tagger.compose import check_stage_options, decoded_batches, tag_batches
 from tagger.pipeline.session import default_batch_size, default_inflight, open_session
 from tagger.storage import check_not_input
 

@@ -19,7 +19,7 @@ from tagger.contract import INPUT_NAME
 from tagger.errors import TaggerError
 from tagger.model.edit import set_model_metadata
 from tagger.model.info import ModelInfo, ort_errors, read_model_metadata
-from tagger.pipeline.compose import decoded_batches
+from tagger.compose import decoded_batches
 from tagger.pipeline.discover import ImageRef, discover
 from tagger.model.registry import derived_model_path, resolve_model
 from tagger.pipeline.session import open_session, ort_log_severity

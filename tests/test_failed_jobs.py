@@ -14,7 +14,7 @@ from tagger import ErrorLimit, RunConfig, run
 from tagger.cli import main
 from tagger.errors import TaggerError, UsageError
 from tagger.nightly.workdir import MARKER_FILE
-from tagger.pipeline.compose import MAX_BATCH_SIZE, MAX_IO_THREADS, max_per_machine
+from tagger.compose import MAX_BATCH_SIZE, MAX_IO_THREADS, max_per_machine
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = (REPO / "sample_images/images/10003.jpg").read_bytes()

@@ -82,7 +82,7 @@ def test_the_written_graph_equals_the_fitted_heads(heads_run: tuple[Path, HeadsC
         ((weights["tagger_head_tone_0_weight"], weights["tagger_head_tone_0_bias"]),),
         float(weights["tagger_temperature_tone"]),
     )
-    from tagger.pipeline.compose import decoded_batches
+    from tagger.compose import decoded_batches
 
     session = open_session(model, "cpu")
     (batch,) = list(decoded_batches(folder.refs[:12], session.spec, 12, 0))

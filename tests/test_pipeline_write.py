@@ -18,7 +18,7 @@ from tagger.pipeline.discover import MISSING_SIZE, ImageRef
 from tagger.pipeline.postprocess import postprocess
 from tagger.output.schema import output_schema
 from tagger.output.writer import ResultWriter
-from tagger.pipeline.compose import rows_to_table
+from tagger.output.rows import rows_to_table
 
 TASKS = (TaskSpec("class", ("a", "b", "c")), TaskSpec("color", ("red", "blue")))
 

@@ -154,7 +154,7 @@ def test_an_unlistable_folder_gets_its_listing_error_as_the_local_engine_does(
     ray_local: Any, contract_onnx: Path, tmp_path: Path
 ) -> None:
     from tagger.engines.ray import in_discovery_order, tag_dataset
-    from tagger.pipeline.compose import decoded_batches, tag_batches
+    from tagger.compose import decoded_batches, tag_batches
     from tagger.pipeline.discover import MISSING_SIZE, ImageRef, discover
     from tagger.pipeline.session import open_session
 

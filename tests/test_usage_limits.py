@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from tagger import RunConfig
 from tagger.cli import _friendly, main
 from tagger.errors import UsageError
-from tagger.pipeline.compose import MAX_BATCH_SIZE
+from tagger.compose import MAX_BATCH_SIZE
 from tagger.pipeline.decode import MAX_DECODE_MEMORY
 
 REPO = Path(__file__).resolve().parents[1]

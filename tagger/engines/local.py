@@ -16,7 +16,7 @@ from tagger.nightly.assemble import Assembler, load_previous
 from tagger.nightly.workdir import WorkDir
 from tagger.output.schema import META_TOOL_VERSION, closing_metadata
 from tagger.output.writer import ResultWriter
-from tagger.pipeline.compose import StageTimer, decoded_batches, tag_batches
+from tagger.compose import StageTimer, decoded_batches, tag_batches
 from tagger.pipeline.decode import default_workers
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import default_batch_size, default_inflight, default_threads, open_session

@@ -21,7 +21,7 @@ from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
 from tagger.output.writer import check_parquet_name
-from tagger.pipeline.compose import check_stage_options
+from tagger.compose import check_stage_options
 from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_IO_THREADS, DEFAULT_MAX_PIXELS, MAX_DECODE_MEMORY
 from tagger.pipeline.discover import (
     DEFAULT_EXTENSIONS,

@@ -24,7 +24,7 @@ from tagger.errors import TaggerError, UsageError, one_line
 from tagger.output.schema import closing_metadata, count_ok, output_schema
 from tagger.output.writer import ResultWriter
 from tagger.pipeline.batch import Batch
-from tagger.pipeline.compose import tag_batches
+from tagger.compose import tag_batches
 from tagger.pipeline.decode import DecodeMemory, DecodeResult, Failure, Sample, decode_chunk, decode_many
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import CPU, CUDA, default_batch_size, open_session

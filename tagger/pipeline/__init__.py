@@ -1,1 +1,1 @@
-"""Serving pipeline stages: discover -> decode -> batch -> session -> postprocess, composed in compose. No torch."""
+"""Serving pipeline stages: discover -> decode -> batch -> session -> postprocess (composed in tagger.compose). No torch."""

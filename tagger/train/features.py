@@ -13,7 +13,7 @@ import numpy as np
 from tagger.errors import TaggerError
 from tagger.model.edit import FEATURES_OUTPUT, onnx_module, with_features_output
 from tagger.model.info import model_sha256, read_model_metadata
-from tagger.pipeline.compose import decoded_batches
+from tagger.compose import decoded_batches
 from tagger.pipeline.decode import Sample
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import open_session

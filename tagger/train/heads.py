@@ -19,7 +19,7 @@ from tagger.metrics import IGNORE, summarize
 from tagger.model.edit import Head, linear_head, model_metadata, onnx_module, with_heads
 from tagger.model.info import ModelInfo, read_model_metadata, task_columns
 from tagger.model.registry import resolve_model
-from tagger.pipeline.compose import decoded_batches
+from tagger.compose import decoded_batches
 from tagger.pipeline.decode import Sample
 from tagger.pipeline.session import open_session
 from tagger.storage import check_destination, publish, publish_bytes, reserve_temp
