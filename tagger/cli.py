@@ -16,6 +16,7 @@ import click
 from tagger import __version__
 from tagger.engines import ENGINES
 from tagger.errors import TaggerError, one_line
+from tagger.options import Bytes, pairs, task_ints
 from tagger.similar import DEFAULT_K, DEFAULT_THRESHOLD
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -118,53 +119,6 @@ def main(verbose: int, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-class _Bytes(click.ParamType):
-    """A size in bytes: 4GiB, 512MiB, 1.5GB, or a plain number of bytes."""
-
-    name = "size"
-    UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        text = str(value).strip().lower().replace(" ", "")
-        number = text.rstrip("kmgtib")
-        try:
-            n = int(float(number) * self.UNITS[text[len(number):]])
-        except (KeyError, ValueError, OverflowError):  # OverflowError: inf
-            self.fail(f"expected a size such as 4GiB, 512MiB or a number of bytes, got {value!r}", param, ctx)
-        if n < 1:
-            self.fail(f"must be at least 1 byte, got {value!r}", param, ctx)
-        return n
-
-
-def _pairs(values: tuple[str, ...], option: str, convert: Callable[[str], Any] = str) -> tuple[tuple[str, Any], ...]:
-    """Parse repeated NAME=VALUE options."""
-    out = []
-    for v in values:
-        name, sep, value = v.partition("=")
-        if not sep or not name or not value:
-            raise click.BadParameter(f"expected NAME=VALUE, got {v!r}", param_hint=option)
-        try:
-            out.append((name, convert(value)))
-        except ValueError:
-            raise click.BadParameter(f"bad value in {v!r}", param_hint=option) from None
-    return tuple(out)
-
-
-def _task_ints(values: tuple[str, ...], option: str, tasks: tuple[tuple[str, Any], ...], low: int) -> tuple[tuple[str, int], ...]:
-    """Parse repeated NAME=N options for tasks named by --task."""
-    out = _pairs(values, option, int)
-    names = [n for n, _ in tasks]
-    for name, n in out:
-        if name not in names:
-            raise click.BadParameter(f"{name!r} is not a --task of this run ({', '.join(names) or 'none'})", param_hint=option)
-        if n < low:
-            raise click.BadParameter(f"{name}={n}: must be at least {low}", param_hint=option)
-    return out
-
-
 @main.command()
 @click.option("--data", "data", type=click.Path(path_type=Path), multiple=True, required=True, help="Folder with styles.csv and images/<id>.jpg; repeatable (an id already in an earlier folder takes that image's side of the split).")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Run directory to write.")
@@ -227,9 +181,9 @@ def train(**kw: Any) -> None:
     from tagger.train.loop import TrainConfig, fit
 
     kw["data"] = tuple(kw["data"])
-    kw["data_weights"] = tuple((Path(p), w) for p, w in _pairs(kw["data_weights"], "--data-weight", float))
-    kw["tasks"] = _pairs(kw["tasks"], "--task") or tuple(DEFAULT_TASKS.items())
-    kw["task_weights"] = _pairs(kw["task_weights"], "--task-weight", float)
+    kw["data_weights"] = tuple((Path(p), w) for p, w in pairs(kw["data_weights"], "--data-weight", float))
+    kw["tasks"] = pairs(kw["tasks"], "--task") or tuple(DEFAULT_TASKS.items())
+    kw["task_weights"] = pairs(kw["task_weights"], "--task-weight", float)
     for k, default in (("epochs", 15), ("batch_size", 128), ("lr", 1e-3)):
         kw[k] = default if kw[k] is None else kw[k]
     if kw["workers"] is None:
@@ -246,17 +200,17 @@ def _train_heads(kw: dict[str, Any]) -> None:
     used = [f"--{k.replace('_', '-')}" for k in full_only if kw[k] not in (None, (), defaults.get(k))]
     if used:
         raise click.UsageError(f"{used[0]} does not apply to --heads-only")
-    tasks = _pairs(kw["tasks"], "--task")
+    tasks = pairs(kw["tasks"], "--task")
     config = HeadsConfig(
         base=kw["base"],
         data=tuple(kw["data"]),
         tasks=tasks,
         out=kw["out"],
         drop=tuple(kw["drop"]),
-        data_weights=tuple((Path(p), w) for p, w in _pairs(kw["data_weights"], "--data-weight", float)),
+        data_weights=tuple((Path(p), w) for p, w in pairs(kw["data_weights"], "--data-weight", float)),
         hidden=kw["hidden"],
-        task_hidden=_task_ints(kw["task_hidden"], "--task-hidden", tasks, 0),
-        task_epochs=_task_ints(kw["task_epochs"], "--task-epochs", tasks, 1),
+        task_hidden=task_ints(kw["task_hidden"], "--task-hidden", tasks, 0),
+        task_epochs=task_ints(kw["task_epochs"], "--task-epochs", tasks, 1),
         warm_start=not kw["from_scratch"],
         **{k: kw[k] for k in ("epochs", "batch_size", "lr") if kw[k] is not None},
         label_smoothing=kw["label_smoothing"],
@@ -273,7 +227,7 @@ def _train_heads(kw: dict[str, Any]) -> None:
 
 @main.command("run")
 @click.argument("catalog")
-@click.option("--out", "out", required=True, help="Parquet file to write, local or a URI such as s3://bucket/tags.parquet (replaced only on success).")
+@click.option("--out", "out", required=True, help="Parquet file to write, local or a URI such as s3://bucket/tags.parquet (replaced only on success); a local name not ending in .parquet: a folder of part files.")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Exported .onnx model, or a shipped one: default, default-int8 (faster on CPUs) [default: default].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when it really works, else CPU; cuda: fail unless it works.")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Images per inference call [default: 64 on CPU, 256 on CUDA].")
@@ -283,7 +237,7 @@ def _train_heads(kw: dict[str, Any]) -> None:
 @click.option("--embeddings", is_flag=True, help="Also write the model's L2-normalised image embedding as the column embedding (fixed-size list of float16), for similarity and duplicate search.")
 @click.option("--ext", default=None, metavar="LIST", help="Extensions to tag, comma-separated [default: jpg,jpeg,jfif,png,webp,avif,bmp,gif,tif,tiff].")
 @click.option("--max-pixels", default=None, type=click.IntRange(1), help="Refuse images with more pixels (error row) [default: 150000000].")
-@click.option("--decode-memory", default="4GiB", show_default=True, type=_Bytes(), help="Decoding all decode workers may hold at once (e.g. 512MiB): a large image waits for room; one larger than this is an error row.")
+@click.option("--decode-memory", default="4GiB", show_default=True, type=Bytes(), help="Decoding all decode workers may hold at once (e.g. 512MiB): a large image waits for room; one larger than this is an error row.")
 @click.option("--files-from", default=None, help="Tag the paths listed in this file (relative to CATALOG, absolute, or URIs) instead of walking CATALOG; may itself be a URI.")
 @click.option("--io-threads", default=None, type=click.IntRange(1), help="Concurrent object-store reads per decode worker (a CATALOG in a bucket) [default: 16].")
 @click.option("--incremental", is_flag=True, help="Reuse the rows of --out for unchanged files (same path, size and mtime, same model); tag new and changed ones; drop deleted ones.")
@@ -296,7 +250,7 @@ def _train_heads(kw: dict[str, Any]) -> None:
 @click.option("--commit-seconds", default=60.0, show_default=True, type=click.FloatRange(0), metavar="T", help="... or every T seconds (0: not by time).")
 @click.option("--max-errors", default="50%", show_default=True, metavar="N|P%", help="Fail the run (exit 1, the previous output stays) when its output would hold more error rows than N, or than P% of its rows.")
 @click.option("--shard", default=None, metavar="I/N", help="Tag only shard I of N (by a stable hash of each path); `tagger merge` joins the N outputs.")
-@click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True, help="ray: run on Ray Data (needs the ray extra); --out may then also name a folder of part files.")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True, help="ray: run on Ray Data (needs the ray extra).")
 @click.option("--ray-address", default=None, metavar="ADDR", help="--engine ray: join this cluster ('auto', 'ray://head:10001') [default: start a local Ray instance].")
 @click.option("--num-gpus-per-actor", type=click.FloatRange(0), default=None, help="--engine ray: GPUs per inference actor, fractions share a GPU [default: 1 with a GPU and --device auto/cuda, else 0].")
 @click.option("--actors", type=click.IntRange(1), default=None, help="--engine ray: inference actors [default: cluster GPUs / --num-gpus-per-actor, or 1].")
@@ -306,7 +260,8 @@ def run_command(
 ) -> None:
     """Tag every photo under CATALOG (a folder, or s3://bucket/prefix, gs://..., any pyarrow.fs URI) into a
     Parquet file: one row per file, errors included."""
-    from tagger import ErrorLimit, RunConfig, run
+    from tagger import ErrorLimit, RunConfig
+    from tagger.engines import execute
     from tagger.pipeline.discover import parse_extensions
 
     # A scheduler's SIGTERM unwinds like Ctrl-C, so the half-written temp output is removed.
@@ -323,18 +278,10 @@ def run_command(
 
         kw["shard"] = Shard.parse(kw["shard"])
     engine = kw.pop("engine")
-    ray_kw = {"address": kw.pop("ray_address"), "actors": kw.pop("actors"), "num_gpus_per_actor": kw.pop("num_gpus_per_actor")}
+    options = {"address": kw.pop("ray_address"), "actors": kw.pop("actors"), "num_gpus_per_actor": kw.pop("num_gpus_per_actor")}
     if _quiet():
         kw["progress"] = False
-    config = RunConfig(catalog=catalog, out=out, **kw)
-    if engine == "ray":
-        from tagger.engines.ray import RayOptions, run_ray
-
-        summary = run_ray(config, RayOptions(**ray_kw))
-    else:
-        if any(v is not None for v in ray_kw.values()):
-            raise click.UsageError("--ray-address, --actors and --num-gpus-per-actor need --engine ray")
-        summary = run(config)
+    summary = execute(engine, RunConfig(catalog=catalog, out=out, **kw), options)
     _say(summary.line())
 
 
@@ -368,7 +315,7 @@ def eval_command(report: Path | None, show_confusions: int, **kw: Any) -> None:
     from tagger.evaluate import EvalConfig, check_report_path, evaluate
     from tagger.report import check_report_dependencies, write_report
 
-    kw["tasks"] = _pairs(kw["tasks"], "--task")
+    kw["tasks"] = pairs(kw["tasks"], "--task")
     config = EvalConfig(**kw)
     if report is not None:  # before the run, not after it
         check_report_dependencies()
@@ -426,7 +373,7 @@ def calibrate_command(model: Path, data: Path, out: Path | None, tasks: tuple[st
     """Rescale a model's scores so they match how often its top-1 label is right; no label changes."""
     from tagger.calibrate import calibrate_model
 
-    report = calibrate_model(model, data, out, task_columns=_pairs(tasks, "--task"), **kw)
+    report = calibrate_model(model, data, out, task_columns=pairs(tasks, "--task"), **kw)
     _say(report.summary())
 
 

@@ -6,17 +6,15 @@ import contextlib
 import logging
 import sys
 import time
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from tqdm import tqdm
 
-from tagger import __version__
-from tagger.engines.plan import ModelFacts, RunConfig, RunPlan, RunSummary
-from tagger.nightly.assemble import Assembler, load_previous
-from tagger.nightly.workdir import WorkDir
-from tagger.output.schema import META_TOOL_VERSION, closing_metadata
-from tagger.output.writer import ResultWriter
 from tagger.compose import StageTimer, decoded_batches, tag_batches
+from tagger.engines.plan import ModelFacts, RunConfig, RunPlan, RunSummary
+from tagger.engines.sink import OutputSink
+from tagger.errors import UsageError
+from tagger.output.writer import check_output
 from tagger.pipeline.decode import default_workers
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import default_batch_size, default_inflight, default_threads, open_session
@@ -52,20 +50,20 @@ def _progress_line(done: int, listing: _Counted, errors: int, seconds: float) ->
 
 
 def run(config: RunConfig) -> RunSummary:
-    """Tag every image of config.catalog into config.out (Parquet); one row per file, errors included.
+    """Tag every image of config.catalog into config.out: one Parquet file, or a folder of part files when its name
+    does not end in .parquet; one row per file, errors included.
 
     The previous config.out is replaced only when the new output is complete; whatever fails (model, disk, a
     crash), it stays as it was. Freshly tagged rows are also committed to OUT.work/ as the run goes, so that
     config.resume (or config.incremental) after a crash tags only the rest.
     """
     plan = RunPlan(config)
+    check_output(config.out)
     workers = default_workers() if config.workers is None else config.workers
     threads = config.threads if config.threads is not None else default_threads()
     session = open_session(config.model, config.device, threads, config.embeddings)
     facts = ModelFacts.of(session)
     batch_size = config.batch_size or default_batch_size(session.provider)
-    tasks, top_k = session.tasks, config.top_k
-    identity = plan.identity(facts)
     log.info(
         "tagging %s%s with %s on %s: batch %d, %d decode workers, %d threads",
         redact(config.catalog), f" (shard {config.shard})" if config.shard else "", session.path.name,
@@ -76,36 +74,8 @@ def run(config: RunConfig) -> RunSummary:
     show_bar = config.progress if config.progress is not None else sys.stderr.isatty()
     show_lines = config.progress is None and not show_bar
     with abort_fast(CLEANUP_SECONDS) as on_abort, contextlib.ExitStack() as stack:
-        previous = (
-            load_previous(
-                config.out, identity, tasks, config.keep_stale_model, config.checksum, config.allow_other_catalog
-            )
-            if config.incremental
-            else None
-        )
-        if previous is not None:
-            stack.callback(previous.close)
-        work = stack.enter_context(
-            WorkDir(
-                config.out,
-                {**identity.metadata(), META_TOOL_VERSION: __version__},
-                tasks,
-                top_k,
-                resume=config.resume or config.incremental,
-                embedding_dim=facts.embedding_dim,
-                commit_every=config.commit_every,
-                commit_seconds=config.commit_seconds,
-            )
-        )
-        writer = stack.enter_context(
-            ResultWriter(config.out, work.schema, plan.metadata(facts), tmp_dir=work.path)
-        )
-        parts = (work.rows, work.index) if work.rows is not None and work.index is not None else None
-        assembler = Assembler(
-            writer, previous, parts, config.retry_errors, incremental=config.incremental, checksum=config.checksum,
-            shard=config.shard,
-        )
-        to_tag = _Counted(assembler.plan(plan.refs))
+        sink = stack.enter_context(OutputSink(plan, facts))
+        to_tag = _Counted(sink.refs_to_tag(plan.refs))
         batches = stack.enter_context(
             contextlib.closing(
                 decoded_batches(
@@ -119,42 +89,32 @@ def run(config: RunConfig) -> RunSummary:
         bar = stack.enter_context(tqdm(unit="img", disable=not show_bar, dynamic_ncols=True, file=sys.stderr))
         t_tag = last_line = time.perf_counter()
         inflight = config.inflight or default_inflight(session.provider)
-        for batch, table in tag_batches(batches, session, top_k, timer, inflight):
+        for batch, table in tag_batches(batches, session, config.top_k, timer, inflight):
             t0 = time.perf_counter()
-            work.add(table)
-            assembler.write_tagged(table)
+            sink.write(table)
             timer.add("write", time.perf_counter() - t0)
             if bar.total is None and to_tag.total is not None:
                 bar.total = to_tag.total
             bar.update(len(batch))
             # No line after the last batch: the summary follows.
-            if show_lines and time.perf_counter() - last_line >= PROGRESS_EVERY_S and assembler.tagged != to_tag.total:
+            if show_lines and time.perf_counter() - last_line >= PROGRESS_EVERY_S and sink.tagged != to_tag.total:
                 last_line = time.perf_counter()
-                line = _progress_line(assembler.tagged, to_tag, assembler.errors, last_line - t_tag)
+                line = _progress_line(sink.tagged, to_tag, sink.errors, last_line - t_tag)
                 print(line, file=sys.stderr, flush=True)
         if bar.total is None and to_tag.total:  # the listing ended after the last batch came through
             bar.total = to_tag.total
             bar.refresh()
         t0 = time.perf_counter()
-        assembler.finish()
-        if previous is not None:
-            previous.close()  # before its file is replaced
-        a, changes = assembler, assembler.changes
-        plan.check_errors(a.files, a.errors)
-        ok = a.files - a.errors
-        writer.commit(
-            closing_metadata(
-                a.files, ok, a.tagged, a.reused, a.resumed, changes.as_dict() if changes else None, a.unlistable
-            )
-        )
-        work.finish()
+        sink.finish()
         timer.add("write", time.perf_counter() - t0)
-    if previous is not None and previous.stale_model:
-        log.warning("%d rows of %s come from another model (--keep-stale-model)", a.reused, redact(config.out))
-    return plan.summary(
-        session.provider, a.files, ok, timer.seconds, tagged=a.tagged, reused=a.reused, resumed=a.resumed,
-        changes=changes, unlistable=a.unlistable,
-    )  # fmt: skip
+    return sink.summary(timer.seconds)
 
 
-__all__ = ["run"]
+def execute(config: RunConfig, options: Mapping[str, Any]) -> RunSummary:
+    """The ENGINES entry point: run(config); the other engines' options must be unset."""
+    if any(v is not None for v in options.values()):
+        raise UsageError("--ray-address, --actors and --num-gpus-per-actor need --engine ray")
+    return run(config)
+
+
+__all__ = ["execute", "run"]

@@ -17,8 +17,8 @@ from tagger.contract import TaskSpec
 from tagger.errors import TaggerError
 from tagger.nightly.shard import Shard
 from tagger.output.reader import RowIndex, RowReader, read_output_info
-from tagger.output.schema import ROW_GROUP_SIZE, RunIdentity, count_ok
-from tagger.output.writer import ResultWriter
+from tagger.output.schema import META_RESUMED, META_REUSED, META_TAGGED, ROW_GROUP_SIZE, RunIdentity, count_ok
+from tagger.output.writer import OutputWriter
 from tagger.pipeline.discover import ImageRef
 from tagger.storage import Location, exists, file_sha256, redact
 
@@ -156,7 +156,7 @@ class Assembler:
 
     def __init__(
         self,
-        writer: ResultWriter,
+        writer: OutputWriter,
         previous: Previous | None = None,
         parts: tuple[RowReader, RowIndex] | None = None,
         retry_errors: bool = False,
@@ -289,7 +289,7 @@ class Assembler:
             while k < n - r and self._queue[0][0] == _TAG:
                 self._queue.popleft()
                 k += 1
-            self._write(table.slice(r, k))
+            self._write(table.slice(r, k), META_TAGGED)
             r += k
         self.tagged += n
         if self.changes is not None:
@@ -311,15 +311,16 @@ class Assembler:
 
     def _copy(self, source: int, start: int, count: int) -> None:
         reader = self._previous.reader if source == _PREVIOUS else self._parts[0]  # type: ignore[union-attr,index]
+        origin = META_REUSED if source == _PREVIOUS else META_RESUMED
         for s in range(start, start + count, READ_ROWS):
-            self._write(reader.read(s, min(READ_ROWS, start + count - s)))
+            self._write(reader.read(s, min(READ_ROWS, start + count - s)), origin)
         if source == _PREVIOUS:
             self.reused += count
         else:
             self.resumed += count
 
-    def _write(self, table: pa.Table) -> None:
-        self._writer.write(table)
+    def _write(self, table: pa.Table, origin: str) -> None:
+        self._writer.write(table, origin)
         self.files += table.num_rows
         self.errors += table.num_rows - count_ok(table)
 

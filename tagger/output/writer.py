@@ -1,4 +1,5 @@
-"""Output writer: rows -> Parquet, in row groups, into a temp file that becomes the output only on success.
+"""Output writers: rows -> Parquet, in row groups, into a temp file (or a folder of part files) that becomes the
+output only on success.
 
 For an output in an object store the finished file is uploaded as one object.
 """
@@ -6,15 +7,27 @@ For an output in an object store the finished file is uploaded as one object.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from types import TracebackType
-from typing import Mapping, NoReturn
+from typing import Mapping, NoReturn, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tagger.errors import TaggerError, UsageError, one_line
-from tagger.output.schema import ROW_GROUP_SIZE
-from tagger.storage import Location, as_location, discard, is_folder, name_of, publish, redact, reserve_temp
+from tagger.output.schema import META_RESUMED, META_REUSED, META_TAGGED, ROW_GROUP_SIZE, closing_metadata, count_ok
+from tagger.storage import (
+    Location,
+    as_location,
+    discard,
+    is_folder,
+    is_uri,
+    name_of,
+    publish,
+    redact,
+    reserve_temp,
+    reserve_temp_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +45,41 @@ def check_parquet_name(out: Location, what: str = "--out") -> None:
     suffix = name[name.rfind(".") :].lower() if "." in name else ""
     if suffix in OTHER_FORMATS:
         raise UsageError(f"{what} {redact(out)}: tagger writes Parquet only; name it .parquet")
+
+
+ROWS_PER_PART = 1_000_000  # rows per part file when --out is a folder
+
+
+def writes_folder(out: Location) -> bool:
+    """--out names a single file when it ends in .parquet, else a folder of part files."""
+    return not name_of(out).lower().endswith(".parquet")
+
+
+def check_output(out: Location) -> None:
+    """Refuse an output that cannot be written before any work is done (a URI's bucket answers when it is opened)."""
+    if is_uri(out):
+        # One finished object is uploaded; parts in a bucket would need an upload per part and a cleanup.
+        if writes_folder(out):
+            raise UsageError(f"an output in a bucket is one .parquet object, not {redact(out)}")
+        return
+    out = Path(out)
+    if writes_folder(out):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise TaggerError(f"output folder {out} exists and is not empty; name a new folder or a .parquet file")
+    elif out.is_dir():
+        raise TaggerError(f"output {out} is a folder; name a .parquet file")
+    if not out.parent.is_dir():
+        raise TaggerError(f"cannot write output {out}: no folder {out.parent}")
+
+
+class OutputWriter(Protocol):
+    """What the rows of a run are written to: ResultWriter (one file) or PartsWriter (a folder of parts)."""
+
+    def write(self, table: pa.Table, origin: str = META_TAGGED) -> None: ...
+
+    def commit(self, metadata: Mapping[str, str] | None = None) -> Location: ...
+
+    def abort(self) -> None: ...
 
 
 class ResultWriter:
@@ -67,7 +115,9 @@ class ResultWriter:
             raise TaggerError(f"cannot write output {redact(self.out)}: {one_line(e)}") from None
         self._done = False
 
-    def write(self, table: pa.Table) -> None:
+    def write(self, table: pa.Table, origin: str = META_TAGGED) -> None:
+        """Buffer rows, written a row group at a time. origin: the closing count the rows add to (META_TAGGED,
+        META_REUSED or META_RESUMED); the caller's closing metadata has the file's, only PartsWriter needs it."""
         self._pending.append(table)
         self._pending_rows += table.num_rows
         self.rows += table.num_rows
@@ -124,3 +174,81 @@ class ResultWriter:
     ) -> None:
         if not self._done:
             self.abort()
+
+
+class PartsWriter:
+    """A folder of part-NNNNN.parquet files in order, each a complete output file of its rows with their own counts.
+
+    Parts go into a hidden folder beside `out` that becomes `out` on commit(), so a failed run leaves nothing behind.
+    """
+
+    def __init__(
+        self, out: Path, schema: pa.Schema, metadata: Mapping[str, str], rows_per_part: int = ROWS_PER_PART
+    ) -> None:
+        if rows_per_part < 1:
+            raise UsageError(f"rows_per_part must be at least 1, got {rows_per_part}")
+        check_output(out)
+        self.out, self.schema, self.metadata, self.rows_per_part = out, schema, metadata, rows_per_part
+        self._stage = reserve_temp_dir(out)
+        self._part: ResultWriter | None = None
+        self._parts = 0
+        self._rows = self._ok = 0
+        self._origins = dict.fromkeys((META_TAGGED, META_REUSED, META_RESUMED), 0)
+        self._done = False
+
+    def write(self, table: pa.Table, origin: str = META_TAGGED) -> None:
+        while table.num_rows:
+            if self._part is None:
+                path = self._stage / f"part-{self._parts:05d}.parquet"
+                self._part = ResultWriter(path, self.schema, self.metadata)
+                self._parts += 1
+            head = table.slice(0, self.rows_per_part - self._rows)
+            table = table.slice(head.num_rows)
+            self._part.write(head)
+            self._rows += head.num_rows
+            self._ok += count_ok(head)
+            self._origins[origin] += head.num_rows
+            if self._rows == self.rows_per_part:
+                self._close_part()
+
+    def _close_part(self) -> None:
+        assert self._part is not None
+        o = self._origins
+        self._part.commit(closing_metadata(self._rows, self._ok, o[META_TAGGED], o[META_REUSED], o[META_RESUMED]))
+        self._part, self._rows, self._ok = None, 0, 0
+        self._origins = dict.fromkeys(o, 0)
+
+    def commit(self, metadata: Mapping[str, str] | None = None) -> Location:
+        """Close the last part and move the folder into place; `metadata` (the run's closing keys) is not needed:
+        each part carries its own counts."""
+        if self._part is not None:
+            self._close_part()
+        publish(self._stage, self.out)  # an existing self.out was checked empty
+        self._done = True
+        return self.out
+
+    def abort(self) -> None:
+        if self._part is not None:
+            self._part.abort()
+            self._part = None
+        discard(self._stage)
+
+    def __enter__(self) -> PartsWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._done:
+            self.abort()
+
+
+__all__ = [
+    "ROWS_PER_PART",
+    "OutputWriter",
+    "PartsWriter",
+    "ResultWriter",
+    "check_output",
+    "check_parquet_name",
+    "writes_folder",
+]
