@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import quadrant_image
+from conftest import QUADRANT_COLORS, quadrant_image
 
 from tagger.cli import main
-from tagger.errors import TaggerError
+from tagger.errors import TaggerError, UsageError
 from tagger import RunConfig, run
 
 pytestmark = pytest.mark.ray
@@ -191,13 +193,88 @@ def test_ray_shards_merge_into_the_unsharded_output(
     assert pq.read_table(tmp_path / "merged.parquet").equals(pq.read_table(whole))
 
 
-@pytest.mark.slow
-def test_incremental_and_resume_are_refused(
-    ray_local: Any, catalog: tuple[Path, dict[str, str]], tmp_path: Path
+def _summary_counts(output: str) -> str:
+    """A run's summary line without its rate, time and output: files, ok, errors, changes, tagged/reused/resumed."""
+    (line,) = [ln for ln in output.splitlines() if " files, " in ln]
+    return re.sub(r"(, [\d.]+ img/s)?, [\d.]+ s on .*", "", line)
+
+
+def nightly_runs_equal_the_local_engines(
+    catalog: Path, tmp_path: Path, tag: Callable[[str, list[str]], tuple[int, str]]
 ) -> None:
-    for flag in ("incremental", "resume"):
-        with pytest.raises(TaggerError, match="--engine local only"):
-            _run_ray(RunConfig(catalog[0], tmp_path / "x.parquet", **{flag: True}))
+    """One nightly sequence on a copy of `catalog`, for each engine in turn: a run that fails past --max-errors and
+    keeps its committed parts; --resume after a file was added and one rewritten; --incremental after one was
+    removed, one added and one rewritten. Each Ray step's exit code, summary counts, rows, columns and metadata
+    equal the local engine's.
+
+    tag(engine, args): run `tagger` with args and --engine engine; (exit code, output).
+    """
+    root = tmp_path / "cat"
+    shutil.copytree(catalog, root, symlinks=True)
+    outs = {"local": tmp_path / "local.parquet", "ray": tmp_path / "ray.parquet"}
+
+    def both(*flags: str) -> dict[str, tuple[int, str]]:
+        return {engine: tag(engine, [str(root), "--out", str(out), *flags]) for engine, out in outs.items()}
+
+    failed = both("--max-errors", "0", "--commit-every", "1")
+    assert all(code == 1 and "more than --max-errors 0" in text for code, text in failed.values()), failed
+    assert all(not out.exists() and out.with_name(out.name + ".work").is_dir() for out in outs.values())
+
+    quadrant_image(36, 36).save(root / "new.png")
+    quadrant_image(70, 50, QUADRANT_COLORS[::-1]).save(root / "good/photo.png")
+    resumed = both("--resume")
+    assert {e: code for e, (code, _) in resumed.items()} == {"local": 0, "ray": 0}, resumed
+    counts = {e: _summary_counts(text) for e, (_, text) in resumed.items()}
+    assert counts["ray"] == counts["local"] and "tagged 2, reused 0, resumed " in counts["ray"], counts
+    _assert_same_outputs(outs["ray"], outs["local"])
+
+    (root / "modes/rgba.png").unlink()
+    quadrant_image(44, 30).save(root / "new2.jpg", quality=95)
+    quadrant_image(64, 48, QUADRANT_COLORS[::-1]).save(root / "exif/upright.jpg", quality=90)
+    again = both("--incremental")
+    assert {e: code for e, (code, _) in again.items()} == {"local": 0, "ray": 0}, again
+    counts = {e: _summary_counts(text) for e, (_, text) in again.items()}
+    assert counts["ray"] == counts["local"], counts
+    assert "(new 1, changed 1, unchanged " in counts["ray"] and "removed 1" in counts["ray"], counts
+    assert "tagged 2, reused " in counts["ray"], counts
+    _assert_same_outputs(outs["ray"], outs["local"])
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".work") or p.name.startswith(".")]
+
+
+def _assert_same_outputs(got_path: Path, want_path: Path) -> None:
+    """The same columns, metadata (run times aside) and rows in the same order."""
+    got, want = pq.read_table(got_path), pq.read_table(want_path)
+    assert got.schema.equals(want.schema)
+    assert _meta(got_path) == _meta(want_path)
+    assert got.column("path").to_pylist() == want.column("path").to_pylist()
+    _assert_same_rows(got.to_pylist(), want.to_pylist())
+
+
+@pytest.mark.slow
+def test_incremental_and_resume_equal_the_local_engine(
+    ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
+) -> None:
+    common = ["--model", str(contract_onnx), "--device", "cpu", "--batch-size", "4", "--workers", "0"]
+
+    def tag(engine: str, args: list[str]) -> tuple[int, str]:
+        result = CliRunner().invoke(main, ["run", *args, *common, "--engine", engine])
+        return result.exit_code, result.output
+
+    nightly_runs_equal_the_local_engines(catalog[0], tmp_path, tag)
+
+
+@pytest.mark.slow
+def test_a_folder_of_parts_needs_no_incremental_and_the_local_engine_writes_one_too(
+    catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
+) -> None:
+    root, expected = catalog
+    with pytest.raises(UsageError, match="--incremental reads the previous output as one file"):
+        RunConfig(root, tmp_path / "parts", incremental=True)
+    run(RunConfig(root, tmp_path / "parts", model=contract_onnx, device="cpu", workers=0))
+    run(RunConfig(root, tmp_path / "one.parquet", model=contract_onnx, device="cpu", workers=0))
+    assert [p.name for p in (tmp_path / "parts").iterdir()] == ["part-00000.parquet"]
+    _assert_same_outputs(tmp_path / "parts" / "part-00000.parquet", tmp_path / "one.parquet")
+    assert pq.read_table(tmp_path / "one.parquet").num_rows == len(expected)
 
 
 @pytest.mark.parametrize(

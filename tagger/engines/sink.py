@@ -60,11 +60,13 @@ class OutputSink:
                 )  # fmt: skip
             )
             metadata = self.plan.metadata(facts)
-            self._writer: OutputWriter = stack.enter_context(
+            writer: PartsWriter | ResultWriter = (
                 PartsWriter(Path(config.out), self.schema, metadata, self.rows_per_part)  # a URI folder is refused
                 if writes_folder(config.out)
                 else ResultWriter(config.out, self.schema, metadata, tmp_dir=self._work.path)
             )
+            stack.enter_context(writer)
+            self._writer: OutputWriter = writer
             work = self._work
             parts = (work.rows, work.index) if work.rows is not None and work.index is not None else None
             self.assembler = Assembler(
