@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from s3server import S3Server, free_port
-from test_ray import _assert_same_rows
+from test_ray import _assert_same_rows, nightly_runs_equal_the_local_engines
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -158,6 +158,22 @@ def test_ray_across_two_nodes_writes_the_local_engines_rows(
     assert got.schema.equals(want.schema)
     assert got.column("path").to_pylist() == sorted(expected)  # discovery order
     _assert_same_rows(got.to_pylist(), want.to_pylist())
+
+
+def test_ray_across_two_nodes_resumes_and_runs_incrementally_as_the_local_engine(
+    ray_cluster: str, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
+) -> None:
+    """--resume and --incremental through the CLI: the Ray driver's sink reuses rows, the two nodes tag the rest."""
+    common = ["--model", str(contract_onnx), "--device", "cpu", "--batch-size", "4", "--workers", "0"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+    def tag(engine: str, args: list[str]) -> tuple[int, str]:
+        where = ["--ray-address", ray_cluster] if engine == "ray" else []
+        cmd = [sys.executable, "-m", "tagger.cli", "run", *args, *common, "--engine", engine, *where]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        return done.returncode, done.stdout + done.stderr
+
+    nightly_runs_equal_the_local_engines(catalog[0], tmp_path, tag)
 
 
 def test_ray_across_two_nodes_reads_and_writes_the_bucket(
