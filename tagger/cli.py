@@ -227,7 +227,7 @@ def _train_heads(kw: dict[str, Any]) -> None:
 
 @main.command("run")
 @click.argument("catalog")
-@click.option("--out", "out", required=True, help="Parquet file to write, local or a URI such as s3://bucket/tags.parquet (replaced only on success); a local name not ending in .parquet: a folder of part files.")
+@click.option("--out", "out", required=True, help="Parquet file to write, local or a URI such as s3://bucket/tags.parquet (replaced only on success).")
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="Exported .onnx model, or a shipped one: default, default-int8 (faster on CPUs) [default: default].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when it really works, else CPU; cuda: fail unless it works.")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Images per inference call [default: 64 on CPU, 256 on CUDA].")
@@ -250,7 +250,7 @@ def _train_heads(kw: dict[str, Any]) -> None:
 @click.option("--commit-seconds", default=60.0, show_default=True, type=click.FloatRange(0), metavar="T", help="... or every T seconds (0: not by time).")
 @click.option("--max-errors", default="50%", show_default=True, metavar="N|P%", help="Fail the run (exit 1, the previous output stays) when its output would hold more error rows than N, or than P% of its rows.")
 @click.option("--shard", default=None, metavar="I/N", help="Tag only shard I of N (by a stable hash of each path); `tagger merge` joins the N outputs.")
-@click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True, help="ray: run on Ray Data (needs the ray extra).")
+@click.option("--engine", type=click.Choice(list(ENGINES)), default="local", show_default=True, help="ray: run on Ray Data (needs the ray extra); --out may then also name a folder of part files.")
 @click.option("--ray-address", default=None, metavar="ADDR", help="--engine ray: join this cluster ('auto', 'ray://head:10001') [default: start a local Ray instance].")
 @click.option("--num-gpus-per-actor", type=click.FloatRange(0), default=None, help="--engine ray: GPUs per inference actor, fractions share a GPU [default: 1 with a GPU and --device auto/cuda, else 0].")
 @click.option("--actors", type=click.IntRange(1), default=None, help="--engine ray: inference actors [default: cluster GPUs / --num-gpus-per-actor, or 1].")

@@ -21,7 +21,7 @@ from conftest import QUADRANT_COLORS, quadrant_image
 
 from tagger.cli import main
 from tagger.errors import TaggerError, UsageError
-from tagger import RunConfig, run
+from tagger import ErrorLimit, RunConfig, run
 
 pytestmark = pytest.mark.ray
 
@@ -264,17 +264,26 @@ def test_incremental_and_resume_equal_the_local_engine(
 
 
 @pytest.mark.slow
-def test_a_folder_of_parts_needs_no_incremental_and_the_local_engine_writes_one_too(
-    catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
+def test_a_folder_of_parts_resumes_each_part_counting_its_rows_and_is_no_incremental_output(
+    ray_local: Any, catalog: tuple[Path, dict[str, str]], contract_onnx: Path, tmp_path: Path
 ) -> None:
     root, expected = catalog
+    folder, single = tmp_path / "parts", tmp_path / "single.parquet"
+    common: dict[str, Any] = {"model": contract_onnx, "device": "cpu", "progress": False}
     with pytest.raises(UsageError, match="--incremental reads the previous output as one file"):
-        RunConfig(root, tmp_path / "parts", incremental=True)
-    run(RunConfig(root, tmp_path / "parts", model=contract_onnx, device="cpu", workers=0))
-    run(RunConfig(root, tmp_path / "one.parquet", model=contract_onnx, device="cpu", workers=0))
-    assert [p.name for p in (tmp_path / "parts").iterdir()] == ["part-00000.parquet"]
-    _assert_same_outputs(tmp_path / "parts" / "part-00000.parquet", tmp_path / "one.parquet")
-    assert pq.read_table(tmp_path / "one.parquet").num_rows == len(expected)
+        _run_ray(RunConfig(root, folder, incremental=True, **common))
+    with pytest.raises(TaggerError, match="more than --max-errors 0"):
+        _run_ray(RunConfig(root, folder, max_errors=ErrorLimit(count=0), **common), rows_per_part=5)
+    assert not folder.exists() and (tmp_path / "parts.work").is_dir()
+    summary = _run_ray(RunConfig(root, folder, resume=True, **common), rows_per_part=5)
+    assert (summary.files, summary.tagged, summary.resumed) == (len(expected), 0, len(expected))
+    run(RunConfig(root, single, workers=0, **common))
+    parts = sorted(folder.iterdir())
+    assert len(parts) == -(-len(expected) // 5) and not (tmp_path / "parts.work").exists()
+    assert pa.concat_tables([pq.read_table(p) for p in parts]).to_pylist() == pq.read_table(single).to_pylist()
+    for part in parts:
+        meta, rows = _meta(part), pq.read_metadata(part).num_rows
+        assert (meta["tagger.run.files"], meta["tagger.run.tagged"], meta["tagger.run.resumed"]) == (str(rows), "0", str(rows))
 
 
 @pytest.mark.parametrize(

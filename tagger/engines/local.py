@@ -14,7 +14,6 @@ from tagger.compose import StageTimer, decoded_batches, tag_batches
 from tagger.engines.plan import ModelFacts, RunConfig, RunPlan, RunSummary
 from tagger.engines.sink import OutputSink
 from tagger.errors import UsageError
-from tagger.output.writer import check_output
 from tagger.pipeline.decode import default_workers
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import default_batch_size, default_inflight, default_threads, open_session
@@ -50,15 +49,13 @@ def _progress_line(done: int, listing: _Counted, errors: int, seconds: float) ->
 
 
 def run(config: RunConfig) -> RunSummary:
-    """Tag every image of config.catalog into config.out: one Parquet file, or a folder of part files when its name
-    does not end in .parquet; one row per file, errors included.
+    """Tag every image of config.catalog into config.out (one Parquet file); one row per file, errors included.
 
     The previous config.out is replaced only when the new output is complete; whatever fails (model, disk, a
     crash), it stays as it was. Freshly tagged rows are also committed to OUT.work/ as the run goes, so that
     config.resume (or config.incremental) after a crash tags only the rest.
     """
     plan = RunPlan(config)
-    check_output(config.out)
     workers = default_workers() if config.workers is None else config.workers
     threads = config.threads if config.threads is not None else default_threads()
     session = open_session(config.model, config.device, threads, config.embeddings)

@@ -20,7 +20,7 @@ from tagger.nightly.shard import Shard, check_shard_output
 from tagger.nightly.workdir import DEFAULT_COMMIT_EVERY, DEFAULT_COMMIT_SECONDS
 from tagger.output import schema as s
 from tagger.output.schema import RunIdentity
-from tagger.output.writer import check_parquet_name, writes_folder
+from tagger.output.writer import check_parquet_name
 from tagger.compose import check_stage_options
 from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_IO_THREADS, DEFAULT_MAX_PIXELS, MAX_DECODE_MEMORY
 from tagger.pipeline.discover import (
@@ -96,7 +96,7 @@ class RunConfig:
     """Everything `tagger run` needs. None means "pick the default" (documented per field)."""
 
     catalog: Location  # a folder, or a URI (s3://bucket/prefix, gs://..., any pyarrow.fs URI); kept as given
-    out: Location  # a .parquet file, local or a URI; another name: a local folder of part files
+    out: Location  # a .parquet file, local or a URI (--engine ray: another name is a local folder of part files)
     model: Path | None = None  # None: the shipped default model; a shipped model by name, e.g. "default-int8"
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int | None = None  # images per inference call; None: 64 on CPU, 256 on CUDA
@@ -149,8 +149,6 @@ class RunConfig:
         if self.commit_every < 0 or not 0 <= self.commit_seconds < math.inf:  # NaN compares false
             raise UsageError(f"--commit-every and --commit-seconds must be finite and >= 0, got {self.commit_every} "
                              f"and {self.commit_seconds}")
-        if self.incremental and writes_folder(self.out):
-            raise UsageError("--incremental reads the previous output as one file: name a .parquet --out")
         if self.shard is not None and self.files_from is not None:
             raise UsageError("--shard splits a catalog walk; with --files-from, split the list instead")
 

@@ -20,7 +20,7 @@ from tagger.engines.plan import ModelFacts, RunConfig, RunPlan, RunSummary, mode
 from tagger.engines.raystart import INSTALL_HINT, connected, data_context, import_ray, quiet_ray_logs, unwrapped_errors
 from tagger.engines.sink import OutputSink
 from tagger.errors import TaggerError, UsageError
-from tagger.output.writer import ROWS_PER_PART, check_output
+from tagger.output.writer import ROWS_PER_PART, check_output, writes_folder
 from tagger.pipeline.batch import Batch
 from tagger.pipeline.decode import DecodeMemory, DecodeResult, Failure, Sample, decode_chunk, decode_many
 from tagger.pipeline.discover import ImageRef
@@ -180,7 +180,7 @@ def _actor_shape(ray: ModuleType, device: str, options: RayOptions) -> tuple[int
 
 def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     """Tag config.catalog like the local engine, on Ray Data, into the same OutputSink (--incremental and --resume
-    included); config.out is a .parquet file or a folder of parts.
+    included); config.out is a .parquet file or (another name, not with --incremental) a folder of parts.
 
     Discovery and the sink run here on the driver; decode runs as Ray tasks (one CPU each), inference in a pool of
     actors each holding one ONNX Runtime session; rows come back here and are written in discovery order. Paths
@@ -191,6 +191,8 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     if not is_uri(config.catalog):  # a URI is read as it is on every node; a local path must be the same everywhere
         config = dataclasses.replace(config, catalog=Path(os.path.abspath(config.catalog)))
     plan = RunPlan(config)  # first: an --out that is an input is refused as such, whatever its shape
+    if config.incremental and writes_folder(config.out):
+        raise UsageError("--incremental reads the previous output as one file: name a .parquet --out")
     check_output(config.out)
     # The whole listing goes into the driver's memory (~200 bytes a file); see the README for larger catalogs.
     refs = list(plan.refs)

@@ -19,7 +19,7 @@ from tagger.engines.plan import ModelFacts, RunPlan, RunSummary
 from tagger.nightly.assemble import Assembler, Previous, load_previous
 from tagger.nightly.workdir import WorkDir
 from tagger.output.schema import META_TOOL_VERSION, closing_metadata
-from tagger.output.writer import ROWS_PER_PART, OutputWriter, PartsWriter, ResultWriter, writes_folder
+from tagger.output.writer import OutputWriter, PartsWriter, ResultWriter, writes_folder
 from tagger.pipeline.discover import ImageRef
 from tagger.storage import redact
 
@@ -36,7 +36,9 @@ class OutputSink:
     previous output as it was and the committed work parts for --resume.
     """
 
-    def __init__(self, plan: RunPlan, facts: ModelFacts, rows_per_part: int = ROWS_PER_PART) -> None:
+    def __init__(self, plan: RunPlan, facts: ModelFacts, rows_per_part: int | None = None) -> None:
+        """rows_per_part: an output not named .parquet is a folder of parts of this many rows (writes_folder);
+        None: the output is one file, whatever its name."""
         self.plan, self.facts, self.rows_per_part = plan, facts, rows_per_part
         self._stack = contextlib.ExitStack()
         self._previous: Previous | None = None
@@ -62,7 +64,7 @@ class OutputSink:
             metadata = self.plan.metadata(facts)
             writer: PartsWriter | ResultWriter = (
                 PartsWriter(Path(config.out), self.schema, metadata, self.rows_per_part)  # a URI folder is refused
-                if writes_folder(config.out)
+                if self.rows_per_part is not None and writes_folder(config.out)
                 else ResultWriter(config.out, self.schema, metadata, tmp_dir=self._work.path)
             )
             stack.enter_context(writer)

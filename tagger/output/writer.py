@@ -56,7 +56,8 @@ def writes_folder(out: Location) -> bool:
 
 
 def check_output(out: Location) -> None:
-    """Refuse an output that cannot be written before any work is done (a URI's bucket answers when it is opened)."""
+    """Refuse an output that cannot be written, a file or (writes_folder) a folder of parts, before any work is done
+    (a URI's bucket answers when it is opened)."""
     if is_uri(out):
         # One finished object is uploaded; parts in a bucket would need an upload per part and a cleanup.
         if writes_folder(out):
