@@ -13,7 +13,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from tagger import __version__
+from tagger._version import __version__
 from tagger.engines import ENGINES
 from tagger.errors import TaggerError, one_line
 from tagger.options import Bytes, pairs, task_ints
@@ -177,7 +177,7 @@ def train(**kw: Any) -> None:
         raise click.UsageError("--early-size and --early-epochs go together")
     for k in heads_only:
         kw.pop(k)
-    from tagger.train.data import default_workers
+    from tagger.train.data import default_train_workers
     from tagger.train.loop import TrainConfig, fit
 
     kw["data"] = tuple(kw["data"])
@@ -187,7 +187,7 @@ def train(**kw: Any) -> None:
     for k, default in (("epochs", 15), ("batch_size", 128), ("lr", 1e-3)):
         kw[k] = default if kw[k] is None else kw[k]
     if kw["workers"] is None:
-        kw["workers"] = default_workers()
+        kw["workers"] = default_train_workers()
     best = fit(TrainConfig(**kw))
     _say(f"best checkpoint: {best}")
 

@@ -56,7 +56,7 @@ class EvalConfig:
         if self.limit is not None and self.limit < 1:
             raise UsageError(f"--limit must be at least 1, got {self.limit}")
         if self.mistakes < 0:
-            raise TaggerError(f"--mistakes must be >= 0, got {self.mistakes}")
+            raise UsageError(f"--mistakes must be >= 0, got {self.mistakes}")
 
 
 @dataclass(frozen=True)

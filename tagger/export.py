@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
-from tagger import __version__
+from tagger._version import __version__
 from tagger.contract import (
     EMBEDDING_OUTPUT,
     FORMAT_VERSION,
@@ -45,7 +45,7 @@ from tagger.errors import TaggerError
 from tagger.model.edit import set_metadata
 from tagger.model.info import ModelInfo, ort_errors, read_model_metadata, sha256_file
 from tagger.pipeline.decode import Failure, decode_one, fit_and_pad
-from tagger.storage import check_destination, publish, reserve_temp
+from tagger.storage import check_destination, publishing
 from tagger.temperature import set_temperatures
 from tagger.train.checkpoint import LoadedCheckpoint, load_checkpoint
 from tagger.train.model import MultiTaskNet
@@ -129,8 +129,7 @@ def export_checkpoint(
     image_paths = _check_image_paths(check_images)
     precision = "fp16" if fp16 else "fp32"
 
-    tmp = reserve_temp(out)  # fails fast on an unwritable destination, before any expensive work
-    try:
+    with publishing(out) as tmp:  # reserved now: an unwritable destination fails before any expensive work
         ckpt = _load(ckpt_path)
         images = _check_batch(ckpt.preprocess, image_paths)  # uint8 [K, S, S, 3]
         proto = _to_onnx(ckpt, images[:2], fp16, opset)
@@ -140,9 +139,6 @@ def export_checkpoint(
         tmp.write_bytes(proto.SerializeToString())
         info = read_model_metadata(tmp)
         diffs, agreement, batch_sizes, cosine = _check_parity(tmp, ckpt, images, precision)
-        publish(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
     report = ExportReport(
         path=out,

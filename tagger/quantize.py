@@ -14,7 +14,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from tagger.storage import check_destination, publish, reserve_temp
+from tagger.storage import check_destination, publishing
 from tagger.contract import INPUT_NAME
 from tagger.errors import TaggerError
 from tagger.model.edit import set_model_metadata
@@ -92,8 +92,7 @@ def quantize_model(
     check = pixels[::CHECK_EVERY]
     calibration = np.delete(pixels, np.s_[::CHECK_EVERY], axis=0)
 
-    tmp = reserve_temp(out_path)
-    try:
+    with publishing(out_path) as tmp:
         _quantize(quantization, info.path, tmp, calibration)
         _set_quantization_metadata(tmp, info, len(calibration))
         read_model_metadata(tmp)  # the contract survived
@@ -105,9 +104,6 @@ def quantize_model(
                 f"int8 model agrees with the original on too few photos ({shown}, minimum {min_agreement:.0%}); "
                 "nothing written. Calibrate on photos more like the catalog, or keep the fp32 model"
             )
-        publish(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
     report = QuantizeReport(
         path=out_path,

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import CONTRACT_TASKS, quadrant_image
 
 from tagger.cli import main
-from tagger.errors import TaggerError
+from tagger.errors import TaggerError, UsageError
 from tagger.evaluate import EvalConfig, EvalResult, evaluate
 from tagger.metrics import calibration_error
 from tagger import RunConfig, run
@@ -377,4 +377,13 @@ def test_report_never_overwrites_an_input_and_a_bad_seed_is_a_usage_error(
         assert res.exit_code == TaggerError.exit_code and len(errors) == 1 and message in errors[0], res.output
     assert {p: p.read_bytes() for p in inputs} == inputs
     res = CliRunner().invoke(main, [*base, "--limit", "2", "--seed", "-1"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+
+
+def test_a_negative_mistakes_count_is_a_usage_error(labelled: Labelled, contract_onnx: Path) -> None:
+    """From Python a UsageError (exit 2 through the CLI's own handling), from the command line exit 2 and one line."""
+    with pytest.raises(UsageError, match="--mistakes must be >= 0, got -1") as caught:
+        EvalConfig(data=labelled[0], model=contract_onnx, mistakes=-1)
+    assert caught.value.exit_code == 2
+    res = CliRunner().invoke(main, ["eval", "--data", str(labelled[0]), "--model", str(contract_onnx), "--mistakes", "-1"])
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Mapping
 
-from tagger import __version__
+from tagger._version import __version__
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError, UsageError
 from tagger.model.registry import is_shipped_name, resolve_model

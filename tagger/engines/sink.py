@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Mapping
 
 import pyarrow as pa
 
-from tagger import __version__
+from tagger._version import __version__
 from tagger.engines.plan import ModelFacts, RunPlan, RunSummary
 from tagger.nightly.assemble import Assembler, Previous, load_previous
 from tagger.nightly.workdir import WorkDir

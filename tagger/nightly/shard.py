@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tagger import __version__
+from tagger._version import __version__
 from tagger.errors import TaggerError, UsageError
 from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info

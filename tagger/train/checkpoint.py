@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import torch
 
-from tagger import __version__
+from tagger._version import __version__
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError, one_line
 from tagger.storage import publishing

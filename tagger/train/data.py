@@ -175,5 +175,6 @@ def decode_cache(
     return images[: len(good)], tuple(examples[i] for i in good)
 
 
-def default_workers() -> int:
+def default_train_workers() -> int:
+    """Worker processes of a training run (its decode cache, then its DataLoader): one per core, at most 8."""
     return max(1, min(8, os.cpu_count() or 1))

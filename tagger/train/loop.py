@@ -27,7 +27,7 @@ from tagger.temperature import fit_temperature
 from tagger.train.augment import eval_transform, train_transform
 from tagger.train.checkpoint import read_checkpoint, save_checkpoint
 from tagger.train.data import (
-    Example, class_weights, data_folder_weights, decode_cache, default_workers, load_labelled_set,
+    Example, class_weights, data_folder_weights, decode_cache, default_train_workers, load_labelled_set,
 )
 from tagger.train.ema import Ema
 from tagger.train.hardware import mixed_precision, pick_device
@@ -56,7 +56,7 @@ class TrainConfig:
     backbone: str = "tf_efficientnet_lite0"
     weights: str = "imagenet"
     device: str = "auto"
-    workers: int = field(default_factory=default_workers)
+    workers: int = field(default_factory=default_train_workers)
     limit: int | None = None
     seed: int = 0
     resume: Path | None = None
