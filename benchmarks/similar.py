@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 
 from tagger.contract import META_TASKS
 from tagger.output import schema as s
-from tagger.similar import DEFAULT_THRESHOLD, EMBEDDING_COLUMN, VectorIndex, dupes, load_table
+from tagger.embeddings import EMBEDDING_COLUMN, VectorIndex, load_table
+from tagger.similar import DEFAULT_THRESHOLD, dupes
 
 
 def _peak_mb() -> float:

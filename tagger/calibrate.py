@@ -16,14 +16,14 @@ from tagger.errors import TaggerError
 from tagger.evaluate import resolve_tasks, truth_indices
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error
-from tagger.model.edit import model_metadata, set_model_metadata
+from tagger.model.edit import model_metadata, set_model_metadata, set_temperatures
 from tagger.model.info import read_model_metadata, task_columns as recorded_columns
 from tagger.model.registry import derived_model_path
 from tagger.compose import decoded_batches
 from tagger.pipeline.decode import Failure
 from tagger.pipeline.session import Session, default_batch_size, open_session
 from tagger.storage import check_destination, publishing
-from tagger.temperature import UNDERFLOW, fit_temperature, mean_nll, rescale, set_temperatures
+from tagger.temperature import UNDERFLOW, fit_temperature, mean_nll, rescale
 
 log = logging.getLogger(__name__)
 

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import logging
 import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
-from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from tagger._version import __version__
@@ -42,11 +39,12 @@ from tagger.contract import (
     tasks_to_json,
 )
 from tagger.errors import TaggerError
-from tagger.model.edit import set_metadata
-from tagger.model.info import ModelInfo, ort_errors, read_model_metadata, sha256_file
+from tagger.model.edit import set_description, set_metadata, set_temperatures, strip_trace_metadata
+from tagger.model.info import ModelInfo, read_model_metadata, sha256_file
+from tagger.parity import check_parity, checkpoint_temperatures
 from tagger.pipeline.decode import Failure, decode_one, fit_and_pad
 from tagger.storage import check_destination, publishing
-from tagger.temperature import set_temperatures
+from tagger.synthetic import generated_photos
 from tagger.train.checkpoint import LoadedCheckpoint, load_checkpoint
 from tagger.train.model import MultiTaskNet
 
@@ -58,19 +56,7 @@ EXPORTER = "torch.onnx.export(dynamo=True)"
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
 BATCH_DIM = "N"
-FP32_ATOL = 1e-4  # max |p_onnx - p_torch| for the fp32 model
-FP16_MIN_TOP1 = 0.99  # fraction of check images whose top-1 class the fp16 model must keep, per task
-# Least cosine between ONNX's and PyTorch fp32's embedding of any check image.
-EMBEDDING_MIN_COSINE = {"fp32": 0.9999, "fp16": 0.99}
-# A top-1 flip between two classes whose reference probabilities are closer than this is a coin toss at that
-# precision, not an export error; it is logged and reported but does not fail the check. fp16 rounding of the
-# backbone weights alone moves probabilities by ~1e-2 on EfficientNet-Lite0.
-TIE_MARGIN = {"fp32": 1e-6, "fp16": 1e-2}
-N_GENERATED = 100  # enough that the fp16 99% bar tolerates one close call
-CHUNK = 32  # images per PyTorch / ONNX Runtime call during the parity check, to bound memory
-MAX_SAMPLE_IMAGES = 32
-_SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_images" / "images"
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+N_GENERATED = 100  # generated check photos: enough that the fp16 99% bar tolerates one close call
 
 
 @dataclass(frozen=True)
@@ -115,8 +101,7 @@ def export_checkpoint(
 ) -> ExportReport:
     """Export, verify and atomically write the ONNX model; on any failure nothing is left at `out_path`.
 
-    check_images: extra image files for the parity check, on top of generated product-like photos; None means the
-    project's sample_images/images folder when it exists.
+    check_images: real photos for the parity check, on top of the generated product-like ones (tagger.synthetic).
     """
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
@@ -133,12 +118,12 @@ def export_checkpoint(
         ckpt = _load(ckpt_path)
         images = _check_batch(ckpt.preprocess, image_paths)  # uint8 [K, S, S, 3]
         proto = _to_onnx(ckpt, images[:2], fp16, opset)
-        set_temperatures(proto.graph, _temperatures(ckpt), str(ckpt_path))  # none for older checkpoints
+        set_temperatures(proto.graph, checkpoint_temperatures(ckpt), str(ckpt_path))  # none for older checkpoints
         _set_metadata(proto, ckpt, sha256_file(ckpt_path), ckpt_path.name, precision, opset)
         _check_graph(proto, ckpt.tasks, ckpt.preprocess.size, opset, _n_features(ckpt))
         tmp.write_bytes(proto.SerializeToString())
         info = read_model_metadata(tmp)
-        diffs, agreement, batch_sizes, cosine = _check_parity(tmp, ckpt, images, precision)
+        diffs, agreement, batch_sizes, cosine = check_parity(tmp, ckpt, images, precision)
 
     report = ExportReport(
         path=out,
@@ -159,12 +144,7 @@ def export_checkpoint(
 
 
 def _check_image_paths(check_images: Sequence[str | os.PathLike[str]] | None) -> list[Path]:
-    if check_images is None:
-        if not _SAMPLE_DIR.is_dir():
-            return []
-        found = sorted(p for p in _SAMPLE_DIR.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
-        return found[:MAX_SAMPLE_IMAGES]
-    paths = [Path(p) for p in check_images]
+    paths = [Path(p) for p in check_images or ()]
     for p in paths:
         if not p.is_file():
             raise TaggerError(f"check image {p} is not a file")
@@ -245,7 +225,7 @@ def _to_onnx(ckpt: LoadedCheckpoint, example: np.ndarray, fp16: bool, opset: int
     if program is None:
         raise TaggerError("ONNX export returned no program")
     proto = program.model_proto
-    _strip_trace_metadata(proto)
+    strip_trace_metadata(proto)
     return proto
 
 
@@ -269,26 +249,6 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
-    """Drop per-node stack traces and FX names: they bloat the file and leak the build machine's paths."""
-    graphs = [proto.graph]
-    while graphs:
-        g = graphs.pop()
-        del g.metadata_props[:]
-        for value in (*g.input, *g.output, *g.value_info):
-            del value.metadata_props[:]
-        for node in g.node:
-            del node.metadata_props[:]
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    graphs.append(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    graphs.extend(a.graphs)
-    for fn in proto.functions:
-        for node in fn.node:
-            del node.metadata_props[:]
-
-
 def _jsonable(obj: Any) -> Any:
     """Checkpoint values (tensors, numpy scalars, paths, NaN) as plain JSON; NaN/inf become null."""
     if isinstance(obj, Mapping):
@@ -304,11 +264,6 @@ def _jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (str, int, bool)):
         return obj
     return str(obj)
-
-
-def _temperatures(ckpt: LoadedCheckpoint) -> dict[str, float]:
-    """Task -> the temperature the trainer fitted on validation (none in checkpoints from before it did)."""
-    return {str(k): float(v) for k, v in (ckpt.raw.get("temperature") or {}).items()}
 
 
 def _set_metadata(
@@ -330,8 +285,8 @@ def _set_metadata(
     columns = dict((raw.get("args") or {}).get("tasks") or ())  # the trainer's (task, styles.csv column) pairs
     if columns:
         model["columns"] = {t.name: columns[t.name] for t in ckpt.tasks if t.name in columns}
-    if _temperatures(ckpt):
-        model["temperature"] = _temperatures(ckpt)
+    if checkpoint_temperatures(ckpt):
+        model["temperature"] = checkpoint_temperatures(ckpt)
         model["calibration"] = {"data": "the checkpoint's validation split"}
     values = {
         META_TASKS: tasks_to_json(ckpt.tasks),
@@ -341,7 +296,7 @@ def _set_metadata(
         META_FORMAT: json.dumps(FORMAT_VERSION),
     }
     set_metadata(proto, values)
-    proto.doc_string = f"tagger model: {raw['backbone']} -> {', '.join(t.name for t in ckpt.tasks)}"
+    set_description(proto, raw["backbone"], ckpt.tasks)
 
 
 def _n_features(ckpt: LoadedCheckpoint) -> int:
@@ -385,174 +340,10 @@ def _check_graph(proto: onnx.ModelProto, tasks: tuple[TaskSpec, ...], size: int,
 
 def _check_batch(preprocess: PreprocessSpec, paths: Sequence[Path]) -> np.ndarray:
     """Generated product photos plus `paths` decoded exactly as the runtime decodes: uint8 [K, S, S, 3]."""
-    images = [fit_and_pad(img, preprocess) for img in _generated_photos(N_GENERATED)]
+    images = [fit_and_pad(img, preprocess) for img in generated_photos(N_GENERATED)]
     for p in paths:
         result = decode_one(p, preprocess)
         if isinstance(result, Failure):
             raise TaggerError(f"check image {p} could not be decoded: {result.error}")
         images.append(result.array)
     return np.stack(images)
-
-
-def _generated_photos(n: int, seed: int = 0) -> Iterable[Image.Image]:
-    """Product-on-white shots: a shaded, outlined garment-like shape with a soft shadow, mixed aspect ratios, a bit
-    of sensor noise, round-tripped through JPEG. Two of every twelve are pure noise to cover the extremes."""
-    rng = np.random.default_rng(seed)
-    sizes = [(60, 80), (240, 320), (320, 240), (200, 200), (90, 160), (400, 300)]
-    for i in range(n):
-        w, h = sizes[i % len(sizes)]
-        if i % 12 in (5, 11):
-            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        else:
-            pixels = _product_shot(rng, w, h, kind=i % 4)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-        buf.seek(0)
-        with Image.open(buf) as decoded:
-            decoded.load()
-            yield decoded
-
-
-def _product_shot(rng: np.random.Generator, w: int, h: int, kind: int) -> np.ndarray:
-    base = tuple(int(c) for c in rng.integers(0, 256, 3))
-    bg = tuple(int(c) for c in rng.integers(235, 256, 3))
-    mask = Image.new("L", (w, h), 0)
-    draw = ImageDraw.Draw(mask)
-    cx, cy, rx, ry = w / 2, h / 2, w * rng.uniform(0.25, 0.42), h * rng.uniform(0.25, 0.42)
-    if kind == 0:  # bag / ball
-        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
-    elif kind == 1:  # box / shoe box
-        draw.rounded_rectangle((cx - rx, cy - ry, cx + rx, cy + ry), radius=min(rx, ry) * 0.3, fill=255)
-    elif kind == 2:  # t-shirt silhouette
-        draw.polygon(
-            [
-                (cx - rx * 0.5, cy - ry), (cx + rx * 0.5, cy - ry), (cx + rx, cy - ry * 0.6),
-                (cx + rx * 0.8, cy - ry * 0.3), (cx + rx * 0.55, cy - ry * 0.45), (cx + rx * 0.55, cy + ry),
-                (cx - rx * 0.55, cy + ry), (cx - rx * 0.55, cy - ry * 0.45), (cx - rx * 0.8, cy - ry * 0.3),
-                (cx - rx, cy - ry * 0.6),
-            ],
-            fill=255,
-        )
-    else:  # trousers
-        draw.polygon(
-            [
-                (cx - rx * 0.6, cy - ry), (cx + rx * 0.6, cy - ry), (cx + rx * 0.7, cy + ry),
-                (cx + rx * 0.1, cy + ry), (cx, cy - ry * 0.2), (cx - rx * 0.1, cy + ry), (cx - rx * 0.7, cy + ry),
-            ],
-            fill=255,
-        )
-    alpha = np.asarray(mask.filter(ImageFilter.GaussianBlur(1.0)), dtype=np.float32)[..., None] / 255  # [h, w, 1]
-    shadow = np.asarray(mask.filter(ImageFilter.GaussianBlur(max(w, h) / 40)), dtype=np.float32)[..., None] / 255
-    shadow = np.roll(shadow, (max(1, h // 60), max(1, w // 60)), axis=(0, 1))
-    # light from the top-left: the product gets brighter towards that corner
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    light = 1.15 - 0.35 * (xx / w + yy / h) / 2  # [h, w]
-    product = np.clip(np.array(base, np.float32) * light[..., None], 0, 255)
-    background = np.array(bg, np.float32) * (1 - 0.25 * shadow)
-    img = background * (1 - alpha) + product * alpha + rng.normal(0, 3, (h, w, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def _torch_probs(ckpt: LoadedCheckpoint, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Reference: the contract's preprocessing written out independently, then the fp32 model and its temperatures;
-    under EMBEDDING_OUTPUT (no task's name), the features L2-normalised in float64."""
-    spec = ckpt.preprocess
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    chunks: dict[str, list[np.ndarray]] = {t.name: [] for t in ckpt.tasks}
-    chunks[EMBEDDING_OUTPUT] = []
-    temperature = _temperatures(ckpt)
-    with torch.inference_mode():
-        for i in range(0, len(images), CHUNK):
-            x = torch.from_numpy(images[i : i + CHUNK]).permute(0, 3, 1, 2).float() / 255  # [n, 3, S, S]
-            x = (x - mean) / std
-            logits = ckpt.model(x)
-            for t in ckpt.tasks:
-                chunks[t.name].append(torch.softmax(logits[t.name] / temperature.get(t.name, 1.0), dim=1).numpy())
-            features = ckpt.model.features(x).double().numpy()  # [n, F]
-            chunks[EMBEDDING_OUTPUT].append(features / np.linalg.norm(features, axis=1, keepdims=True))
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
-
-
-def _check_parity(
-    path: Path, ckpt: LoadedCheckpoint, images: np.ndarray, precision: str
-) -> tuple[dict[str, float], dict[str, float], tuple[int, ...], float]:
-    """Run the written file in ONNX Runtime (CPU) at several batch sizes and compare with PyTorch fp32; returns
-    per task max |diff| and top-1 agreement, the batch sizes, and the embedding's least cosine."""
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except ort_errors() as e:
-        raise TaggerError(f"onnxruntime cannot load the exported model: {_first_line(e)}") from None
-    reference = _torch_probs(ckpt, images)
-    k = len(images)
-    # (start, size): batch 1 and 7, then every image in chunks (the last one usually of yet another size)
-    runs = [(0, 1), (0, 7)] + [(i, min(CHUNK, k - i)) for i in range(0, k, CHUNK)]
-    diffs = {t.name: 0.0 for t in ckpt.tasks}
-    full: dict[str, list[np.ndarray]] = {t.name: [] for t in ckpt.tasks}
-    cosine = 1.0
-    for run_index, (start, n) in enumerate(runs):
-        try:
-            *outputs, embedding = session.run(
-                [t.output for t in ckpt.tasks] + [EMBEDDING_OUTPUT], {INPUT_NAME: images[start : start + n]}
-            )
-        except ort_errors() as e:
-            raise TaggerError(f"onnxruntime fails on a batch of {n}: {_first_line(e)}") from None
-        cosine = min(cosine, _embedding_cosine(embedding, reference[EMBEDDING_OUTPUT][start : start + n], n))
-        for task, got in zip(ckpt.tasks, outputs):
-            want = reference[task.name][start : start + n]
-            if got.shape != want.shape or got.dtype != np.float32:
-                raise TaggerError(
-                    f"{task.output} at batch {n} is {got.dtype} {list(got.shape)}, expected float32 {list(want.shape)}"
-                )
-            if not np.isfinite(got).all():
-                raise TaggerError(f"{task.output} at batch {n} contains NaN or inf")
-            diffs[task.name] = max(diffs[task.name], float(np.abs(got.astype(np.float64) - want).max()))
-            if run_index >= 2:
-                full[task.name].append(got)
-    batch_sizes = tuple(sorted({n for _, n in runs}))
-    log.info("%s %s parity: least cosine %.6f over %d images", EMBEDDING_OUTPUT, precision, cosine, k)
-    if cosine < EMBEDDING_MIN_COSINE[precision]:
-        raise TaggerError(
-            f"ONNX and PyTorch disagree on {EMBEDDING_OUTPUT}: cosine {cosine:.6f} < {EMBEDDING_MIN_COSINE[precision]}"
-        )
-
-    agreement: dict[str, float] = {}
-    for task in ckpt.tasks:
-        got, want = np.concatenate(full[task.name]), reference[task.name]  # [K, C]
-        top2 = np.sort(want, axis=1)[:, -2:]  # [K, 2] (or [K, 1] for a one-label task, which cannot flip)
-        tie = (top2[:, -1] - top2[:, 0]) < TIE_MARGIN[precision] if want.shape[1] > 1 else np.zeros(k, bool)
-        same = got.argmax(axis=1) == want.argmax(axis=1)  # [K]
-        agreement[task.name] = float(same.mean())
-        if (~same & tie).any():
-            log.info("%s: %d top-1 flips between near-tied classes", task.output, int((~same & tie).sum()))
-        real_flips = int((~same & ~tie).sum())
-        log.info(
-            "%s %s parity: max|diff| %.3g, top-1 agreement %.2f%% over %d images",
-            task.output, precision, diffs[task.name], 100 * agreement[task.name], k,
-        )
-        if precision == "fp32":
-            if diffs[task.name] >= FP32_ATOL:
-                raise TaggerError(
-                    f"ONNX and PyTorch disagree on {task.output}: max |diff| {diffs[task.name]:.3g} >= {FP32_ATOL}"
-                )
-            if real_flips:
-                raise TaggerError(f"ONNX changes the top-1 {task.name} of {real_flips} of {k} check images")
-        elif k - real_flips < FP16_MIN_TOP1 * k - 1e-9:
-            raise TaggerError(
-                f"fp16 model changes the top-1 {task.name} of {real_flips} of {k} check images (at most "
-                f"{1 - FP16_MIN_TOP1:.0%} allowed); max |diff| {diffs[task.name]:.3g}; export fp32 instead"
-            )
-    return diffs, agreement, batch_sizes, cosine
-
-
-def _embedding_cosine(got: np.ndarray, want: np.ndarray, n: int) -> float:
-    """Least cosine between ONNX's embeddings `got` and the unit-norm reference `want`, after checking that `got`
-    is float32 [n, F] and L2-normalised."""
-    if got.shape != want.shape or got.dtype != np.float32:
-        raise TaggerError(
-            f"{EMBEDDING_OUTPUT} at batch {n} is {got.dtype} {list(got.shape)}, expected float32 {list(want.shape)}"
-        )
-    norms = np.linalg.norm(got.astype(np.float64), axis=1)  # [n]
-    if not np.isfinite(got).all() or np.abs(norms - 1).max() > 1e-3:
-        raise TaggerError(f"{EMBEDDING_OUTPUT} at batch {n} is not L2-normalised (norms {norms.min():.4g}..{norms.max():.4g})")
-    return float((got.astype(np.float64) * want).sum(axis=1).min())

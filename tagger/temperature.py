@@ -1,15 +1,9 @@
-"""Temperature scaling in numpy: fit one temperature to labelled probabilities, rescale, and set it in an ONNX graph."""
+"""Temperature scaling in numpy: fit one temperature to labelled probabilities and rescale (the graph edit: model.edit)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import numpy as np
 
-from tagger.contract import output_name
-from tagger.errors import TaggerError
-
-TEMPERATURE_PREFIX = "tagger_temperature_"  # initializer holding a task's temperature, so a refit updates it in place
 UNDERFLOW = 1e-30  # float32 probabilities below this are taken as 1e-30: their logarithm is unreliable
 _BETA_RANGE = (0.05, 20.0)  # 1 / temperature searched; the negative log-likelihood is convex in it
 
@@ -53,31 +47,4 @@ def mean_nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], UNDERFLOW, None)).mean())
 
 
-def set_temperatures(graph: Any, temperatures: Mapping[str, float], where: str) -> None:
-    """Make each task's softmax divide its input by the given temperature, in an onnx GraphProto.
-
-    The temperature lives in an initializer named TEMPERATURE_PREFIX + task: set in place when the graph has one
-    (from the exporter or an earlier fit), else added with a Div in front of the softmax.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    producers = {out: node for node in graph.node for out in node.output}
-    inits = {init.name: init for init in graph.initializer}
-    for task, temperature in temperatures.items():
-        softmax = producers.get(output_name(task))
-        if softmax is None or softmax.op_type != "Softmax":
-            raise TaggerError(f"{where}: output {output_name(task)} does not come from a Softmax; cannot rescale it")
-        name = TEMPERATURE_PREFIX + task
-        value = numpy_helper.from_array(np.array(temperature, np.float32), name)
-        if name in inits:
-            inits[name].CopyFrom(value)
-            continue
-        graph.initializer.append(value)
-        scaled = f"{softmax.input[0]}_over_temperature"
-        div = onnx.helper.make_node("Div", [softmax.input[0], name], [scaled], name=f"{name}_div")
-        graph.node.insert(list(graph.node).index(softmax), div)  # keep the topological order
-        softmax.input[0] = scaled
-
-
-__all__ = ["TEMPERATURE_PREFIX", "UNDERFLOW", "fit_temperature", "mean_nll", "rescale", "set_temperatures"]
+__all__ = ["UNDERFLOW", "fit_temperature", "mean_nll", "rescale"]

@@ -23,7 +23,8 @@ from tagger.contract import META_TASKS
 from tagger.errors import TaggerError, UsageError
 from tagger.output import schema as s
 from tagger.report import write_dupes_report
-from tagger.similar import EMBEDDING_COLUMN, VectorIndex, dupes, load_table, similar
+from tagger.embeddings import EMBEDDING_COLUMN, VectorIndex, load_table
+from tagger.similar import dupes, similar
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sample_images"
@@ -143,12 +144,12 @@ def test_ivf_index_agrees_with_exact_search() -> None:
 def test_approximate_index_is_kept_beside_the_table_under_its_identity(
     catalog: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tagger.similar as sim
+    import tagger.embeddings as emb
 
-    monkeypatch.setattr(sim, "EXACT_LIMIT", 5)  # 20 rows: approximate, so kept
+    monkeypatch.setattr(emb, "EXACT_LIMIT", 5)  # 20 rows: approximate, so kept
     table = tmp_path / "tags.parquet"
     shutil.copyfile(catalog[1], table)
-    cache = Path(f"{table}{sim.INDEX_SUFFIX}")
+    cache = Path(f"{table}{emb.INDEX_SUFFIX}")
     first = similar(table, ["b.jpg"], k=1)[0].neighbours[0]
     assert cache.is_file() and first.path == "b_near.jpg"
     header, stamp = cache.read_bytes().split(b"\n", 1)[0], cache.stat().st_mtime_ns

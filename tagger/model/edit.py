@@ -1,4 +1,4 @@
-"""Edits of a tagger ONNX model in one place: its metadata, its pooled features, the `embedding` output, new heads."""
+"""Edits of a tagger ONNX model in one place: metadata, temperatures, pooled features, the `embedding` output, new heads."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 
 from tagger.contract import EMBEDDING_OUTPUT, META_MODEL, META_TASKS, TaskSpec, output_name, tasks_to_json
 from tagger.errors import TaggerError
-from tagger.temperature import set_temperatures
 
+TEMPERATURE_PREFIX = "tagger_temperature_"  # initializer holding a task's temperature, so a refit updates it in place
 FEATURES_OUTPUT = "tagger_features"  # the raw pooled features, exposed only in the model heads-only training embeds with
 _HEAD_OPS = ("Gemm", "MatMul")
 # Ops between a head's Gemm and its Softmax in the models tagger writes: temperature, int8 QDQ pairs.
@@ -43,6 +43,58 @@ def set_metadata(proto: Any, values: Mapping[str, str]) -> None:
 def set_model_metadata(proto: Any, model: Mapping[str, Any]) -> None:
     """Replace the META_MODEL object."""
     set_metadata(proto, {META_MODEL: json.dumps(model)})
+
+
+def set_description(proto: Any, backbone: str, tasks: Sequence[TaskSpec]) -> None:
+    """The model's doc string: what `tagger info` and graph viewers show as its one-line description."""
+    proto.doc_string = f"tagger model: {backbone} -> {', '.join(t.name for t in tasks)}"
+
+
+def set_temperatures(graph: Any, temperatures: Mapping[str, float], where: str) -> None:
+    """Make each task's softmax divide its input by the given temperature, in an onnx GraphProto.
+
+    The temperature lives in an initializer named TEMPERATURE_PREFIX + task: set in place when the graph has one
+    (from the exporter or an earlier fit), else added with a Div in front of the softmax.
+    """
+    onnx = onnx_module()
+    from onnx import numpy_helper
+
+    producers = {out: node for node in graph.node for out in node.output}
+    inits = {init.name: init for init in graph.initializer}
+    for task, temperature in temperatures.items():
+        softmax = producers.get(output_name(task))
+        if softmax is None or softmax.op_type != "Softmax":
+            raise TaggerError(f"{where}: output {output_name(task)} does not come from a Softmax; cannot rescale it")
+        name = TEMPERATURE_PREFIX + task
+        value = numpy_helper.from_array(np.array(temperature, np.float32), name)
+        if name in inits:
+            inits[name].CopyFrom(value)
+            continue
+        graph.initializer.append(value)
+        scaled = f"{softmax.input[0]}_over_temperature"
+        div = onnx.helper.make_node("Div", [softmax.input[0], name], [scaled], name=f"{name}_div")
+        graph.node.insert(list(graph.node).index(softmax), div)  # keep the topological order
+        softmax.input[0] = scaled
+
+
+def strip_trace_metadata(proto: Any) -> None:
+    """Drop per-node stack traces and FX names: they bloat the file and leak the build machine's paths."""
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        del g.metadata_props[:]
+        for value in (*g.input, *g.output, *g.value_info):
+            del value.metadata_props[:]
+        for node in g.node:
+            del node.metadata_props[:]
+            for a in node.attribute:
+                if a.type == onnx_module().AttributeProto.GRAPH:
+                    graphs.append(a.g)
+                elif a.type == onnx_module().AttributeProto.GRAPHS:
+                    graphs.extend(a.graphs)
+    for fn in proto.functions:
+        for node in fn.node:
+            del node.metadata_props[:]
 
 
 @dataclass(frozen=True)
@@ -205,7 +257,7 @@ def with_heads(
     if metadata is not None:
         values[META_MODEL] = json.dumps(metadata)
     set_metadata(out, values)
-    out.doc_string = f"tagger model: {model_metadata(out).get('backbone', '?')} -> {', '.join(t.name for t in tasks)}"
+    set_description(out, str(model_metadata(out).get("backbone", "?")), tasks)
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as e:
@@ -260,13 +312,17 @@ def _prune(graph: Any, features: str) -> None:
 
 __all__ = [
     "FEATURES_OUTPUT",
+    "TEMPERATURE_PREFIX",
     "Head",
     "features_tensor",
     "linear_head",
     "model_metadata",
     "onnx_module",
     "set_metadata",
+    "set_description",
     "set_model_metadata",
+    "set_temperatures",
+    "strip_trace_metadata",
     "with_features_output",
     "with_heads",
 ]
