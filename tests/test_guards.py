@@ -18,10 +18,12 @@ from tagger.cli import main
 from tagger.contract import RESERVED_COLUMNS, TaskSpec, check_task_names
 from tagger.engines.plan import check_out_is_no_input
 from tagger.errors import TaggerError
-from tagger.model.info import external_data_files, model_sha256, read_model_metadata, sha256_file
+from tagger.model.external import external_data_files, model_sha256
+from tagger.model.info import read_model_metadata
 from tagger.model.registry import resolve_model
 from tagger.nightly.shard import Shard, merge_shards
 from tagger.output.schema import META_MODEL_SHA256, output_schema
+from tagger.storage import sha256_file
 
 
 def _catalog(root: Path, n: int = 3) -> Path:

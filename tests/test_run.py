@@ -69,7 +69,7 @@ def test_exif_rotated_photo_is_tagged_like_the_upright_one(tagged: tuple[RunSumm
 def test_file_metadata_describes_model_and_run(contract_onnx: Path, tagged: tuple[RunSummary, Path]) -> None:
     summary, out = tagged
     meta = {k.decode(): v.decode() for k, v in pq.read_metadata(out).metadata.items()}
-    from tagger.model.info import sha256_file
+    from tagger.storage import sha256_file
 
     assert meta["tagger.model_sha256"] == sha256_file(contract_onnx)
     assert meta["tagger.run.provider"] == "CPUExecutionProvider" == summary.provider
