@@ -2,16 +2,20 @@
 
     python benchmarks/throughput.py [--images DIR] [--repeat N] [--json FILE] ...
 
-One run, one machine, the same images for every path:
+One run, one machine, the same images for every row. Each row is a function that measures one configuration on a
+catalog and returns a Measurement; the driver warms every row up on a few images, then runs the rows in turn in
+each round (interleaved, so a burst of load from elsewhere does not hit one row only) and keeps each row's fastest:
 
-    tagger     tagger.run(): folder -> Parquet, end to end (model load included)
-    baseline   what a notebook does: PIL full decode + torchvision Resize/ToTensor/Normalize in a DataLoader,
-               eager PyTorch under inference_mode, pyarrow at the end (model load included)
-    decode     discover + decode + batch of the pipeline, no inference (all workers)
-    inference  the pipeline's ONNX Runtime session on decoded batches held in memory (all threads)
-    gpu-decode (--device cuda with a CUDA torch only) nvJPEG decode + resize on the GPU feeding the same session
+    tagger       tagger.run(): folder -> Parquet, end to end (model load included)
+    tagger +emb  (--embeddings) the same, writing the embedding column too
+    tagger s3    (--object-store) the catalog as objects in moto on 127.0.0.1, direct and behind a latency proxy
+    decode       discover + decode + batch of the pipeline, no inference (all workers)
+    inference    the pipeline's ONNX Runtime session on decoded batches held in memory (all threads)
+    baseline     what a notebook does: PIL full decode + torchvision Resize/ToTensor/Normalize in a DataLoader,
+                 eager PyTorch under inference_mode, pyarrow at the end (model load included)
 
-Progress goes to stderr through logging; the final table goes to stdout.
+Then the peak RSS of `tagger run` on 1x and 10x the catalog. Progress goes to stderr through logging; the final
+table goes to stdout.
 """
 
 from __future__ import annotations
@@ -29,22 +33,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import click
 import numpy as np
+from procs import cpu_seconds, descendants, status_kib
+from s3server import ACCESS_KEY, SECRET_KEY, S3Server, ServerProcess, environment, free_port
 
 import tagger
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError
-from tagger.model.info import ModelInfo, ort_errors, read_model_metadata
-from tagger.pipeline.decode import default_workers, fitted_size
+from tagger.model.info import ModelInfo, read_model_metadata
+from tagger.pipeline.decode import default_workers
 from tagger.pipeline.discover import ImageRef, discover
-
-GPU_COMBINED_NOTE = (
-    "combined limit = min(decode, inference): inference runs on the GPU, not on the cores that decode, so the two "
-    "stages overlap and the slower one sets the pace."
-)
 
 # The decode workers are spawned, and a spawned process re-imports this script: onnxruntime, pyarrow and the rest
 # of the pipeline are imported inside functions so that workers start as light as those of `tagger run`.
@@ -64,21 +65,17 @@ STORE_BUCKET = "tagger-bench"
 STORE_LATENCY_MS = 20.0
 STORE_ROW = "tagger s3"
 EMBEDDINGS_ROW = "tagger +emb"  # tagger run --embeddings, timed right after the plain tagger row of each round
-# moto accepts any credentials; the region and no instance-metadata lookup keep the SDK off the network.
-STORE_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_REGION": "us-east-1",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 LATENCY_PROXY = Path(__file__).resolve().with_name("latency_proxy.py")
-SERVER_START_S = 60.0
 
 COMBINED_NOTE = (
     "combined limit = 1 / (1/decode + 1/inference): decode and inference were each measured alone on all cores, "
     "and in `tagger run` they share those cores, so one image costs the core-time of both; a pipeline that keeps "
     "every core busy with no other overhead reaches it (and may pass it a little, as neither stage alone scales "
     "perfectly across cores)."
+)
+GPU_COMBINED_NOTE = (
+    "combined limit = min(decode, inference): inference runs on the GPU, not on the cores that decode, so the two "
+    "stages overlap and the slower one sets the pace."
 )
 
 
@@ -195,7 +192,121 @@ def build_catalog(sources: Sequence[ImageRef], dest: Path, copies: int) -> str:
     return how
 
 
-# --- the measured paths ----------------------------------------------------------------------------------------
+# --- the rows: each measures one configuration on a catalog --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """The images a row runs on: the few of the warm-up or the measured catalog."""
+
+    folder: Path
+    refs: Sequence[ImageRef]
+    keep: int  # decoded images the decode row keeps for the inference row
+    warmup: bool = False
+    uri: str | None = None  # the same images as objects (--object-store)
+
+
+@dataclass
+class Bench:
+    """What the rows share: the config, the model and its session, the batch size and batches in flight resolved
+    for the session's provider, the store."""
+
+    cfg: BenchConfig
+    info: ModelInfo
+    session: Session
+    batch_size: int
+    inflight: int
+    tmp: Path
+    torch_device: str = "cpu"
+    store: ObjectStore | None = None
+    images: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0, 3), np.uint8))  # from the decode row
+
+
+RowFn = Callable[[Bench, Catalog], Measurement]
+
+
+@dataclass(frozen=True)
+class Row:
+    """A named row of the table and the function that measures it."""
+
+    name: str
+    measure: RowFn
+    optional: bool = False  # a TaggerError in its warm-up leaves it out with a note instead of ending the benchmark
+
+
+def tagger_row(b: Bench, cat: Catalog) -> Measurement:
+    return measure_tagger(cat.folder, b.cfg, b.tmp / "tagger.parquet")
+
+
+def embeddings_row(b: Bench, cat: Catalog) -> Measurement:
+    return measure_tagger(cat.folder, b.cfg, b.tmp / "tagger-emb.parquet", EMBEDDINGS_ROW, embeddings=True)
+
+
+def store_row(name: str, delayed: bool) -> RowFn:
+    """`tagger run` on the catalog's objects, straight from the server or through the latency proxy."""
+
+    def row(b: Bench, cat: Catalog) -> Measurement:
+        if b.store is None or cat.uri is None:
+            raise TaggerError(f"{name} needs --object-store")
+        endpoint = b.store.delayed if delayed else b.store.endpoint
+        return measure_tagger(cat.uri, b.cfg, b.tmp / "tagger.parquet", name, b.store, endpoint)
+
+    return row
+
+
+def decode_row(b: Bench, cat: Catalog) -> Measurement:
+    m, b.images = measure_decode(cat.folder, b.info.preprocess, b.cfg, b.batch_size, cat.keep)
+    return m
+
+
+def inference_row(b: Bench, cat: Catalog) -> Measurement:
+    # The warm-up runs the timed batch shape too (cuDNN tunes per shape): full batches, as many as run at once.
+    total = b.batch_size * b.inflight if cat.warmup else len(cat.refs)
+    return measure_inference(b.session, b.images, total, b.batch_size, b.inflight)
+
+
+def baseline_row(b: Bench, cat: Catalog) -> Measurement:
+    return measure_baseline(cat.refs, b.info, b.cfg, b.tmp / "baseline.parquet", b.torch_device)
+
+
+def plan_rows(cfg: BenchConfig, baseline: bool) -> list[Row]:
+    """The rows this configuration measures, in the order each round runs them (decode feeds inference)."""
+    rows = [Row("tagger", tagger_row)]
+    if cfg.embeddings:
+        rows.append(Row(EMBEDDINGS_ROW, embeddings_row))
+    if cfg.object_store:
+        far = delayed_row(cfg.latency_ms)
+        rows += [Row(STORE_ROW, store_row(STORE_ROW, False)), Row(far, store_row(far, True))]
+    rows += [Row("decode", decode_row), Row("inference", inference_row)]
+    if baseline:
+        rows.append(Row("baseline", baseline_row, optional=True))  # e.g. a backbone torch cannot rebuild
+    return rows
+
+
+def run_rows(
+    b: Bench, rows: Sequence[Row], warm: Catalog, timed: Catalog, rounds: int, notes: list[str]
+) -> dict[str, Measurement]:
+    """Warm every row up on `warm`, then time the rows in turn on `timed` for each round; the fastest of each."""
+    log.info("warm-up")
+    kept = []
+    for row in rows:
+        try:
+            row.measure(b, warm)
+        except TaggerError as e:
+            if not row.optional:
+                raise
+            notes.append(f"{row.name} skipped: {e}")
+            continue
+        kept.append(row)
+    results: dict[str, Measurement] = {}
+    for r in range(rounds):
+        for row in kept:
+            log.info("round %d/%d: %s", r + 1, rounds, row.name)
+            keep_best(results, row.measure(b, timed))
+    return results
+
+
+# --- what the rows measure -------------------------------------------------------------------------------------
 
 
 def measure_tagger(
@@ -229,7 +340,7 @@ def measure_tagger(
         embeddings=embeddings,
     )
     store_cpu = store.cpu_seconds() if store else 0.0
-    with s3_environment(endpoint), Stopwatch() as sw:
+    with environment(store.env(endpoint) if store and endpoint else {}), Stopwatch() as sw:
         summary = run(config)
     store_cpu = store.cpu_seconds() - store_cpu if store else 0.0
     if summary.errors:
@@ -370,89 +481,13 @@ def measure_baseline(
     return Measurement.of("baseline", len(refs), sw, weights=bm.weights, device=device)
 
 
-GPU_DECODE_READERS = 8  # threads reading JPEG bytes ahead of the GPU
-GPU_RESIZE_CHUNK = 32  # same-size images resized per interpolate call (float32 full-size copies: bounded memory)
-
-
-def measure_gpu_decode(
-    refs: Sequence[ImageRef], session: Session, batch_size: int, device: str = "cuda"
-) -> Measurement:
-    """nvJPEG batch decode + bilinear fit-and-pad on the GPU, handed to the same ONNX session in GPU memory.
-
-    JPEG only (other files are left out of this row) and no EXIF rotation: a sketch of the GPU-decode option,
-    not a replacement pipeline. Threads read the next batch's bytes while the GPU decodes this one.
-    """
-    import torch
-    import torchvision.io as tio
-    from torch.nn import functional as F
-
-    spec = session.spec
-    s = spec.size
-    jpegs = [r.abspath for r in refs if r.abspath.lower().endswith((".jpg", ".jpeg"))]
-    pad = torch.tensor(spec.pad_color, dtype=torch.uint8, device=device).view(1, 3, 1, 1)
-    batches = [jpegs[i : i + batch_size] for i in range(0, len(jpegs), batch_size)]
-    with Stopwatch() as sw, ThreadPoolExecutor(GPU_DECODE_READERS) as readers:
-        ahead = [readers.submit(tio.read_file, p) for p in batches[0]] if batches else []
-        for b in range(len(batches)):
-            data = [f.result() for f in ahead]
-            ahead = [readers.submit(tio.read_file, p) for p in batches[b + 1]] if b + 1 < len(batches) else []
-            decoded = tio.decode_jpeg(data, mode=tio.ImageReadMode.RGB, device=device)  # list of uint8 [3, H, W]
-            canvas = pad.expand(len(decoded), 3, s, s).clone()  # uint8 [B, 3, S, S]
-            by_size: dict[tuple[int, int], list[int]] = {}
-            for k, img in enumerate(decoded):
-                by_size.setdefault((img.shape[1], img.shape[2]), []).append(k)
-            for (h, w), ks in by_size.items():
-                nw, nh = fitted_size(w, h, s)
-                top, left = (s - nh) // 2, (s - nw) // 2
-                for c in range(0, len(ks), GPU_RESIZE_CHUNK):
-                    part = ks[c : c + GPU_RESIZE_CHUNK]
-                    x = torch.stack([decoded[k] for k in part]).float()  # [n, 3, H, W]
-                    small = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True)
-                    canvas[part, :, top : top + nh, left : left + nw] = small.round().clamp(0, 255).to(torch.uint8)
-            nhwc = canvas.permute(0, 2, 3, 1).contiguous()  # uint8 [B, S, S, 3], still on the GPU
-            torch.cuda.current_stream().synchronize()  # ONNX Runtime reads it from its own stream
-            session.predict_cuda(nhwc.data_ptr(), len(nhwc))
-    return Measurement.of("gpu-decode", len(jpegs), sw, jpeg_only=True)
-
-
 # --- memory ----------------------------------------------------------------------------------------------------
 
 
-def _proc_tree(root: int) -> list[int]:
-    """root and all its descendants, from /proc/<pid>/stat parent ids."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue  # exited meanwhile
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
-def _status_kib(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in keys:
-                    out[key] = int(value.split()[0])
-    except (OSError, ValueError):
-        pass  # exited meanwhile
-    return out
-
-
-def measure_rss(catalog: Path | str, cfg: BenchConfig, out: Path, endpoint: str | None = None) -> dict[str, Any]:
+def measure_rss(catalog: Path | str, cfg: BenchConfig, out: Path, env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Run `python -m tagger.cli run` and sample the RSS of its process tree (the CLI plus its decode workers).
+
+    env: what the run's environment adds (an object store's endpoint and credentials).
 
     peak_tree_rss_mb: the highest sum over the tree at one sample (shared library pages count once per process,
     so an upper bound); peak_process_rss_mb: the highest single-process high-water mark (VmHWM).
@@ -464,7 +499,7 @@ def measure_rss(catalog: Path | str, cfg: BenchConfig, out: Path, endpoint: str 
         "--device", cfg.device, "--batch-size", str(cfg.batch_size), "--workers", str(cfg.workers),
         "--threads", str(cfg.threads),
     ]  # fmt: skip
-    env = {**os.environ, **({**STORE_ENV, "AWS_ENDPOINT_URL": endpoint} if endpoint else {})}
+    env = {**os.environ, **(env or {})}
     # The child imports this very tagger, wherever it is installed or checked out.
     package_root = str(Path(tagger.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
@@ -475,8 +510,8 @@ def measure_rss(catalog: Path | str, cfg: BenchConfig, out: Path, endpoint: str 
         try:
             while proc.poll() is None:
                 tree = 0
-                for pid in _proc_tree(proc.pid):
-                    kib = _status_kib(pid, ("VmRSS", "VmHWM"))
+                for pid in descendants(proc.pid):
+                    kib = status_kib(pid, ("VmRSS", "VmHWM"))
                     tree += kib.get("VmRSS", 0)
                     peak_process = max(peak_process, kib.get("VmHWM", 0))
                 peak_tree = max(peak_tree, tree)
@@ -507,80 +542,64 @@ def delayed_row(latency_ms: float) -> str:
     return f"{STORE_ROW} +{latency_ms:g}ms"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    import socket
-
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise TaggerError(f"{what} exited {proc.returncode} before it listened on 127.0.0.1:{port}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
-            return
-        time.sleep(0.1)
-    raise TaggerError(f"{what} did not listen on 127.0.0.1:{port} within {SERVER_START_S:.0f} s")
-
-
-@contextlib.contextmanager
-def _server(cmd: list[str], port: int, what: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A server process listening on 127.0.0.1:port, stopped at the end."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_listening(port, proc, what)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process, from /proc/<pid>/stat (0.0 where there is no /proc)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
 @dataclass(frozen=True)
 class ObjectStore:
     """An S3 server (moto) on 127.0.0.1 and a latency proxy in front of it, both started by the benchmark."""
 
-    endpoint: str  # http://127.0.0.1:PORT, straight to the server
-    delayed: str  # the same server through the proxy: STORE_LATENCY_MS more per request
-    pids: tuple[int, ...]  # server and proxy, whose CPU time a row reports apart from tagger's
+    server: S3Server
+    proxy: ServerProcess
+
+    @property
+    def endpoint(self) -> str:
+        """Straight to the server."""
+        return self.server.endpoint
+
+    @property
+    def delayed(self) -> str:
+        """The same server through the proxy: its latency more per request."""
+        return f"http://127.0.0.1:{self.proxy.port}"
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return self.server.process.pid, self.proxy.pid
 
     def cpu_seconds(self) -> float:
-        return sum(process_cpu_seconds(pid) for pid in self.pids)
+        """The server's and the proxy's CPU time, which a row reports apart from tagger's."""
+        return sum(cpu_seconds(pid) for pid in self.pids)
+
+    def env(self, endpoint: str) -> dict[str, str]:
+        """What a client (this process, a decode worker, a `tagger run`) needs to read the store through `endpoint`."""
+        return {**self.server.env(), "AWS_ENDPOINT_URL": endpoint}
 
 
 @contextlib.contextmanager
-def object_store(latency_ms: float = STORE_LATENCY_MS) -> Iterator[ObjectStore]:
-    """Start moto_server and the latency proxy on free ports of 127.0.0.1; both stop at the end."""
-    import importlib.util
+def object_store(home: Path, latency_ms: float = STORE_LATENCY_MS) -> Iterator[ObjectStore]:
+    """Start moto and the latency proxy on free ports of 127.0.0.1; both stop at the end. home: the clients'
+    (empty) AWS config files."""
+    try:
+        server = S3Server(home)
+    except RuntimeError as e:
+        raise TaggerError(f"--object-store: {e}") from None
+    try:
+        port = free_port()
+        cmd = [
+            sys.executable, str(LATENCY_PROXY), "--port", str(port), "--upstream", str(server.port),
+            "--delay-ms", str(latency_ms),
+        ]  # fmt: skip
+        try:
+            proxy = ServerProcess(cmd, port, "latency proxy")
+        except RuntimeError as e:
+            raise TaggerError(f"--object-store: {e}") from None
+        try:
+            yield ObjectStore(server, proxy)
+        finally:
+            proxy.stop()
+    finally:
+        server.stop()
 
-    if importlib.util.find_spec("moto") is None:
-        raise TaggerError("--object-store needs moto's server: pip install 'moto[server]'") from None
-    port, proxy_port = free_port(), free_port()
-    server_cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    proxy_cmd = [
-        sys.executable, str(LATENCY_PROXY), "--port", str(proxy_port), "--upstream", str(port),
-        "--delay-ms", str(latency_ms),
-    ]  # fmt: skip
-    with _server(server_cmd, port, "moto_server") as server, _server(proxy_cmd, proxy_port, "latency proxy") as proxy:
-        yield ObjectStore(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{proxy_port}", (server.pid, proxy.pid))
+
+def boto_credentials() -> dict[str, str]:
+    return {"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET_KEY, "region_name": "us-east-1"}
 
 
 def upload(folder: Path, endpoint: str, prefix: str) -> str:
@@ -590,7 +609,7 @@ def upload(folder: Path, endpoint: str, prefix: str) -> str:
     """
     import boto3  # type: ignore[import-untyped]
 
-    s3 = boto3.client("s3", endpoint_url=endpoint, **_boto_credentials())
+    s3 = boto3.client("s3", endpoint_url=endpoint, **boto_credentials())
     with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
         s3.create_bucket(Bucket=STORE_BUCKET)
     files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
@@ -601,33 +620,6 @@ def upload(folder: Path, endpoint: str, prefix: str) -> str:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(put, files))
     return f"s3://{STORE_BUCKET}/{prefix}"
-
-
-def _boto_credentials() -> dict[str, str]:
-    return {
-        "aws_access_key_id": STORE_ENV["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": STORE_ENV["AWS_SECRET_ACCESS_KEY"],
-        "region_name": STORE_ENV["AWS_REGION"],
-    }
-
-
-@contextlib.contextmanager
-def s3_environment(endpoint: str | None) -> Iterator[None]:
-    """AWS_ENDPOINT_URL and moto's credentials in os.environ (decode workers inherit them), restored after."""
-    if endpoint is None:
-        yield
-        return
-    env = {**STORE_ENV, "AWS_ENDPOINT_URL": endpoint}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # --- facts and report ------------------------------------------------------------------------------------------
@@ -693,7 +685,7 @@ def render_table(report: dict[str, Any]) -> str:
     store_names = [n for n in res if n.startswith(STORE_ROW)]
     if store_names:
         lines[-1] += f" {'store cpu s':>12}"
-    for name in ("tagger", EMBEDDINGS_ROW, *store_names, "baseline", "decode", "inference", "gpu-decode"):
+    for name in ("tagger", EMBEDDINGS_ROW, *store_names, "baseline", "decode", "inference"):
         m = res.get(name)
         if m is not None:
             label = f"{name} limit" if name in ("decode", "inference") else name
@@ -742,108 +734,59 @@ def _torch_device(provider: str) -> str | None:
     return "cuda" if provider == "CUDAExecutionProvider" and torch.cuda.is_available() else "cpu"
 
 
-def benchmark(cfg: BenchConfig) -> dict[str, Any]:
-    """Measure every path on the same catalog and return the whole report (what --json writes).
-
-    Each path is warmed up once on a few images; then the rounds run every path in turn (interleaved, so a burst
-    of load from elsewhere does not hit one path only) and the fastest round of each path is kept.
-    """
+def measure_rows(
+    cfg: BenchConfig, info: ModelInfo, tmp: Path, store: ObjectStore | None, warm: Catalog, timed: Catalog,
+    notes: list[str],
+) -> tuple[BenchConfig, str, dict[str, Measurement]]:
+    """Open the session, resolve the batch size and batches in flight for its provider, and run every row; returns
+    the resolved config, the provider and the results. The session is closed when this returns."""
     from tagger.pipeline.session import CUDA, default_batch_size, default_inflight, open_session
 
+    session = open_session(cfg.model, cfg.device, cfg.threads)
+    provider = session.provider
+    notes.append(COMBINED_NOTE if provider != CUDA else GPU_COMBINED_NOTE)
+    batch_size, inflight = cfg.batch_size or default_batch_size(provider), cfg.inflight or default_inflight(provider)
+    cfg = replace(cfg, batch_size=batch_size, inflight=inflight)
+    torch_device = None if cfg.skip_baseline else _torch_device(provider)
+    if cfg.skip_baseline:
+        notes.append("baseline skipped (--skip-baseline)")
+    elif torch_device is None:
+        notes.append("baseline skipped: torch is not installed (pip install 'tagger[train]')")
+    b = Bench(cfg, info, session, batch_size, inflight, tmp, torch_device or "cpu", store)
+    return cfg, provider, run_rows(b, plan_rows(cfg, torch_device is not None), warm, timed, cfg.rounds, notes)
+
+
+def benchmark(cfg: BenchConfig) -> dict[str, Any]:
+    """Measure every row on the same catalog, then the peak RSS of `tagger run`; returns the whole report (what
+    --json writes)."""
     load_before = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     info = read_model_metadata(cfg.model)
     spec = info.preprocess
     sources = source_images(cfg.images, cfg.limit)
     notes: list[str] = []
-    results: dict[str, Measurement] = {}
     rss: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="tagger-bench-") as tmp_name, contextlib.ExitStack() as stack:
         tmp = Path(tmp_name)
-        warm, catalog = tmp / "warm", tmp / "catalog"
-        build_catalog(sources[:WARMUP_IMAGES], warm, 1)
-        links = build_catalog(sources, catalog, cfg.repeat)
-        refs = list(discover(catalog))
+        build_catalog(sources[:WARMUP_IMAGES], tmp / "warm", 1)
+        links = build_catalog(sources, tmp / "catalog", cfg.repeat)
+        refs = list(discover(tmp / "catalog"))
         total = len(refs)
         log.info("catalog: %d images (%d x %d, %s)", total, len(sources), cfg.repeat, links)
-        # (row name, endpoint) of each object-store row: the server straight, then behind the latency proxy
-        store_rows: list[tuple[str, str]] = []
+        warm = Catalog(tmp / "warm", list(discover(tmp / "warm")), WARMUP_IMAGES, warmup=True)
+        timed = Catalog(tmp / "catalog", refs, len(sources))
+        store = None
         if cfg.object_store:
-            store = stack.enter_context(object_store(cfg.latency_ms))
+            store = stack.enter_context(object_store(tmp / "aws", cfg.latency_ms))
             log.info("uploading the catalog to moto_server at %s", store.endpoint)
-            warm_uri, store_uri = upload(warm, store.endpoint, "warm"), upload(catalog, store.endpoint, "catalog")
-            store_rows = [(STORE_ROW, store.endpoint), (delayed_row(cfg.latency_ms), store.delayed)]
+            warm = replace(warm, uri=upload(warm.folder, store.endpoint, "warm"))
+            timed = replace(timed, uri=upload(timed.folder, store.endpoint, "catalog"))
             notes.append(
-                f"{STORE_ROW}: the same catalog as objects in moto_server on 127.0.0.1 ({store_uri}); "
+                f"{STORE_ROW}: the same catalog as objects in moto_server on 127.0.0.1 ({timed.uri}); "
                 f"{delayed_row(cfg.latency_ms)}: the same server behind a proxy that delays every request by "
                 f"{cfg.latency_ms:g} ms; store cpu s: the server's and the proxy's CPU time, not in cpu s"
             )
 
-        session = open_session(cfg.model, cfg.device, cfg.threads)
-        provider = session.provider
-        shared_cores = provider != CUDA  # does inference run on the cores that decode?
-        combined_note = COMBINED_NOTE if shared_cores else GPU_COMBINED_NOTE
-        notes.append(combined_note)
-        batch_size = cfg.batch_size or default_batch_size(provider)
-        inflight = cfg.inflight or default_inflight(provider)
-        cfg = replace(cfg, batch_size=batch_size, inflight=inflight)
-        torch_available = _torch_device(provider)
-        torch_device = None if cfg.skip_baseline else torch_available
-        gpu_decode = cfg.device == "cuda" and torch_available == "cuda"
-        if cfg.skip_baseline:
-            notes.append("baseline skipped (--skip-baseline)")
-        elif torch_device is None:
-            notes.append("baseline skipped: torch is not installed (pip install 'tagger[train]')")
-        if cfg.device == "cuda" and not gpu_decode:
-            notes.append("gpu-decode skipped: needs torch with a usable CUDA device")
-
-        log.info("warm-up")
-        measure_tagger(warm, cfg, tmp / "warm.parquet")
-        if cfg.embeddings:
-            measure_tagger(warm, cfg, tmp / "warm.parquet", EMBEDDINGS_ROW, embeddings=True)
-        for name, endpoint in store_rows:
-            measure_tagger(warm_uri, cfg, tmp / "warm.parquet", name, store, endpoint)
-        _, warm_images = measure_decode(warm, spec, cfg, batch_size, WARMUP_IMAGES)
-        warm_batch = warm_images[np.arange(batch_size) % len(warm_images)]  # the timed shape (cuDNN tunes per shape)
-        for _ in session.predict_each([warm_batch] * inflight, lambda b: b, inflight):
-            pass
-        if torch_device is not None:
-            try:
-                measure_baseline(refs[:WARMUP_IMAGES], info, cfg, tmp / "warm-baseline.parquet", torch_device)
-            except TaggerError as e:  # a model torch cannot rebuild, e.g. not a timm backbone
-                notes.append(f"baseline skipped: {e}")
-                torch_device = None
-        if gpu_decode:
-            gpu_errors: tuple[type[BaseException], ...] = (ValueError, *ort_errors())
-            try:
-                measure_gpu_decode(refs[:WARMUP_IMAGES], session, batch_size)
-            except gpu_errors as e:  # an optional row: report why and measure the rest
-                notes.append(f"gpu-decode skipped: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
-                gpu_decode = False
-
-        images = np.empty((0, spec.size, spec.size, 3), np.uint8)
-        for r in range(cfg.rounds):
-            log.info("round %d/%d: tagger", r + 1, cfg.rounds)
-            keep_best(results, measure_tagger(catalog, cfg, tmp / "tagger.parquet"))
-            if cfg.embeddings:
-                log.info("round %d/%d: %s", r + 1, cfg.rounds, EMBEDDINGS_ROW)
-                emb = measure_tagger(catalog, cfg, tmp / "tagger-emb.parquet", EMBEDDINGS_ROW, embeddings=True)
-                keep_best(results, emb)
-            for name, endpoint in store_rows:
-                log.info("round %d/%d: %s", r + 1, cfg.rounds, name)
-                keep_best(results, measure_tagger(store_uri, cfg, tmp / "tagger.parquet", name, store, endpoint))
-            log.info("round %d/%d: decode limit", r + 1, cfg.rounds)
-            m, images = measure_decode(catalog, spec, cfg, batch_size, len(sources))
-            keep_best(results, m)
-            log.info("round %d/%d: inference limit", r + 1, cfg.rounds)
-            keep_best(results, measure_inference(session, images, total, batch_size, inflight))
-            if torch_device is not None:
-                log.info("round %d/%d: baseline (eager PyTorch on %s)", r + 1, cfg.rounds, torch_device)
-                keep_best(results, measure_baseline(refs, info, cfg, tmp / "baseline.parquet", torch_device))
-            if gpu_decode:
-                log.info("round %d/%d: gpu-decode", r + 1, cfg.rounds)
-                keep_best(results, measure_gpu_decode(refs, session, batch_size))
-        del session, images
-
+        cfg, provider, results = measure_rows(cfg, info, tmp, store, warm, timed, notes)
         if "baseline" in results:
             if results["baseline"].detail["weights"] == "random":
                 notes.append(
@@ -852,11 +795,6 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 )
             notes.append(
                 "baseline resizes with Resize((S, S)) (stretching) as the reference notebook does; tagger fits and pads"
-            )
-        if gpu_decode:
-            notes.append(
-                "gpu-decode: nvJPEG + resize on the GPU, handed to the same session in GPU memory (IO binding); "
-                "JPEGs only, no EXIF"
             )
 
         if cfg.skip_rss:
@@ -869,15 +807,17 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
                 rss_catalog = tmp / f"rss{scale}"
                 build_catalog(sources, rss_catalog, scale * cfg.repeat)
                 rss[f"{scale}x"] = measure_rss(rss_catalog, cfg, tmp / f"rss{scale}.parquet")
-            for name, endpoint in store_rows:
-                log.info("peak RSS of `tagger run` on the catalog from %s", name)
-                rss[f"1x {name}"] = measure_rss(store_uri, cfg, tmp / "rss-store.parquet", endpoint)
-            if total < RSS_WARM_BATCHES * batch_size:
+            if store is not None and timed.uri is not None:
+                for name, endpoint in ((STORE_ROW, store.endpoint), (delayed_row(cfg.latency_ms), store.delayed)):
+                    log.info("peak RSS of `tagger run` on the catalog from %s", name)
+                    rss[f"1x {name}"] = measure_rss(timed.uri, cfg, tmp / "rss-store.parquet", store.env(endpoint))
+            if total < RSS_WARM_BATCHES * (cfg.batch_size or 1):
                 notes.append(
                     f"the 1x catalog holds under {RSS_WARM_BATCHES} batches, so its peak RSS is still ramping up "
                     "(ONNX Runtime's memory arena grows over the first batches); use --repeat for a flat comparison"
                 )
 
+    shared_cores = provider != "CUDAExecutionProvider"  # does inference run on the cores that decode?
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": {**machine_facts(), "loadavg_before": load_before},
@@ -892,7 +832,7 @@ def benchmark(cfg: BenchConfig) -> dict[str, Any]:
         "images": {"source": str(cfg.images), "distinct": len(sources), "total": total, "catalog_links": links},
         "results": {name: m.to_dict() for name, m in results.items()},
         "ratios": ratios(results, shared_cores),
-        "combined_limit": combined_note,
+        "combined_limit": COMBINED_NOTE if shared_cores else GPU_COMBINED_NOTE,
         "rss": rss,
         "notes": notes,
     }

@@ -156,7 +156,7 @@ def test_empty_folder_is_one_clear_error(bench: ModuleType, contract_onnx: Path,
 
 
 def test_object_store_serves_the_uploaded_files_and_the_proxy_delays_every_request(
-    bench: ModuleType, images: Path
+    bench: ModuleType, images: Path, tmp_path: Path
 ) -> None:
     """--object-store's parts: moto on 127.0.0.1 holds the files byte for byte; through the proxy each request of a
     kept-alive connection waits the added latency once, and the server and proxy stop with the context."""
@@ -165,16 +165,17 @@ def test_object_store_serves_the_uploaded_files_and_the_proxy_delays_every_reque
     import time
 
     import pyarrow.fs as pafs
+    from s3server import environment
 
     delay, requests = 0.05, 4
-    with bench.object_store(delay * 1000) as store:
+    with bench.object_store(tmp_path / "aws", delay * 1000) as store:
         uri = bench.upload(images, store.endpoint, "cat")
         assert uri == f"s3://{bench.STORE_BUCKET}/cat"
-        with bench.s3_environment(store.endpoint):
+        with environment(store.env(store.endpoint)):
             fs, root = pafs.FileSystem.from_uri(uri)
             with fs.open_input_stream(f"{root}/images/2.jpg") as f:
                 assert f.read() == (images / "images" / "2.jpg").read_bytes()
-        s3 = boto3.client("s3", endpoint_url=store.delayed, **bench._boto_credentials())
+        s3 = boto3.client("s3", endpoint_url=store.delayed, **bench.boto_credentials())
         s3.head_bucket(Bucket=bench.STORE_BUCKET)  # connect first: only the requests are timed
         for _ in range(requests):  # one GET each, on the kept-alive connection
             t0 = time.perf_counter()
@@ -183,4 +184,5 @@ def test_object_store_serves_the_uploaded_files_and_the_proxy_delays_every_reque
             assert time.perf_counter() - t0 >= delay
             assert body == (images / "images" / "0.jpg").read_bytes()
         pids = store.pids
+        assert store.cpu_seconds() > 0  # the server's own CPU time, reported apart from tagger's
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)

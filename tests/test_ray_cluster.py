@@ -16,6 +16,7 @@ from typing import Iterator
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+from procs import alive, descendants
 from s3server import S3Server, free_port
 from test_ray import _assert_same_rows, nightly_runs_equal_the_local_engines
 
@@ -23,34 +24,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 NODE_START_S = 60.0
 STOP_GRACE_S = 3.0  # the head drains for up to 30 s on SIGTERM; what is left after this is killed
-
-
-def _descendants(root: int) -> list[int]:
-    """root and every process below it, from /proc/<pid>/stat parent ids."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue  # exited meanwhile
-            children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, ()))
-    return tree
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie has exited: its parent, gone, can no longer reap it)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def _nodes(address: str, env: dict[str, str]) -> int:
@@ -95,19 +68,19 @@ def _ray_cluster(node_env: dict[str, str] | None = None) -> Iterator[str]:
                 time.sleep(0.5)
         yield address
     finally:
-        pids = [pid for node in nodes for pid in _descendants(node.pid)]
+        pids = [pid for node in nodes for pid in descendants(node.pid)]
         for node in reversed(nodes):  # the worker first: it leaves the cluster at once
             node.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        while any(alive(p) for p in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in pids:
-            if _alive(pid):
+            if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         for node in nodes:
             node.wait(10)
         deadline = time.monotonic() + 5  # SIGKILLed ones end as soon as the kernel has torn them down
-        while (left := [pid for pid in pids if _alive(pid)]) and time.monotonic() < deadline:
+        while (left := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
             time.sleep(0.05)
         subprocess.run(["rm", "-rf", str(tmp)])
         assert not left, f"Ray processes left running: {left}"

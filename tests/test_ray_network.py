@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_ray_cluster import _descendants
+from procs import descendants
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -42,7 +42,7 @@ def _listening_sockets() -> dict[int, str]:
 def _listeners(root: int) -> set[tuple[str, str]]:
     """(process name, address) of each listening socket that root or a process below it holds open."""
     sockets, found = _listening_sockets(), set()
-    for pid in _descendants(root):
+    for pid in descendants(root):
         try:
             comm = Path(f"/proc/{pid}/comm").read_text().strip()
             fds = os.listdir(f"/proc/{pid}/fd")

@@ -147,16 +147,6 @@ class Session:
                 done, future = pending.popleft()
                 yield done, future.result()
 
-    def predict_cuda(self, data_ptr: int, n: int) -> dict[str, np.ndarray]:
-        """predict() for uint8 [n, S, S, 3] already in memory of GPU 0 at data_ptr (e.g. a torch tensor's
-        data_ptr(), with its stream synchronised): ONNX Runtime reads it in place, with no trip through the host."""
-        if self.provider != CUDA:
-            raise ValueError(f"predict_cuda needs a session on {CUDA}, this one runs on {self.provider}")
-        s = self.spec.size
-        binding = self._sess.io_binding()
-        binding.bind_input(INPUT_NAME, "cuda", 0, np.uint8, [n, s, s, 3], data_ptr)
-        return self._probs(self._run_binding(binding))
-
     def _run_bound(self, images: np.ndarray) -> list[np.ndarray]:
         binding = self._sess.io_binding()
         binding.bind_cpu_input(INPUT_NAME, images)  # copied to the GPU once
