@@ -17,7 +17,7 @@ from tagger.compose import decoded_batches
 from tagger.pipeline.decode import Sample
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import open_session
-from tagger.storage import publish, reserve_temp, sha256_file
+from tagger.storage import publishing, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,8 @@ class FeatureCache:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         out = self.dir / f"part-{self._parts:05d}-{os.getpid()}-{time.time_ns()}.npz"
-        tmp = reserve_temp(out)
-        try:
-            with open(tmp, "wb") as f:
-                np.savez(f, sha256=np.array(digests), features=features.astype(np.float32))
-            publish(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with publishing(out) as tmp, open(tmp, "wb") as f:
+            np.savez(f, sha256=np.array(digests), features=features.astype(np.float32))
         self._parts += 1
         self._rows.update(zip(digests, features.astype(np.float32)))
 
@@ -127,12 +122,8 @@ def _embed_missing(
     cache.dir.mkdir(parents=True, exist_ok=True)
     graph = cache.dir / "features.onnx"  # the base model plus its features as an output
     if not graph.is_file():
-        tmp = reserve_temp(graph)
-        try:
+        with publishing(graph) as tmp:
             onnx.save(with_features_output(onnx.load(str(model))), str(tmp))
-            publish(tmp, graph)
-        finally:
-            tmp.unlink(missing_ok=True)
     session = open_session(graph, "cpu", threads)
     log.info("embedding %d images with %s (cache %s)", len(refs), model.name, cache.dir)
     pending_d: list[str] = []

@@ -22,7 +22,7 @@ from tagger.model.registry import resolve_model
 from tagger.compose import decoded_batches
 from tagger.pipeline.decode import Sample
 from tagger.pipeline.session import open_session
-from tagger.storage import check_destination, publish, publish_bytes, reserve_temp
+from tagger.storage import check_destination, publish_bytes, publishing
 from tagger.temperature import fit_temperature
 from tagger.train.data import class_weight_vector, data_folder_weights, split_sides
 from tagger.train.features import default_cache_dir, embed, file_digests
@@ -126,13 +126,9 @@ def train_heads(cfg: HeadsConfig) -> Path:
     publish_bytes(cfg.out / "split.json", json.dumps(_split(cfg, data)).encode())
     meta = _metadata(cfg, info, base, data, metrics, columns, keep, [h.temperature for h in heads])
     model = with_heads(base, heads, keep, meta)
-    tmp = reserve_temp(out)
-    try:
+    with publishing(out) as tmp:  # published only once ORT on it equals the fitted heads
         onnx.save(model, str(tmp))
         _check(tmp, base_path, data, heads, keep, cfg)
-        publish(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - t0
     publish_bytes(
         cfg.out / "metrics.json",
