@@ -332,14 +332,20 @@ def eval_command(report: Path | None, show_confusions: int, **kw: Any) -> None:
 @click.option("--fp16", is_flag=True, help="Half-precision variant for GPUs (still uint8 in, float32 out); usually slower than fp32 on CPU.")
 @click.option("--opset", type=int, default=None, help="ONNX opset, 18 or newer [default: 18].")
 @click.option("--check-image", "check_images", multiple=True, type=click.Path(path_type=Path), help="Extra photo for the PyTorch-vs-ONNX parity check; repeatable.")
+@click.option("--weights-out", type=click.Path(path_type=Path), default=None, help="Also write the checkpoint's weights alone in fp16 (what `tagger train --init` reads) and export from exactly those.")
 @_friendly
-def export_command(checkpoint: Path, out: Path | None, fp16: bool, opset: int | None, check_images: tuple[Path, ...]) -> None:
+def export_command(checkpoint: Path, out: Path | None, fp16: bool, opset: int | None, check_images: tuple[Path, ...], weights_out: Path | None) -> None:
     """Export a training checkpoint to the single-file ONNX model `tagger run` serves, verified against PyTorch."""
     from tagger.train import check_train_dependencies
 
     check_train_dependencies("tagger export", ("torch", "onnx"))
     from tagger.export import export_checkpoint
 
+    if weights_out is not None:
+        from tagger.train.checkpoint import save_weights
+
+        checkpoint = save_weights(checkpoint, weights_out)
+        _say(f"weights: {weights_out}")
     report = export_checkpoint(checkpoint, out, fp16=fp16, opset=opset, check_images=check_images or None)
     _say(report.summary())
 

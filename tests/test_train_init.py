@@ -176,3 +176,13 @@ def test_early_epochs_train_on_smaller_inputs(tmp_path: Path) -> None:
     assert "optimizer" not in raw and "rng" not in raw and raw["model"]["heads.class.weight"].dtype == torch.float16
     assert weights.stat().st_size < 0.6 * (tmp_path / "run" / "last.pt").stat().st_size
     assert load_checkpoint(weights).tasks == load_checkpoint(tmp_path / "run" / "last.pt").tasks
+
+    # `tagger export --weights-out`: the weights file, and a model exported (and parity-checked) from exactly it.
+    runner = CliRunner()
+    same = runner.invoke(main, ["export", str(weights), "--weights-out", str(weights)])
+    assert same.exit_code == 1 and "is the checkpoint itself" in same.output
+    done = runner.invoke(main, [
+        "export", str(tmp_path / "run" / "last.pt"), "--weights-out", str(tmp_path / "w.pt"), "-o", str(tmp_path / "m.onnx"),
+    ])
+    assert done.exit_code == 0, done.output
+    assert read_model_metadata(tmp_path / "m.onnx").model["checkpoint"] == "w.pt"

@@ -13,7 +13,7 @@ import torch
 from tagger._version import __version__
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError, one_line
-from tagger.storage import publishing
+from tagger.storage import check_destination, publishing
 from tagger.train.model import MultiTaskNet
 
 CHECKPOINT_FORMAT = "tagger.checkpoint/1"
@@ -98,6 +98,7 @@ def save_weights(src: str | os.PathLike[str], dst: str | os.PathLike[str], half:
     """A checkpoint without the optimiser, schedule, EMA and random state, float tensors in fp16 with `half`
     (Lite0: 7 MB instead of 19 MB; the probabilities move by ~1e-3, so export the model from this file)."""
     raw = read_checkpoint(src)
+    check_destination(Path(dst), Path(src), "checkpoint")
     model = {k: (v.half() if half and v.is_floating_point() else v) for k, v in raw["model"].items()}
     state = {k: raw[k] for k in WEIGHTS_KEYS if k in raw}
     state["model"] = model
