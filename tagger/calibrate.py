@@ -14,6 +14,7 @@ import numpy as np
 
 from tagger.errors import TaggerError
 from tagger.evaluate import resolve_tasks, truth_indices
+from tagger.guards import check_destination
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error
 from tagger.model.edit import model_metadata, set_model_metadata, set_temperatures
@@ -22,7 +23,7 @@ from tagger.model.registry import derived_model_path
 from tagger.compose import decoded_batches
 from tagger.pipeline.decode import Failure
 from tagger.pipeline.session import Session, default_batch_size, open_session
-from tagger.storage import check_destination, publishing
+from tagger.storage import publishing
 from tagger.temperature import UNDERFLOW, fit_temperature, mean_nll, rescale
 
 log = logging.getLogger(__name__)

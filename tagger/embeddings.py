@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from tagger.contract import EMBEDDING_OUTPUT, META_TASKS, tasks_from_json
 from tagger.errors import TaggerError, one_line
 from tagger.output import schema as s
-from tagger.storage import Location, arrow_source, is_uri, publish_bytes, redact, sha256_file
+from tagger.storage import Location, arrow_source, open_location, publish_bytes, redact, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class VectorIndex:
 def open_index(et: EmbeddingTable, table: Location) -> VectorIndex:
     """The index of a table's vectors. An approximate one (a large table) is kept beside a local table as
     TABLE.index, under the table file's sha256: a changed table gets a new index, never a stale one."""
-    if len(et) <= EXACT_LIMIT or is_uri(table):
+    if len(et) <= EXACT_LIMIT or open_location(table)[0].remote:
         return VectorIndex(et.vectors)
     cache = Path(f"{table}{INDEX_SUFFIX}")
     header = json.dumps({"table_sha256": sha256_file(table), "rows": len(et), "faiss": faiss_module().__version__}).encode()

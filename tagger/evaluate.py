@@ -22,10 +22,10 @@ from tagger.metrics import IGNORE, calibration_error, confusion_matrix, per_clas
 from tagger.model.info import task_columns
 from tagger.model.registry import resolve_model
 from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Failure
-from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, walk_would_list
+from tagger.pipeline.discover import ImageRef
 from tagger.compose import check_stage_options, decoded_batches, tag_batches
 from tagger.pipeline.session import default_batch_size, default_inflight, open_session
-from tagger.storage import check_not_input
+from tagger.guards import check_output
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +218,9 @@ def resolve_tasks(
 def check_report_path(report: Path, config: EvalConfig) -> None:
     """TaggerError when a report at `report` would overwrite an input: the model, styles.csv or a photo of the
     labelled folder."""
-    check_not_input(report, resolve_model(config.model), "model")
-    check_not_input(report, config.data / "styles.csv", "labels file")
-    if walk_would_list(config.data, report, DEFAULT_EXTENSIONS):
-        raise TaggerError(f"report {report} is a photo of the labelled folder {config.data}; choose another name")
+    sources = {"model": resolve_model(config.model), "labels file": config.data / "styles.csv"}
+    check_output(report, what="report", sources=sources, catalog=config.data, catalog_kind="the labelled folder",
+                 reader="that tagger eval reads")  # fmt: skip
 
 def evaluate(config: EvalConfig) -> EvalResult:
     """Tag the image of every row of config.data/styles.csv with the `tagger run` stages and score each task.

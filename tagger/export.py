@@ -39,11 +39,12 @@ from tagger.contract import (
     tasks_to_json,
 )
 from tagger.errors import TaggerError
+from tagger.guards import check_destination
 from tagger.model.edit import set_description, set_metadata, set_temperatures, strip_trace_metadata
 from tagger.model.info import ModelInfo, read_model_metadata
 from tagger.parity import check_parity, checkpoint_temperatures
 from tagger.pipeline.decode import Failure, decode_one, fit_and_pad
-from tagger.storage import check_destination, publishing, sha256_file
+from tagger.storage import publishing, sha256_file
 from tagger.synthetic import generated_photos
 from tagger.train.checkpoint import LoadedCheckpoint, load_checkpoint
 from tagger.train.model import MultiTaskNet

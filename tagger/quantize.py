@@ -14,7 +14,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from tagger.storage import check_destination, publishing
+from tagger.guards import check_destination
+from tagger.storage import publishing
 from tagger.contract import INPUT_NAME
 from tagger.errors import TaggerError
 from tagger.model.edit import set_model_metadata

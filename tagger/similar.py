@@ -18,9 +18,9 @@ from tagger.embeddings import (
     EMBEDDING_COLUMN, EmbeddingTable, VectorIndex, as_f32, load_table, open_index, unit_vectors,
 )
 from tagger.errors import TaggerError, UsageError
+from tagger.guards import check_not_input, check_output
 from tagger.output import schema as s
-from tagger.pipeline.discover import DEFAULT_EXTENSIONS, walk_would_list
-from tagger.storage import Location, check_not_input, publish_bytes, redact, same_file
+from tagger.storage import Location, publish_bytes, same_file
 
 # Cosine at or above which two photos are near-duplicates; measured by benchmarks/similar.py (README).
 DEFAULT_THRESHOLD = 0.95
@@ -151,11 +151,8 @@ def check_dupes_outputs(table: Location, out: Location, report: Location | None,
     """TaggerError when the groups file or the report would overwrite an input: the table, each other, or a photo
     of the catalog the table was tagged from (a file its walk lists)."""
     for path in (out, report):
-        if path is None:
-            continue
-        check_not_input(path, table, "table")
-        if catalog is not None and walk_would_list(catalog, path, DEFAULT_EXTENSIONS):
-            raise TaggerError(f"output {redact(path)} is a photo of the catalog {catalog}; choose another name")
+        if path is not None:
+            check_output(path, sources={"table": table}, catalog=catalog, reader="the table was tagged from")
     if report is not None and same_file(report, out):
         raise UsageError(f"--report {report} is the groups file -o; choose another name")
 

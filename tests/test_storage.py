@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from tagger.errors import TaggerError
-from tagger.storage import check_not_input, exists, redact, relative_key, same_file
+from tagger.guards import check_not_input
+from tagger.storage import exists, redact, relative_key, same_file
 
 
 def test_a_rejected_uri_leaves_no_credentials_in_the_message() -> None:

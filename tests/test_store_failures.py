@@ -383,7 +383,7 @@ def test_a_large_upload_goes_through_a_staging_object_and_a_refused_copy_keeps_t
     from tagger import storage
     from tagger.errors import TaggerError
 
-    monkeypatch.setattr(storage, "UPLOAD_IN_ONE_WRITE", 10)
+    monkeypatch.setattr(storage.arrow, "UPLOAD_IN_ONE_WRITE", 10)
     for name, value in store.env.items():
         if name.startswith(("AWS_", "TAGGER_")):
             monkeypatch.setenv(name, value)

@@ -14,6 +14,7 @@ from typing import BinaryIO, Iterator, Mapping
 from tagger._version import __version__
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError, UsageError
+from tagger.guards import check_output, refusing_out
 from tagger.model.registry import is_shipped_name, resolve_model
 from tagger.nightly.assemble import Changes
 from tagger.nightly.shard import Shard, check_shard_output
@@ -23,29 +24,9 @@ from tagger.output.schema import RunIdentity
 from tagger.output.writer import check_parquet_name
 from tagger.compose import check_stage_options
 from tagger.pipeline.decode import DEFAULT_DECODE_MEMORY, DEFAULT_IO_THREADS, DEFAULT_MAX_PIXELS, MAX_DECODE_MEMORY
-from tagger.pipeline.discover import (
-    DEFAULT_EXTENSIONS,
-    ImageRef,
-    copy_of_list,
-    discover,
-    list_contains,
-    path_text,
-    refs_from_list,
-    walk_would_list,
-)
+from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, copy_of_list, discover, path_text, refs_from_list
 from tagger.pipeline.session import Session
-from tagger.storage import (
-    Location,
-    absolute,
-    as_location,
-    check_names_file,
-    check_not_input,
-    exists,
-    is_folder,
-    is_uri,
-    redact,
-    same_file,
-)
+from tagger.storage import Location, absolute, as_location, check_names_file, exists, is_folder, redact
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +203,7 @@ def list_refs(config: RunConfig, list_copy: BinaryIO | None = None) -> Iterator[
     if config.files_from is not None:
         refs = refs_from_list(config.catalog, config.files_from, list_copy)
     else:
-        refs = discover(config.catalog, config.extensions)
-        if not is_uri(config.catalog) and not is_uri(config.out) and exists(config.out):
-            refs = _refusing_out(refs, config)
+        refs = refusing_out(discover(config.catalog, config.extensions), config.catalog, config.out)
     first = next(refs, None)
     if first is None:
         what = f"listed in {redact(config.files_from)}" if config.files_from else "with extension " + ",".join(
@@ -241,45 +220,23 @@ def list_refs(config: RunConfig, list_copy: BinaryIO | None = None) -> Iterator[
     return (r for r in listed if shard.holds(r.path) or (keep and r.unlistable is not None))
 
 
-def _refusing_out(refs: Iterator[ImageRef], config: RunConfig) -> Iterator[ImageRef]:
-    """`refs`, raising TaggerError at a walked file that is the existing --out: one reached through a folder linked
-    in from outside the catalog, which walk_would_list cannot see. A string compare per ref; only refs named like
-    --out are stat'ed. The output is published only at the end, so raising here leaves everything as it was."""
-    out = config.out
-    names = {os.path.basename(os.path.abspath(out)), os.path.basename(os.path.realpath(out))}
-    for ref in refs:
-        if os.path.basename(ref.abspath) in names and same_file(ref.abspath, out):
-            raise TaggerError(
-                f"output {redact(out)} is a file of the catalog ({redact(ref.abspath)}) that the run tags; "
-                "choose another name"
-            )
-        yield ref
-
-
 def check_out_is_no_input(config: RunConfig, list_copy: BinaryIO | None = None) -> None:
     """TaggerError when --out names a file the run reads: the model, the --files-from list (list_copy: its
     copy_of_list), or a file the run tags (listed, or walked: inside the catalog with a tagged extension, refused
-    with --files-from too). Other files inside the catalog are fine."""
-    out = config.out
+    with --files-from too: the catalog's photos are inputs of its walks, the next nightly run)."""
     try:
         model: Path | None = resolve_model(config.model)
     except TaggerError:  # a shipped model that is not installed: opening the session says so
         model = None
-    if model is not None:
-        check_not_input(out, model, "model")
-    if config.files_from is not None:
-        check_not_input(out, config.files_from, "--files-from list")
-        if list_contains(config.catalog, config.files_from, out, list_copy):
-            raise TaggerError(
-                f"output {redact(out)} is listed in {redact(config.files_from)} as a file to tag; choose another name"
-            )
-    # With --files-from too: the catalog's photos are inputs of its walks (the next nightly run).
-    if is_folder(config.catalog) and walk_would_list(config.catalog, out, config.extensions):
-        raise TaggerError(
-            f"output {redact(out)} is a file of the catalog {redact(config.catalog)} that the run tags (an image "
-            "extension); "
-            "choose another name"
-        )
+    check_output(
+        config.out,
+        sources={"model": model, "--files-from list": config.files_from},
+        catalog=config.catalog,
+        walked=is_folder(config.catalog),
+        extensions=config.extensions,
+        files_from=config.files_from,
+        list_copy=list_copy,
+    )
 
 
 def run_identity(config: RunConfig, model_sha256: str, embedding_dim: int = 0) -> RunIdentity:

@@ -25,7 +25,7 @@ from tagger.pipeline.batch import Batch
 from tagger.pipeline.decode import DecodeMemory, DecodeResult, Failure, Sample, decode_chunk, decode_many
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.session import CPU, CUDA, default_batch_size, open_session
-from tagger.storage import is_uri, redact
+from tagger.storage import open_location, redact
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -188,8 +188,9 @@ def run_ray(config: RunConfig, options: RayOptions | None = None) -> RunSummary:
     """
     ray = import_ray()
     options = options or RayOptions()
-    if not is_uri(config.catalog):  # a URI is read as it is on every node; a local path must be the same everywhere
-        config = dataclasses.replace(config, catalog=Path(os.path.abspath(config.catalog)))
+    catalog_store, catalog = open_location(config.catalog)
+    if not catalog_store.remote:  # a URI is read as it is on every node; a local path must be the same everywhere
+        config = dataclasses.replace(config, catalog=Path(os.path.abspath(catalog)))
     plan = RunPlan(config)  # first: an --out that is an input is refused as such, whatever its shape
     if config.incremental and writes_folder(config.out):
         raise UsageError("--incremental reads the previous output as one file: name a .parquet --out")

@@ -19,8 +19,8 @@ from tagger.errors import TaggerError, UsageError
 from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info
 from tagger.output.writer import ResultWriter, check_parquet_name
-from tagger.pipeline.discover import walk_would_list
-from tagger.storage import Location, as_location, check_names_file, exists, is_uri, redact, same_file
+from tagger.guards import check_output
+from tagger.storage import Location, as_location, check_names_file, exists, redact, same_file
 
 log = logging.getLogger(__name__)
 
@@ -131,13 +131,8 @@ def _check_out_is_no_photo(out: Location, identity: out_schema.RunIdentity) -> N
     always come from a walk (--shard refuses --files-from), so the recorded extensions are there. A catalog in a
     bucket is recorded redacted, without the options that say which store it is: an OUT in the same bucket and
     prefix is refused, whichever store it is on."""
-    if is_uri(identity.catalog) != is_uri(out) or identity.extensions is None:
-        return
-    if walk_would_list(identity.catalog, redact(out) if is_uri(out) else out, identity.extensions):
-        raise TaggerError(
-            f"output {redact(out)} is a file of the catalog {identity.catalog} the shards tagged (an image extension); "
-            "choose another name"
-        )
+    if identity.extensions is not None:
+        check_output(out, catalog=identity.catalog, extensions=identity.extensions, reader="the shards tagged")
 
 
 def check_shard_output(out: Location, shard: Shard | None) -> None:

@@ -21,8 +21,8 @@ from tagger.storage import (
     as_location,
     discard,
     is_folder,
-    is_uri,
     name_of,
+    open_location,
     publish,
     redact,
     reserve_temp,
@@ -58,12 +58,13 @@ def writes_folder(out: Location) -> bool:
 def check_output(out: Location) -> None:
     """Refuse an output that cannot be written, a file or (writes_folder) a folder of parts, before any work is done
     (a URI's bucket answers when it is opened)."""
-    if is_uri(out):
+    store, key = open_location(out)
+    if store.remote:
         # One finished object is uploaded; parts in a bucket would need an upload per part and a cleanup.
-        if writes_folder(out):
+        if writes_folder(key):
             raise UsageError(f"an output in a bucket is one .parquet object, not {redact(out)}")
         return
-    out = Path(out)
+    out = Path(key)
     if writes_folder(out):
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise TaggerError(f"output folder {out} exists and is not empty; name a new folder or a .parquet file")

@@ -9,15 +9,15 @@ from typing import Sequence
 from tagger.pipeline.budget import Lease, size_text
 from tagger.pipeline.discover import ImageRef
 from tagger.pipeline.image import Source
-from tagger.storage import has_latency, read_file
+from tagger.storage import open_location, read_file
 
 DEFAULT_IO_THREADS = 16  # object-store reads in flight per decoder (--io-threads): ~16 GETs of 30 ms hide the latency
 
 
 def reads_ahead(src: Source) -> bool:
-    """Whether src is read ahead of its decoding: a listed file in a store with latency (an object). The one place
-    decode asks storage where a file lives."""
-    return isinstance(src, ImageRef) and src.unlistable is None and has_latency(src.abspath)
+    """Whether src is read ahead of its decoding: a listed file in a remote store (an object). The one place decode
+    asks storage where a file lives."""
+    return isinstance(src, ImageRef) and src.unlistable is None and open_location(src.abspath)[0].remote
 
 
 class FetchWindow:

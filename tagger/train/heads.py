@@ -14,6 +14,7 @@ import numpy as np
 
 from tagger.contract import TaskSpec, check_task_names
 from tagger.errors import TaggerError, UsageError, one_line
+from tagger.guards import check_destination
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, summarize
 from tagger.model.edit import Head, linear_head, model_metadata, onnx_module, with_heads
@@ -22,7 +23,7 @@ from tagger.model.registry import resolve_model
 from tagger.compose import decoded_batches
 from tagger.pipeline.decode import Sample
 from tagger.pipeline.session import open_session
-from tagger.storage import check_destination, publish_bytes, publishing
+from tagger.storage import publish_bytes, publishing
 from tagger.temperature import fit_temperature
 from tagger.train.data import class_weight_vector, data_folder_weights, split_sides
 from tagger.train.features import default_cache_dir, embed, file_digests
