@@ -371,7 +371,7 @@ def test_report_never_overwrites_an_input_and_a_bad_seed_is_a_usage_error(
     inputs = {p: p.read_bytes() for p in (contract_onnx, root / "styles.csv", photo)}
     base = ["eval", "--data", str(root), "--model", str(contract_onnx), "--workers", "0"]
     for target, message in ((contract_onnx, "is the model itself"), (root / "styles.csv", "is the labels file itself"),
-                            (photo, "is a photo of the labelled folder")):
+                            (photo, "is a file of the labelled folder")):
         res = CliRunner().invoke(main, [*base, "--report", str(target)])
         errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
         assert res.exit_code == TaggerError.exit_code and len(errors) == 1 and message in errors[0], res.output

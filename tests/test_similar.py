@@ -243,8 +243,8 @@ def test_dupes_outputs_never_overwrite_an_input(catalog: tuple[Path, Path], tmp_
     for args, code, text in (
         (["-o", str(out), "--report", str(table)], 1, "is the table itself"),
         (["-o", str(out), "--report", str(out)], 2, "is the groups file"),
-        (["-o", str(catalog[0] / "a.jpg")], 1, "is a photo of the catalog"),
-        (["-o", str(out), "--report", str(catalog[0] / "a.jpg")], 1, "is a photo of the catalog"),
+        (["-o", str(catalog[0] / "a.jpg")], 1, "is a file of the catalog"),
+        (["-o", str(out), "--report", str(catalog[0] / "a.jpg")], 1, "is a file of the catalog"),
     ):
         _one_error_line(runner.invoke(main, ["dupes", str(table), *args]), code, text)
     assert {p: p.read_bytes() for p in before} == before and not out.exists()
