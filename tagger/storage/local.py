@@ -220,7 +220,8 @@ class LocalStore:
             top = _listing(os.fspath(key), "", seen)
         except OSError as e:
             raise TaggerError(f"cannot list catalog {os.fspath(key)}: {one_line(e)}") from None
-        stack: builtins.list[Iterator[tuple[str, os.DirEntry[str], bool]]] = [iter(top or [])]  # one listing per open folder
+        # One listing per open folder.
+        stack: builtins.list[Iterator[tuple[str, os.DirEntry[str], bool]]] = [iter(top or [])]
         while stack:
             item = next(stack[-1], None)
             if item is None:
