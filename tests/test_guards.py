@@ -290,3 +290,22 @@ def test_a_model_whose_task_collides_with_an_output_column_is_refused(
     code, errors = _cli("run", str(root), "--out", str(out), "--model", str(model), "--workers", "0")
     assert code == TaggerError.exit_code and len(errors) == 1 and message in errors[0], errors
     assert os.listdir(out.parent) == []  # no output, no OUT.work/
+
+
+def test_the_guard_refuses_exactly_what_the_walk_lists(tmp_path: Path) -> None:
+    """One visible-image predicate: every name the walk lists is refused as an output, every other name is not."""
+    from tagger.guards import walk_would_list
+    from tagger.pipeline.discover import DEFAULT_EXTENSIONS, discover
+
+    root = tmp_path / "cat"
+    names = ["a.jpg", "b.PNG", ".hidden.jpg", ".dot/c.jpg", "notes.txt", "sub/d.webp", "sub/.e.jpg", "sub/noext"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    walked = {r.path for r in discover(root)}
+    assert walked == {"a.jpg", "b.PNG", "sub/d.webp"}
+    for name in [*names, "new.jpeg", "sub/new.txt", ".new/x.jpg"]:
+        assert walk_would_list(root, root / name, DEFAULT_EXTENSIONS) == (name in walked or name == "new.jpeg"), name
+    assert not walk_would_list(root, "s3://bucket/cat/a.jpg", DEFAULT_EXTENSIONS)  # another store: never its walk
+    assert walk_would_list("s3://k:s@bucket/cat", "s3://bucket/cat/sub/a.jpg?region=x", DEFAULT_EXTENSIONS)
+    assert not walk_would_list("s3://bucket/cat", "s3://bucket/cat/.h/a.jpg", DEFAULT_EXTENSIONS)

@@ -45,3 +45,16 @@ def test_a_writer_that_cannot_start_leaves_no_temp_file(tmp_path: Path) -> None:
     with pytest.raises(TaggerError, match=f"^cannot write output {tmp_path / 'tags.parquet'}: .*month_day_nano"):
         ResultWriter(tmp_path / "tags.parquet", schema)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_the_storage_package_tells_a_uri_from_a_path() -> None:
+    """Storage is decided once (open_location); every other module asks the resolved store, never the string."""
+    import tagger
+    from tagger.storage import LOCAL, OBJECTS, open_location
+
+    package = Path(tagger.__file__).parent
+    storage = package / "storage"
+    asking = [p for p in package.rglob("*.py") if storage not in p.parents and "is_uri" in p.read_text()]
+    assert asking == []
+    assert open_location("s3://b/k?region=x") == (OBJECTS, "s3://b/k?region=x") and OBJECTS.remote
+    assert open_location("C:\\photos") == (LOCAL, Path("C:\\photos")) and not LOCAL.remote

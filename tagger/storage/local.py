@@ -190,9 +190,9 @@ class LocalStore:
             return os.path.realpath(a) == os.path.realpath(b)
 
     def relative(self, root: Location, key: Location) -> str | None:
-        """As written (absolute, not resolved), in the walk's text (path_text)."""
+        """As written (absolute, not resolved), in the walk's text (path_text); '.' for the root itself."""
         rel = os.path.relpath(os.path.abspath(key), os.path.abspath(root))
-        if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
             return None
         return path_text(Path(rel).as_posix())
 

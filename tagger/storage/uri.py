@@ -15,8 +15,8 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # two letters at least: C:\\ i
 
 
 def is_uri(loc: Location) -> bool:
-    """Whether `loc` names an object-store location (scheme://...) rather than a local path. Only open_location
-    asks: everything outside the storage package asks the resolved store."""
+    """Whether `loc` names an object-store location (scheme://...) rather than a local path. Asked inside the
+    storage package only (open_location, redaction): everything else asks the resolved store."""
     return isinstance(loc, str) and _URI.match(loc) is not None
 
 
