@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from tagger.contract import DEFAULT_TASKS, TaskSpec
 from tagger.errors import TaggerError, UsageError
+from tagger.guards import check_output
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error, confusion_matrix, per_class, summarize
 from tagger.model.info import task_columns
@@ -25,7 +26,6 @@ from tagger.pipeline.decode import DEFAULT_MAX_PIXELS, Failure
 from tagger.pipeline.discover import ImageRef
 from tagger.compose import check_stage_options, decoded_batches, tag_batches
 from tagger.pipeline.session import default_batch_size, default_inflight, open_session
-from tagger.guards import check_output
 
 log = logging.getLogger(__name__)
 

@@ -32,3 +32,12 @@ def test_built_wheel_carries_the_shipped_models(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"tagger/_default_model/{file}" for file in SHIPPED_MODELS.values()} <= set(names)
     assert "tagger/py.typed" in names
+
+
+def test_every_package_of_tagger_is_listed_for_the_wheel() -> None:
+    """pyproject lists the packages by hand: a new one left out would be missing from `pip install .`."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "tagger").rglob("__init__.py")}
+    assert packages and packages <= listed, sorted(packages - listed)

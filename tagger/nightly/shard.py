@@ -16,10 +16,10 @@ import pyarrow.compute as pc
 
 from tagger._version import __version__
 from tagger.errors import TaggerError, UsageError
+from tagger.guards import check_output
 from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info
 from tagger.output.writer import ResultWriter, check_parquet_name
-from tagger.guards import check_output
 from tagger.storage import Location, as_location, check_names_file, exists, redact, same_file
 
 log = logging.getLogger(__name__)
