@@ -80,9 +80,9 @@ def name_of(loc: Location) -> str:
 
 def check_names_file(loc: Location, what: str) -> None:
     """UsageError when `loc` names no file to write ('', '/', '.', '..', a bare bucket), or an object whose key has
-    '.' or '..' components (the client would write another object: a photo of the catalog, say)."""
-    store, key = open_location(loc)
-    store.check_names_file(key, what)
+    '.' or '..' components (the client would write another object: a photo of the catalog, say). The message
+    shows `loc` as given ('' stays '')."""
+    open_location(loc)[0].check_names_file(loc, what)
 
 
 def same_file(a: Location, b: Location) -> bool:
