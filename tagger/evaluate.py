@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from tagger.contract import DEFAULT_TASKS, TaskSpec
 from tagger.errors import TaggerError, UsageError
-from tagger.guards import check_output
+from tagger.guards import check_no_input
 from tagger.labelled import LabelledFolder, load_labelled_folder
 from tagger.metrics import IGNORE, calibration_error, confusion_matrix, per_class, summarize
 from tagger.model.info import task_columns
@@ -219,8 +219,8 @@ def check_report_path(report: Path, config: EvalConfig) -> None:
     """TaggerError when a report at `report` would overwrite an input: the model, styles.csv or a photo of the
     labelled folder."""
     sources = {"model": resolve_model(config.model), "labels file": config.data / "styles.csv"}
-    check_output(report, what="report", sources=sources, catalog=config.data, catalog_kind="the labelled folder",
-                 reader="that tagger eval reads")  # fmt: skip
+    check_no_input(report, what="report", sources=sources, catalog=config.data, catalog_kind="the labelled folder",
+                   reader="that tagger eval reads")  # fmt: skip
 
 def evaluate(config: EvalConfig) -> EvalResult:
     """Tag the image of every row of config.data/styles.csv with the `tagger run` stages and score each task.

@@ -11,7 +11,7 @@ from tagger.pipeline.discover import DEFAULT_EXTENSIONS, ImageRef, listed, parse
 from tagger.storage import Location, name_of, open_location, redact, same_file
 
 
-def check_output(
+def check_no_input(
     out: Location,
     *,
     what: str = "output",

@@ -18,7 +18,7 @@ from tagger.embeddings import (
     EMBEDDING_COLUMN, EmbeddingTable, VectorIndex, as_f32, load_table, open_index, unit_vectors,
 )
 from tagger.errors import TaggerError, UsageError
-from tagger.guards import check_not_input, check_output
+from tagger.guards import check_no_input, check_not_input
 from tagger.output import schema as s
 from tagger.storage import Location, publish_bytes, same_file
 
@@ -152,7 +152,7 @@ def check_dupes_outputs(table: Location, out: Location, report: Location | None,
     of the catalog the table was tagged from (a file its walk lists)."""
     for path in (out, report):
         if path is not None:
-            check_output(path, sources={"table": table}, catalog=catalog, reader="the table was tagged from")
+            check_no_input(path, sources={"table": table}, catalog=catalog, reader="the table was tagged from")
     if report is not None and same_file(report, out):
         raise UsageError(f"--report {report} is the groups file -o; choose another name")
 

@@ -14,7 +14,7 @@ from typing import BinaryIO, Iterator, Mapping
 from tagger._version import __version__
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError, UsageError
-from tagger.guards import check_output, refusing_out
+from tagger.guards import check_no_input, refusing_out
 from tagger.model.registry import is_shipped_name, resolve_model
 from tagger.nightly.assemble import Changes
 from tagger.nightly.shard import Shard, check_shard_output
@@ -228,7 +228,7 @@ def check_out_is_no_input(config: RunConfig, list_copy: BinaryIO | None = None) 
         model: Path | None = resolve_model(config.model)
     except TaggerError:  # a shipped model that is not installed: opening the session says so
         model = None
-    check_output(
+    check_no_input(
         config.out,
         sources={"model": model, "--files-from list": config.files_from},
         catalog=config.catalog,

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 
 from tagger._version import __version__
 from tagger.errors import TaggerError, UsageError
-from tagger.guards import check_output
+from tagger.guards import check_no_input
 from tagger.output import schema as out_schema
 from tagger.output.reader import OutputInfo, RowReader, read_output_info
 from tagger.output.writer import ResultWriter, check_parquet_name
@@ -132,7 +132,7 @@ def _check_out_is_no_photo(out: Location, identity: out_schema.RunIdentity) -> N
     bucket is recorded redacted, without the options that say which store it is: an OUT in the same bucket and
     prefix is refused, whichever store it is on."""
     if identity.extensions is not None:
-        check_output(out, catalog=identity.catalog, extensions=identity.extensions, reader="the shards tagged")
+        check_no_input(out, catalog=identity.catalog, extensions=identity.extensions, reader="the shards tagged")
 
 
 def check_shard_output(out: Location, shard: Shard | None) -> None:
