@@ -13,7 +13,8 @@ import torch
 from tagger._version import __version__
 from tagger.contract import PreprocessSpec, TaskSpec
 from tagger.errors import TaggerError, one_line
-from tagger.storage import check_destination, publishing
+from tagger.guards import check_destination
+from tagger.storage import publishing
 from tagger.train.model import MultiTaskNet
 
 CHECKPOINT_FORMAT = "tagger.checkpoint/1"
