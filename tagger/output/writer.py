@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from types import TracebackType
-from typing import Mapping, NoReturn, Protocol
+from typing import Mapping, NoReturn, Protocol, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -84,7 +84,28 @@ class OutputWriter(Protocol):
     def abort(self) -> None: ...
 
 
-class ResultWriter:
+_W = TypeVar("_W", bound="_AbortUnlessCommitted")
+
+
+class _AbortUnlessCommitted:
+    """As a context manager, a writer that was not committed aborts: a failed run leaves nothing behind."""
+
+    _done = False
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _W) -> _W:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if not self._done:
+            self.abort()
+
+
+class ResultWriter(_AbortUnlessCommitted):
     """Incremental Parquet writer: a temp file beside `out` (or in `tmp_dir`, same file system), renamed over `out`
     by commit(), removed otherwise. An output in a bucket is written to a local temp file and uploaded whole by
     commit(): readers never see a half-written object, and a failed run never starts an upload.
@@ -168,17 +189,8 @@ class ResultWriter:
                 log.debug("closing the temp output %s: %s", self._tmp, e)
         discard(self._tmp)
 
-    def __enter__(self) -> ResultWriter:
-        return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if not self._done:
-            self.abort()
-
-
-class PartsWriter:
+class PartsWriter(_AbortUnlessCommitted):
     """A folder of part-NNNNN.parquet files in order, each a complete output file of its rows with their own counts.
 
     Parts go into a hidden folder beside `out` that becomes `out` on commit(), so a failed run leaves nothing behind.
@@ -234,15 +246,6 @@ class PartsWriter:
             self._part.abort()
             self._part = None
         discard(self._stage)
-
-    def __enter__(self) -> PartsWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if not self._done:
-            self.abort()
 
 
 __all__ = [
