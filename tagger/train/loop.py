@@ -236,7 +236,7 @@ def fit(cfg: TrainConfig) -> Path:
         task_weights[name] = w
     folder_weights = data_folder_weights(cfg.data, cfg.data_weights)
     # Build the model first: an unknown backbone, missing weights or a bad --init fail before minutes of decoding.
-    init = load_init(cfg.init) if cfg.init is not None else None
+    init = load_init(cfg.init) if cfg.init is not None and cfg.resume is None else None  # resume restores all
     probe_tasks = [TaskSpec(t, ("_",)) for t in task_columns]
     MultiTaskNet(cfg.backbone, probe_tasks, weights="none")
 
