@@ -165,6 +165,7 @@ def test_early_epochs_train_on_smaller_inputs(tmp_path: Path) -> None:
     cfg = TrainConfig(
         data=(root,), out=tmp_path / "run", epochs=2, batch_size=8, image_size=32, backbone="test_efficientnet",
         weights="none", device="cpu", workers=0, min_count=1, early_size=16, early_epochs=1, downscale=0.5,
+        lr=3e-4, precision="fp32",  # a tiny net on 21 images: steady steps, so the export below sees finite weights
     )
     fit(cfg)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -186,3 +187,14 @@ def test_early_epochs_train_on_smaller_inputs(tmp_path: Path) -> None:
     ])
     assert done.exit_code == 0, done.output
     assert read_model_metadata(tmp_path / "m.onnx").model["checkpoint"] == "w.pt"
+
+
+def test_a_loss_that_is_no_longer_finite_stops_the_run(tmp_path: Path) -> None:
+    """A diverging run ends with one line instead of writing checkpoints of NaN weights."""
+    root = make_catalog(tmp_path / "c", per_combo=3)
+    cfg = TrainConfig(
+        data=(root,), out=tmp_path / "run", epochs=3, batch_size=4, image_size=32, backbone="test_efficientnet",
+        weights="none", device="cpu", workers=0, min_count=1, lr=1e12, warmup_epochs=0.01, precision="fp32",
+    )
+    with pytest.raises(TaggerError, match=r"the loss is (nan|inf).*lower --lr"):
+        fit(cfg)
