@@ -147,7 +147,7 @@ def train_one_epoch(
             logits = model(x)
         losses = task_losses(logits, y, criteria, w)
         loss = sum(task_weights[t] * losses[t] for t in losses)
-        if not math.isfinite(float(loss)):  # one step on it would turn every weight into NaN (float(): synced below anyway)
+        if not math.isfinite(float(loss.detach())):  # type: ignore[union-attr]  # a step on it would make every weight NaN
             raise TaggerError(f"{desc}: the loss is {float(loss)} after {seen} images; lower --lr or try --precision fp32")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
