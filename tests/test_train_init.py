@@ -128,6 +128,16 @@ def test_several_folders_keep_each_id_on_its_first_side_and_weigh_images(tmp_pat
     assert len(ids) > 20 and {side[(0, i)] for i in ids} == {"train", "val"}
     assert all(side[(0, i)] == side[(1, i)] for i in ids)
 
+    # Each epoch scores every folder's validation images on their own too, from the same predictions.
+    cfg = TrainConfig(
+        data=(thumbs, photos), out=tmp_path / "two", epochs=1, batch_size=8, image_size=32, backbone="test_efficientnet",
+        weights="none", device="cpu", workers=0, min_count=1, val_fraction=0.4, data_weights=((photos, 3.0),),
+    )
+    fit(cfg)
+    val = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])["val"]["class"]
+    assert val["thumbs"]["n"] + val["photos"]["n"] == val["n"] == len(data.val)
+    assert val["thumbs"]["n"] == val["photos"]["n"]
+
     bad = CliRunner().invoke(main, [
         "train", "--data", str(thumbs), "--data", str(photos), "--out", str(tmp_path / "run"),
         "--data-weight", f"{tmp_path / 'other'}=2",

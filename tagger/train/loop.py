@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -176,9 +176,14 @@ def evaluate(
     device: torch.device,
     batch_size: int = 256,
     bf16: bool = False,
+    groups: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per task on fitted-and-padded uint8 images, as the runtime sees them: top-1, macro-F1, balanced accuracy,
-    and the temperature that calibrates the scores on these images (tagger.temperature.fit_temperature)."""
+    and the temperature that calibrates the scores on these images (tagger.temperature.fit_temperature).
+
+    groups: name -> bool mask [N] of a subset (one --data folder's images), summarised under that name per task
+    from the same predictions.
+    """
     model.eval()
     norm = eval_transform(spec)
     probs: dict[str, list[np.ndarray]] = {t.name: [] for t in tasks}
@@ -193,6 +198,8 @@ def evaluate(
     for i, t in enumerate(tasks):
         p, y = np.concatenate(probs[t.name]), labels[:, i]  # [N, C], [N]
         out[t.name] = dict(summarize(y, p.argmax(1), len(t.labels)))
+        for name, mask in (groups or {}).items():
+            out[t.name][name] = dict(summarize(y[mask], p[mask].argmax(1), len(t.labels)))
         known = y != IGNORE
         out[t.name]["temperature"] = fit_temperature(p[known], y[known]) if known.any() else 1.0
     return out
@@ -252,6 +259,10 @@ def fit(cfg: TrainConfig) -> Path:
     train_labels, val_labels = _labels(train_ex), _labels(val_ex)
     sample_weights = np.array([folder_weights[e.source] for e in train_ex], np.float32)  # [N_train]
     val_sources = np.array([e.source for e in val_ex])
+    # With several folders, each folder's validation images are scored on their own too (thumbnails, photos).
+    val_groups = {}
+    if len(cfg.data) > 1:
+        val_groups = {d.name: val_sources == i for i, d in enumerate(cfg.data) if (val_sources == i).any()}
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     weights_np = class_weights(train_ex, tasks, cfg.class_weight_power)
@@ -339,14 +350,7 @@ def fit(cfg: TrainConfig) -> Path:
             bf16,
         )
         scored = ema.module if ema is not None else model
-        val = evaluate(scored, val_images, val_labels, tasks, spec, device, bf16=bf16)
-        if len(cfg.data) > 1:  # each folder's validation images too (thumbnails and real-size photos)
-            for i, d in enumerate(cfg.data):
-                mine = val_sources == i
-                if mine.any():
-                    by_folder = evaluate(scored, val_images[mine], val_labels[mine], tasks, spec, device, bf16=bf16)
-                    for t in tasks:
-                        val[t.name][d.name] = {k: v for k, v in by_folder[t.name].items() if k != "temperature"}
+        val = evaluate(scored, val_images, val_labels, tasks, spec, device, bf16=bf16, groups=val_groups)
         seconds = time.perf_counter() - t_epoch
         score = float(np.mean([val[t.name]["top1"] for t in tasks]))
         log.info(
