@@ -393,8 +393,10 @@ def dupes_command(table: str, out: str, threshold: float, report: Path | None) -
     """Group the duplicate photos of a `tagger run --embeddings` TABLE: byte-identical (same sha256) and near
     (cosine >= --threshold), as connected components."""
     from tagger.report import write_dupes_report
+    from tagger.output.writer import check_parquet_name
     from tagger.similar import check_dupes_outputs, dupes, write_groups
 
+    check_parquet_name(out, "-o")  # before minutes of grouping
     result = dupes(table, threshold)
     check_dupes_outputs(table, out, report, result.catalog)
     write_groups(result, out, table)

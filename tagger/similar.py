@@ -20,6 +20,7 @@ from tagger.embeddings import (
 from tagger.errors import TaggerError, UsageError
 from tagger.guards import check_no_input, check_not_input
 from tagger.output import schema as s
+from tagger.output.writer import check_parquet_name
 from tagger.storage import Location, publish_bytes, same_file
 
 # Cosine at or above which two photos are near-duplicates; measured by benchmarks/similar.py (README).
@@ -158,7 +159,9 @@ def check_dupes_outputs(table: Location, out: Location, report: Location | None,
 
 
 def write_groups(result: DupesResult, out: Location, table: Location) -> None:
-    """Publish the groups as Parquet (atomically); never over the table they came from."""
+    """Publish the groups as Parquet (atomically); never over the table they came from, nor under another format's
+    name."""
+    check_parquet_name(out, "-o")
     check_not_input(out, table, "table")
     buf = io.BytesIO()
     meta = {b"tagger.dupes.threshold": str(result.threshold).encode()}

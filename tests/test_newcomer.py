@@ -120,7 +120,9 @@ def test_quiet_run_prints_nothing_and_a_default_run_its_summary(photos: Path, co
     assert loud.returncode == 0 and loud.stdout.startswith("8 files, 8 ok, 0 errors"), loud.stdout
 
 
-@pytest.mark.parametrize("name", ["tags.csv", "tags.JSON", "tags.jsonl", "s3://bucket/tags.csv"])
+@pytest.mark.parametrize(
+    "name", ["tags.csv", "tags.JSON", "tags.jsonl", "s3://bucket/tags.csv", "tags.csv.gz", "tags.parquet.GZ"]
+)
 def test_out_named_like_another_format_is_refused(name: str, photos: Path, contract_onnx: Path, tmp_path: Path) -> None:
     out = name if "://" in name else str(tmp_path / name)
     result = CliRunner().invoke(main, ["run", str(photos), "--out", out, "--model", str(contract_onnx)])

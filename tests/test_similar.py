@@ -230,6 +230,9 @@ def test_bad_input_is_one_line_with_its_exit_code(catalog: tuple[Path, Path], tm
     _one_error_line(runner.invoke(main, ["dupes", str(catalog[1]), "-o", str(catalog[1])]), 1, "is the table itself")
     _one_error_line(runner.invoke(main, ["dupes", str(catalog[1]), "-o", out, "--threshold", "0"]), 2, "--threshold")
     _one_error_line(runner.invoke(main, ["similar", str(catalog[1]), "a.jpg", "-k", "0"]), 2, "-k")
+    for name in ("g.csv", "g.parquet.gz"):
+        _one_error_line(runner.invoke(main, ["dupes", str(catalog[1]), "-o", str(tmp_path / name)]), 2, "Parquet only")
+        assert not (tmp_path / name).exists()
     assert not Path(out).exists()
 
 

@@ -7,7 +7,7 @@ For an output in an object store the finished file is uploaded as one object.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Mapping, NoReturn, Protocol, TypeVar
 
@@ -39,12 +39,16 @@ OTHER_FORMATS = frozenset(
 )  # fmt: skip
 
 
+# A whole-file compression suffix: Parquet compresses inside the file, so tags.csv.gz would be neither gzip nor CSV.
+COMPRESSED = frozenset({".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4", ".snappy", ".br"})
+
+
 def check_parquet_name(out: Location, what: str = "--out") -> None:
-    """UsageError when `out` is named like another table format (tags.csv): tagger writes Parquet only."""
-    name = name_of(out)
-    suffix = name[name.rfind(".") :].lower() if "." in name else ""
-    if suffix in OTHER_FORMATS:
-        raise UsageError(f"{what} {redact(out)}: tagger writes Parquet only; name it .parquet")
+    """UsageError when `out` is named like another table format (tags.csv) or a compressed file (tags.csv.gz,
+    tags.parquet.gz): tagger writes Parquet only."""
+    suffix = PurePosixPath(name_of(out)).suffix.lower()
+    if suffix in OTHER_FORMATS or suffix in COMPRESSED:
+        raise UsageError(f"{what} {redact(out)}: tagger writes Parquet only (compressed inside); name it .parquet")
 
 
 ROWS_PER_PART = 1_000_000  # rows per part file when --out is a folder
