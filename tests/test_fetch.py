@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import io
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -17,12 +19,15 @@ from tagger.pipeline.image import load_image
 LIMIT = 100_000  # bytes of budget: half of it (50,000) is what reads ahead may hold
 
 
-def _objects(bucket: str, tmp_path: Path, sizes: list[int]) -> list[ImageRef]:
-    """One object per size (its bytes: its index repeated), listed as the run lists them: sizes from the listing."""
+def _objects(bucket: str, tmp_path: Path, sizes: list[int], first: bytes | None = None) -> list[ImageRef]:
+    """One object per size (its bytes: its index repeated, or `first` for the first), listed as the run lists them:
+    sizes from the listing."""
     root = tmp_path / "objects"
     root.mkdir()
     for i, n in enumerate(sizes):
-        (root / f"{i:02d}.jpg").write_bytes(bytes([i]) * n)
+        (root / f"{i:02d}.jpg").write_bytes(first if i == 0 and first is not None else bytes([i]) * n)
+    if first is not None:
+        sizes = [len(first), *sizes[1:]]
     fs, key = pafs.FileSystem.from_uri(f"{bucket}/cat?allow_delayed_open=true")
     pafs.copy_files(str(root), key, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     refs = list(discover(f"{bucket}/cat"))
@@ -124,3 +129,28 @@ def test_a_decode_holds_its_estimate_in_its_lease_and_none_without_one(tmp_path:
     too_small = "^60x80 needs ~37.5 KiB to decode, more than --decode-memory 1000 bytes$"
     with pytest.raises(DecodeMemoryError, match=too_small):
         load_image(tmp_path / "a.png", spec, 10**6, Lease(DecodeMemory(1000)))
+
+
+def test_a_decode_over_half_the_budget_gets_the_room_its_own_reads_ahead_hold(bucket: str, tmp_path: Path) -> None:
+    """A PNG whose decoding needs 64,000 of the 100,000 bytes, then ten 4,500-byte objects read ahead of it: the
+    reads ahead (45,000, within their half) leave too little room, and only this decoder would ever take them. It
+    gives their share back (they are read again at their turn) instead of waiting for itself."""
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 80), (9, 9, 9)).save(buf, "PNG")  # 8,000 pixels: 4 bytes each in Pillow, 4 in the copy
+    refs = _objects(bucket, tmp_path, [4500] * 11, first=buf.getvalue())
+    memory = DecodeMemory(LIMIT)
+    lease = Lease(memory)
+    window = FetchWindow(refs, 16, lease)
+    assert _room(memory) == LIMIT // 2 - refs[0].size - 45_000  # all eleven out
+    done = concurrent.futures.ThreadPoolExecutor(1).submit(
+        load_image, window.take(0).result(), PreprocessSpec(size=32), 10**6, lease  # type: ignore[union-attr]
+    )
+    img = done.result(timeout=30)
+    assert img[1:] == (100, 80) and lease.held == refs[0].size + 64_000
+    lease.release()
+    for i in range(1, 11):  # read again, in order, at their turn
+        future = window.take(i)
+        assert future is not None and future.result() == bytes([i]) * 4500
+        lease.release()
+    window.close()
+    assert _room(memory) == LIMIT // 2

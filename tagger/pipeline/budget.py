@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+from typing import Callable
 
 DEFAULT_DECODE_MEMORY = 4 * 1024**3  # bytes of decoding all decoders of a run may hold at once (--decode-memory)
 MAX_DECODE_MEMORY = 2**60  # 1 EiB: far above any machine, and the budget's shared counter is a signed 64-bit int
@@ -50,6 +51,14 @@ class DecodeMemory:
             self._cond.wait_for(lambda: self._free.value >= nbytes)
             self._free.value -= nbytes
 
+    def try_acquire(self, nbytes: int) -> bool:
+        """Hold nbytes if they fit now; False (nothing held, no wait) otherwise."""
+        with self._cond:
+            if self._free.value < nbytes:
+                return False
+            self._free.value -= nbytes
+        return True
+
     def release(self, nbytes: int) -> None:
         with self._cond:
             self._free.value += nbytes
@@ -79,14 +88,22 @@ class Lease:
     def __init__(self, memory: DecodeMemory) -> None:
         self.memory = memory
         self.held = 0
+        # Gives back what this decoder's own reads ahead hold (fetch.FetchWindow sets it while it is open).
+        self.drain_ahead: Callable[[], None] | None = None
 
     def add(self, nbytes: int, what: str) -> None:
         """Hold nbytes more for the current file. What is held already is given back while waiting and taken again
         with the rest, so a decoder never sits on a share while it waits; DecodeMemoryError (nothing held) when the
-        total is more than the whole budget."""
+        total is more than the whole budget.
+
+        Reads ahead always leave half the budget to decodes; a total over half may need their share too, and the
+        ones of this decoder's own window wait for this very decode: they are given back before it waits."""
         total = self.held + nbytes
         self.release()
-        self.memory.acquire(total, what)
+        if not self.memory.try_acquire(total):
+            if self.drain_ahead is not None and self.memory.limit // 2 < total <= self.memory.limit:
+                self.drain_ahead()
+            self.memory.acquire(total, what)  # waits; DecodeMemoryError past the whole budget
         self.held = total
 
     def adopt(self, nbytes: int) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Sequence
 
 from tagger.pipeline.budget import Lease, size_text
@@ -29,7 +29,8 @@ class FetchWindow:
     while the reads ahead leave half of the budget free (DecodeMemory.hold_ahead), and passes to the lease when
     the decoding takes it. An object that does not fit waits, and the objects after it with it (sending them first
     could leave it no room); if it still does not fit at its turn, the decoding thread holds its size in the lease,
-    waiting for room as a decoding does, and reads it itself.
+    waiting for room as a decoding does, and reads it itself. A decoding that needs more than half the budget may
+    need the share of the reads ahead of it too: the lease then drains them (_drain) before it waits.
     """
 
     def __init__(self, srcs: Sequence[Source], io_threads: int, lease: Lease | None) -> None:
@@ -39,6 +40,8 @@ class FetchWindow:
         self._waiting = deque(i for i, src in enumerate(srcs) if reads_ahead(src))  # not sent yet, in order
         self._sent: dict[int, tuple[Future[bytes], int]] = {}  # index -> (its read, bytes it holds in the budget)
         self._pool = ThreadPoolExecutor(min(io_threads, len(self._waiting))) if self._waiting else None
+        if lease is not None:
+            lease.drain_ahead = self._drain
         self._send()
 
     def _ref(self, i: int) -> ImageRef:
@@ -60,6 +63,19 @@ class FetchWindow:
                 return
             self._waiting.popleft()
             self._sent[i] = (self._pool.submit(read_file, ref.abspath), nbytes)
+
+    def _drain(self) -> None:
+        """Give back the share of every read sent and not yet taken, and drop its bytes (a read under way first
+        ends: its bytes are in memory until then); they go out again, in order, when there is room. Called by the
+        lease when a decode over half the budget must wait: these reads could otherwise only be taken after it."""
+        assert self._lease is not None  # the lease calls it
+        for i in sorted(self._sent, reverse=True):
+            future, nbytes = self._sent.pop(i)
+            if not future.cancel():
+                wait([future])
+            if nbytes:
+                self._lease.memory.release(nbytes)
+            self._waiting.appendleft(i)
 
     def take(self, i: int) -> Future[bytes] | None:
         """Source i's bytes (None: not an object, decode reads it); the budget they hold passes to the lease.
@@ -94,6 +110,7 @@ class FetchWindow:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
         if self._lease is not None:
+            self._lease.drain_ahead = None
             for _, nbytes in self._sent.values():
                 if nbytes:
                     self._lease.memory.release(nbytes)
