@@ -392,8 +392,8 @@ def calibrate_command(model: Path, data: Path, out: Path | None, tasks: tuple[st
 def dupes_command(table: str, out: str, threshold: float, report: Path | None) -> None:
     """Group the duplicate photos of a `tagger run --embeddings` TABLE: byte-identical (same sha256) and near
     (cosine >= --threshold), as connected components."""
-    from tagger.report import write_dupes_report
     from tagger.output.writer import check_parquet_name
+    from tagger.report import write_dupes_report
     from tagger.similar import check_dupes_outputs, dupes, write_groups
 
     check_parquet_name(out, "-o")  # before minutes of grouping

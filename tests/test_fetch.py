@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
+import threading
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -142,11 +142,17 @@ def test_a_decode_over_half_the_budget_gets_the_room_its_own_reads_ahead_hold(bu
     lease = Lease(memory)
     window = FetchWindow(refs, 16, lease)
     assert _room(memory) == LIMIT // 2 - refs[0].size - 45_000  # all eleven out
-    done = concurrent.futures.ThreadPoolExecutor(1).submit(
-        load_image, window.take(0).result(), PreprocessSpec(size=32), 10**6, lease  # type: ignore[union-attr]
+    first = window.take(0)
+    assert first is not None
+    decoded: list[tuple[Image.Image, int, int]] = []
+    # A daemon thread: were the decode to wait forever again, the test fails instead of hanging the suite.
+    decoder = threading.Thread(
+        target=lambda: decoded.append(load_image(first.result(), PreprocessSpec(size=32), 10**6, lease)), daemon=True
     )
-    img = done.result(timeout=30)
-    assert img[1:] == (100, 80) and lease.held == refs[0].size + 64_000
+    decoder.start()
+    decoder.join(timeout=30)
+    assert decoded and decoded[0][1:] == (100, 80), "the decode still waits for its own reads ahead"
+    assert lease.held == refs[0].size + 64_000
     lease.release()
     for i in range(1, 11):  # read again, in order, at their turn
         future = window.take(i)
