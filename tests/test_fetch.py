@@ -160,3 +160,37 @@ def test_a_decode_over_half_the_budget_gets_the_room_its_own_reads_ahead_hold(bu
         lease.release()
     window.close()
     assert _room(memory) == LIMIT // 2
+
+
+def test_no_window_reads_ahead_while_a_decode_over_half_the_budget_waits(bucket: str, tmp_path: Path) -> None:
+    """Another decoder's window holds 45,000 bytes of reads ahead when a 64,000-byte decode starts waiting: as that
+    decoder takes its files it sends no new reads, so the decode gets room after two files, not after all twenty."""
+    refs = _objects(bucket, tmp_path, [4500] * 20)
+    memory = DecodeMemory(LIMIT)
+    other = Lease(memory)
+    window = FetchWindow(refs, 10, other)
+    png = tmp_path / "big.png"
+    Image.new("RGB", (100, 80), (9, 9, 9)).save(png)  # needs 64,000 bytes, as above
+    decoded: list[tuple[Image.Image, int, int]] = []
+    lease = Lease(memory)
+    decoder = threading.Thread(
+        target=lambda: decoded.append(load_image(png, PreprocessSpec(size=32), 10**6, lease)), daemon=True
+    )
+    decoder.start()
+    decoder.join(timeout=0.5)
+    assert not decoded  # 55,000 free: it waits
+    taken = 0
+    while not decoded and taken < len(refs):
+        future = window.take(taken)
+        assert future is not None and future.result() == bytes([taken]) * 4500
+        other.release()
+        taken += 1
+        decoder.join(timeout=2)
+    assert decoded and taken == 2, taken  # 55,000 + 2 x 4,500 >= 64,000
+    lease.release()
+    for i in range(taken, len(refs)):  # the window goes on once it is done
+        future = window.take(i)
+        assert future is not None and future.result() == bytes([i]) * 4500
+        other.release()
+    window.close()
+    assert _room(memory) == LIMIT // 2

@@ -39,6 +39,7 @@ class DecodeMemory:
         self.limit = limit
         self._cond = ctx.Condition()
         self._free = ctx.RawValue("q", limit)
+        self._large_waiting = ctx.RawValue("q", 0)  # decodes over half the budget waiting for room
 
     def acquire(self, nbytes: int, what: str) -> None:
         """Wait until nbytes fit beside what the others hold, and hold them; DecodeMemoryError when they never can."""
@@ -48,7 +49,14 @@ class DecodeMemory:
                 f"{size_text(self.limit, up=False)}"
             )
         with self._cond:
-            self._cond.wait_for(lambda: self._free.value >= nbytes)
+            # One over half needs room reads ahead may hold: none are sent while it waits (hold_ahead), or the other
+            # decoders' windows could refill it as fast as they give it back.
+            large = nbytes > self.limit // 2 and self._free.value < nbytes
+            self._large_waiting.value += large
+            try:
+                self._cond.wait_for(lambda: self._free.value >= nbytes)
+            finally:
+                self._large_waiting.value -= large
             self._free.value -= nbytes
 
     def try_acquire(self, nbytes: int) -> bool:
@@ -67,12 +75,12 @@ class DecodeMemory:
     def hold_ahead(self, nbytes: int) -> bool:
         """Hold nbytes for a file read ahead of its decoding, at once, if half the budget stays free for the
         decodes: files read ahead never hold more than half, so a decode (one of at most half the budget) always
-        gets room. False (nothing held, no wait) otherwise."""
+        gets room; none while a larger decode waits. False (nothing held, no wait) otherwise."""
         reserve = self.limit // 2
         if nbytes > self.limit - reserve:
             return False
         with self._cond:
-            if self._free.value - nbytes < reserve:
+            if self._large_waiting.value or self._free.value - nbytes < reserve:
                 return False
             self._free.value -= nbytes
         return True
