@@ -107,12 +107,12 @@ def refs_from_list(root: Location, list_file: Location, copy: BinaryIO | None = 
     read instead of list_file.
     """
     for loc in listed(root, list_file, copy):
-        store, key = open_location(loc)
         try:
             rel = relative_key(root, loc)
         except OSError:  # a malformed URI line: its row says so (BadURI, as it is read)
             rel = None
         if rel is None:  # outside the root: an object by its redacted URI, a file by its absolute path
+            store, key = open_location(loc)
             rel = store.redact(key) if store.remote else path_text(Path(loc).as_posix())
         yield _ref(rel, loc)
 
