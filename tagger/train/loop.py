@@ -147,8 +147,9 @@ def train_one_epoch(
             logits = model(x)
         losses = task_losses(logits, y, criteria, w)
         loss = sum(task_weights[t] * losses[t] for t in losses)
-        if not math.isfinite(float(loss.detach())):  # type: ignore[union-attr]  # a step on it would make every weight NaN
-            raise TaggerError(f"{desc}: the loss is {float(loss)} after {seen} images; lower --lr or try --precision fp32")
+        value = float(loss.detach())  # type: ignore[union-attr]
+        if not math.isfinite(value):  # a step on it would make every weight NaN
+            raise TaggerError(f"{desc}: the loss is {value} after {seen} images; lower --lr or try --precision fp32")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
         optimizer.step()
@@ -156,7 +157,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update(model)
         n = len(x)
-        total_loss += float(loss.detach()) * n  # type: ignore[union-attr]
+        total_loss += value * n
         seen += n
         for i, t in enumerate(criteria):
             mask = y[:, i] != IGNORE
